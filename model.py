@@ -1,0 +1,243 @@
+"""A LLaMA-style decoder with a hand-written KV cache, in Hugging Face Llama layout.
+
+Architecture (Touvron et al. 2023): RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP,
+no biases. Tensor names are HF's (`model.layers.0.self_attn.q_proj.weight`, ...), so our checkpoints load in
+`transformers.LlamaForCausalLM` and real Llama checkpoints (config.json + model.safetensors) load here.
+This file imports nothing from the project.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 384  # width of the residual stream
+    intermediate_size: int = 1024  # hidden width of the SwiGLU MLP
+    num_hidden_layers: int = 8  # decoder blocks
+    num_attention_heads: int = 6  # query heads
+    num_key_value_heads: int = 2  # key/value heads (fewer than query heads: grouped-query attention)
+    vocab_size: int = 4096  # tokenizer size, special tokens included
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base frequency
+    max_position_embeddings: int = 1024  # longest context the model was trained for
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        raw = json.loads(Path(path).read_text())
+        if raw.get("rope_scaling"):  # Llama 3.1's frequency rescaling is not implemented here
+            raise ValueError(f"{path}: rope_scaling={raw['rope_scaling']} is not supported")
+        if raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"]) * raw["num_attention_heads"] != raw["hidden_size"]:
+            raise ValueError(f"{path}: head_dim * num_attention_heads must equal hidden_size")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def to_json(self, path: str | Path) -> None:
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "torch_dtype": "bfloat16", "bos_token_id": None, "eos_token_id": self.vocab_size - 1}
+        Path(path).write_text(json.dumps({**hf, **asdict(self)}, indent=2) + "\n")
+
+
+class KVCache:
+    """Preallocated keys/values, one [B, H_kv, T_max, D] buffer pair per layer (as gpt-fast's KVCache).
+
+    New entries are written at slots length .. length+T-1. Speculative rollback is just setting the length;
+    keeping an accepted token-tree path is a gather + copy into contiguous slots.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.length = 0  # slots in use, the same for every layer
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H_kv, T, D] after the current entries; return everything cached so far for this layer."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} > max_len {self.max_len}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def truncate(self, length: int) -> None:
+        """Discard every entry from slot `length` on (rejected draft tokens)."""
+        assert 0 <= length <= self.length
+        self.length = length
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep slots [0, indices[0]) and move the entries at `indices` (ascending) to slots indices[0], +1, ...
+
+        Used after token-tree verification: `indices` are the root and the accepted path; their K/V must be moved
+        to contiguous slots, since truncating alone is only right when the path is the tree's first branch.
+        """
+        start = int(indices[0])
+        for buf in self.k + self.v:
+            buf[:, :, start:start + len(indices)] = buf[:, :, indices]  # the gather copies before the write
+        self.length = start + len(indices)
+
+
+def precompute_rope(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, head_dim]. HF rotate-half convention: dimension i is paired with i + head_dim/2
+    (not with its neighbour 2i+1 as in Meta's original complex-number code)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [T, D/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [T, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [T, D] already indexed by each token's position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalise in fp32, as HF does, so bf16 runs stay close to fp32 ones
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, layer, cache, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, H_kv, L + T, D]
+        # enable_gqa repeats each K/V head for n_heads / n_kv_heads consecutive query heads, as HF's repeat_kv.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Shazeer 2020)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer, cache, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = precompute_rope(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        cfg, w = self.config, self.lm_head.weight
+        return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads,
+                       max_len or cfg.max_position_embeddings, cfg.head_dim, w.dtype, w.device)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, return_hidden: bool = False):
+        """tokens [B, T] -> logits [B, T, V] (and the final normed hidden states [B, T, C] if return_hidden).
+
+        With a cache, the new keys/values are appended after `cache.length` entries. `positions` [T] default to
+        cache.length + 0..T-1; a token tree passes prefix_len + depth instead. `attn_mask` [T, cache.length + T]
+        (bool, True = may attend) defaults to causal.
+        """
+        T, past = tokens.shape[1], cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=tokens.device)
+        if attn_mask is None and cache is not None and T > 1:
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=tokens.device).tril(past)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, cache, attn_mask)
+        if cache is not None:
+            cache.length = past + T
+        h = self.norm(x)
+        logits = self.lm_head(h)
+        return (logits, h) if return_hidden else logits
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> "Transformer":
+        """Load config.json + model.safetensors (HF Llama names). Default: CPU, float32."""
+        path = Path(path)
+        cfg = ModelConfig.from_json(path / "config.json")
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = {hf_to_ours(k): v for k, v in load_file(path / "model.safetensors").items()}
+        state = {k: v for k, v in state.items() if "rotary_emb" not in k}  # old HF files store inv_freq
+        if cfg.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        cos, sin = precompute_rope(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos, sin
+        return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(path / "config.json")
+        state = {ours_to_hf(k): v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")  # safetensors stores no shared tensors; HF re-ties on load
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def ours_to_hf(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def hf_to_ours(name: str) -> str:
+    return name.removeprefix("model.")

@@ -1,0 +1,244 @@
+"""Verification: decide which drafted tokens the target model accepts, and what token comes next.
+
+§6 of Xia et al. 2024 ("Unlocking Efficiency in LLM Inference", survey of speculative decoding):
+  §6.1 greedy verification, §6.2 speculative sampling (Leviathan et al. 2023, Chen et al. 2023),
+  §6.3 token tree verification (SpecInfer, Miao et al. 2024; SpecTr, Sun et al. 2023), plus Medusa's lossy
+  typical acceptance (Cai et al. 2024 §2.3.1).
+
+Notation follows Leviathan et al. 2023: p = TARGET distribution, q = DRAFT distribution. The survey swaps the
+two letters (its Eq. 6-7 and Algorithm 2 call the target q and the drafter p); the formulas are the same.
+
+Rules kept everywhere (see shared/notes/peer-pitfalls.md):
+  - p and q are warped identically (temperature, top-k, top-p) and q is the distribution the draft token was
+    actually drawn from; a deterministic draft (argmax, prompt lookup) has a one-hot q.
+  - Temperature 0 gives one-hot p, so greedy decoding is a special case of the sampling rules below.
+  - All randomness comes from an explicit torch.Generator, one uniform per tested draft token; the generator
+    must live on the same device as the probabilities.
+
+Everything here works on one sequence (no batch dim) and returns Python ints.
+"""
+
+import torch
+from torch import Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logit warpers (§6.2: speculative sampling preserves whatever distribution the target samples from, so the same
+# warping must be applied to the target and the draft before verification).
+
+
+def warp_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Temperature, then top-k (0 = off), then nucleus top-p (1.0 = off), over the last dim; masked = -inf.
+
+    Same order and rules as HF transformers' TemperatureLogitsWarper / TopKLogitsWarper / TopPLogitsWarper.
+    Returns float32: warping bf16/fp16 logits in their own dtype would change which tokens survive.
+    """
+    assert temperature > 0, "temperature 0 (greedy) is handled by probs_from_logits"
+    logits = logits.float() / temperature  # [..., V]
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # [..., 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value survive
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [..., V]
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly more likely tokens
+        drop = mass_before >= top_p  # keep the smallest prefix whose mass reaches top_p ...
+        drop[..., 0] = False  # ... and always the most likely token
+        drop = torch.zeros_like(drop).scatter(-1, order, drop)  # back from sorted to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def probs_from_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Softmax of the warped logits in float32 ([V] or [N, V]); temperature 0 = one-hot of the argmax (greedy)."""
+    if temperature == 0:
+        # Greedy as a one-hot distribution: the sampling rules below then reduce to exact argmax matching.
+        argmax = logits.argmax(dim=-1, keepdim=True)  # [..., 1]
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, argmax, 1.0)
+    return torch.softmax(warp_logits(logits, temperature, top_k, top_p), dim=-1)
+
+
+def sample_token(probs: Tensor, generator: torch.Generator) -> int:
+    """Draw one token from probs [V] with the caller's generator (never the global RNG)."""
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return torch.rand(1, generator=generator, device=generator.device).item()
+
+
+def _one_hot(token: int, like: Tensor) -> Tensor:
+    """The draft distribution of a deterministic draft: all mass on the drafted token."""
+    q = torch.zeros_like(like)
+    q[token] = 1.0
+    return q
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two pieces of rejection sampling (§6.2 Eq. 6-7; Leviathan et al. 2023 Alg. 1; Chen et al. 2023 Alg. 2).
+
+
+def acceptance_probability(p: Tensor, q: Tensor) -> Tensor:
+    """min(1, p / q) elementwise: probability of keeping a token drawn from q when the target is p (Eq. 6).
+
+    q == 0 only happens for a token the drafter could not have drawn (a bug upstream); we guard the division so
+    that it gives 1 if p > 0 and 0 if p == 0, i.e. a token the target forbids is never accepted.
+    """
+    return (p / q.clamp_min(torch.finfo(q.dtype).tiny)).clamp(max=1.0)
+
+
+def residual_distribution(p: Tensor, q: Tensor) -> Tensor:
+    """norm(max(0, p - q)) over the last dim: the distribution to sample after a rejection (Eq. 7).
+
+    Together with acceptance_probability this reproduces p exactly (Leviathan et al. 2023 App. A.1).
+
+    Renormalised, never softmaxed (transformers PR #28508), and the whole vector is adjusted, not only the
+    rejected token (EAGLE #20). The sum is 0 only when p == q, where rejection has probability 0: fall back to p.
+    """
+    residual = (p - q).clamp_min(0.0)  # [..., V]
+    total = residual.sum(dim=-1, keepdim=True)  # [..., 1]
+    return torch.where(total > 0, residual / total.clamp_min(torch.finfo(p.dtype).tiny), p)
+
+
+def expected_acceptance(p: Tensor, q: Tensor) -> float:
+    """sum_x min(p(x), q(x)) for p, q [V]: probability that a token drawn from q is accepted (Leviathan Thm 3.5)."""
+    return float(torch.minimum(p, q).sum().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chain verification (§6.1, §6.2, survey Algorithm 2).
+
+
+def greedy_verify(target_logits: Tensor, draft_tokens: Tensor) -> tuple[int, int]:
+    """Accept the longest prefix of drafts equal to the target's argmax (§6.1); correct with the argmax (Eq. 5).
+
+    target_logits [γ+1, V]: row i is the target's prediction for draft i; row γ gives the bonus token.
+    Returns (n_accepted, next_token), next_token = argmax of row n_accepted.
+    """
+    argmax = target_logits.argmax(dim=-1)  # [γ+1]
+    matches = (argmax[:-1] == draft_tokens).int()  # [γ]
+    n_accepted = int(torch.cumprod(matches, dim=0).sum().item())  # length of the all-ones prefix
+    return n_accepted, int(argmax[n_accepted].item())
+
+
+def speculative_sample(
+    target_probs: Tensor, draft_probs: Tensor | None, draft_tokens: Tensor, generator: torch.Generator
+) -> tuple[int, int]:
+    """Exact rejection sampling of a draft chain (§6.2; Leviathan et al. 2023 Alg. 1; Chen et al. 2023 Alg. 2).
+
+    target_probs [γ+1, V] (p), draft_probs [γ, V] (q) or None for deterministic drafts (q = one-hot of the draft
+    token), draft_tokens [γ]. Draft i is kept with probability min(1, p_i(x_i) / q_i(x_i)), one uniform each;
+    the first rejection is replaced by a sample from norm(max(0, p_i - q_i)) and ends the step; if all γ are
+    kept, a bonus token is drawn from p_{γ+1} = target_probs[γ]. The emitted tokens are distributed exactly as
+    γ+1 steps of sampling from the target. Returns (n_accepted, next_token).
+    """
+    tokens = draft_tokens.tolist()
+    for i, x in enumerate(tokens):
+        p = target_probs[i]  # [V]
+        q = draft_probs[i] if draft_probs is not None else _one_hot(x, p)  # [V]
+        if _uniform(generator) < acceptance_probability(p[x], q[x]).item():
+            continue
+        return i, sample_token(residual_distribution(p, q), generator)
+    # Bonus token only when every draft was accepted (pitfalls: never after a rejection).
+    return len(tokens), sample_token(target_probs[len(tokens)], generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tree verification (§6.3). Layout as in tree.py: node 0 is the root (the last accepted token, not a draft),
+# parents[0] == -1, 0 <= parents[i] < i; row i of target_probs/target_logits [N, V] is the target's distribution
+# for the children of node i. Results are (path, next_token), path = accepted nodes root->leaf, root excluded.
+
+
+def tree_children(parents: Tensor) -> list[list[int]]:
+    """children[i] = child node indices of node i, in index order (parents come before children)."""
+    parent_list = parents.tolist()
+    children: list[list[int]] = [[] for _ in parent_list]
+    for i in range(1, len(parent_list)):
+        children[parent_list[i]].append(i)
+    return children
+
+
+def tree_greedy_verify(target_logits: Tensor, tokens: Tensor, parents: Tensor) -> tuple[list[int], int]:
+    """Walk from the root, each time into the first child (index order) whose token is the parent's argmax.
+
+    Gives the longest root path that matches the target's greedy continuation when sibling tokens are distinct
+    (tree.py's trie builder guarantees it); with duplicate siblings only the first one is explored, exactly as
+    tree_speculative_sample does at temperature 0. next_token = argmax of the last accepted node's row.
+    """
+    argmax = target_logits.argmax(dim=-1).tolist()  # [N]
+    token_list, children = tokens.tolist(), tree_children(parents)
+    node, path = 0, []
+    while True:
+        child = next((c for c in children[node] if token_list[c] == argmax[node]), None)
+        if child is None:
+            return path, argmax[node]
+        node = child
+        path.append(node)
+
+
+def tree_speculative_sample(
+    target_probs: Tensor,
+    draft_probs: Tensor | None,
+    tokens: Tensor,
+    parents: Tensor,
+    generator: torch.Generator,
+) -> tuple[list[int], int]:
+    """Multi-draft recursive rejection sampling (SpecInfer, Miao et al. 2024, "multi-step speculative sampling";
+    SpecTr Sun et al. 2023). Lossless: the emitted tokens are distributed as sampling from the target.
+
+    At a node, r = p(node row). Siblings are tried in index order: child c is accepted with probability
+    min(1, r(x_c) / q(x_c)) (one uniform per try) and the walk restarts at c; on rejection r = norm(max(0, r - q))
+    and the next sibling is tested against this UPDATED residual. When every child is rejected (or there are
+    none), next_token is sampled from r.
+
+    Two variants, chosen by draft_probs:
+      None: deterministic siblings (top-k, tries, prompt lookup). q is the one-hot of each sibling's token, so
+        acceptance is r(x) and a rejection zeroes x in r and renormalises. Lossless for EVERY fixed tree;
+        a duplicate sibling token has r(x) = 0 by then and is simply rejected.
+      [N, V]: draft_probs[i] is the distribution the children of node i were drawn from, i.i.d. Lossless only
+        averaged over that random drawing of the tree (SpecTr's k-sequential draft selection).
+    """
+    token_list, children = tokens.tolist(), tree_children(parents)
+    node, path = 0, []
+    while True:
+        r = target_probs[node]  # [V]
+        accepted = None
+        for c in children[node]:
+            x = token_list[c]
+            q = draft_probs[node] if draft_probs is not None else _one_hot(x, r)  # [V]
+            if _uniform(generator) < acceptance_probability(r[x], q[x]).item():
+                accepted = c
+                break
+            r = residual_distribution(r, q)
+        if accepted is None:
+            return path, sample_token(r, generator)
+        node = accepted
+        path.append(node)
+
+
+def typical_accept(
+    target_probs: Tensor, tokens: Tensor, parents: Tensor, epsilon: float = 0.09, delta: float = 0.3
+) -> tuple[list[int], int]:
+    """Medusa's typical acceptance (Cai et al. 2024 §2.3.1). LOSSY: approximate, NOT distribution preserving,
+    never the default (survey §6.1/§6.2 "approximate verification"; pitfalls: lossy modes are labelled lossy).
+
+    Node i's token x is acceptable if p(x) > min(epsilon, delta * exp(-H(p))), p = its parent's row (the
+    temperature-warped target distribution). The longest root path of acceptable nodes is accepted (ties: first
+    in index order); next_token = argmax of the last accepted node's row (Medusa picks it greedily).
+    Defaults are Medusa's posterior_threshold=0.09 and posterior_alpha=0.3.
+    """
+    entropy = torch.special.entr(target_probs).sum(dim=-1)  # [N], entr(0) = 0
+    threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)  # [N]
+    parent_list, token_list = parents.tolist(), tokens.tolist()
+    ok, depth, best = [True], [0], 0  # the root is always "accepted" (already in the output)
+    for i in range(1, len(parent_list)):
+        pa = parent_list[i]
+        ok.append(ok[pa] and target_probs[pa, token_list[i]].item() > threshold[pa].item())
+        depth.append(depth[pa] + 1)
+        if ok[i] and depth[i] > depth[best]:
+            best = i
+    path, node = [], best
+    while node != 0:
+        path.append(node)
+        node = parent_list[node]
+    return path[::-1], int(target_probs[best].argmax().item())
