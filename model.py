@@ -43,9 +43,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
-    def to_json(self, path: str | Path) -> None:
-        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "torch_dtype": "bfloat16", "bos_token_id": None, "eos_token_id": self.vocab_size - 1}
+    def to_json(self, path: str | Path, dtype: str = "bfloat16") -> None:
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "torch_dtype": dtype, "bos_token_id": None, "eos_token_id": self.vocab_size - 1}
         Path(path).write_text(json.dumps({**hf, **asdict(self)}, indent=2) + "\n")
 
 
@@ -75,7 +74,8 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Discard every entry from slot `length` on (rejected draft tokens)."""
-        assert 0 <= length <= self.length
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
 
     def keep(self, indices: torch.Tensor) -> None:
@@ -192,17 +192,7 @@ class Transformer(nn.Module):
         cache.length + 0..T-1; a token tree passes prefix_len + depth instead. `attn_mask` [T, cache.length + T]
         (bool, True = may attend) defaults to causal.
         """
-        T, past = tokens.shape[1], cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(past, past + T, device=tokens.device)
-        if attn_mask is None and cache is not None and T > 1:
-            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=tokens.device).tril(past)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        x = self.embed_tokens(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache, attn_mask)
-        if cache is not None:
-            cache.length = past + T
+        x = run_blocks(self.layers, self.embed_tokens(tokens), self.rope_cos, self.rope_sin, cache, positions, attn_mask)
         h = self.norm(x)
         logits = self.lm_head(h)
         return (logits, h) if return_hidden else logits
@@ -228,11 +218,31 @@ class Transformer(nn.Module):
     def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.config.to_json(path / "config.json")
+        self.config.to_json(path / "config.json", str(dtype).removeprefix("torch."))
         state = {ours_to_hf(k): v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # safetensors stores no shared tensors; HF re-ties on load
         save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+               cache: KVCache | None, positions: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, C] through decoder blocks; shared by Transformer and the one-layer EAGLE head (drafters.py)."""
+    T, past = x.shape[1], cache.length if cache is not None else 0
+    if cache is not None and past + T > cache.max_len:
+        raise ValueError(f"KV cache overflow: {past + T} > max_len {cache.max_len}")
+    if positions is None:
+        positions = torch.arange(past, past + T, device=x.device)
+        if past + T > len(rope_cos):
+            raise ValueError(f"position {past + T - 1} is beyond max_position_embeddings {len(rope_cos)}")
+    if attn_mask is None and cache is not None and T > 1:
+        attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+    cos, sin = rope_cos[positions], rope_sin[positions]
+    for i, block in enumerate(blocks):
+        x = block(x, cos, sin, i, cache, attn_mask)
+    if cache is not None:
+        cache.length = past + T
+    return x
 
 
 def ours_to_hf(name: str) -> str:

@@ -4,6 +4,8 @@
     python train.py data        # corpus -> data/train.bin, data/val.bin (uint16 token ids)
     python train.py target      # data -> weights/target/  (LLaMA, ~16M parameters)
     python train.py draft       # data -> weights/draft/   (LLaMA, ~1.6M parameters, same tokenizer)
+    python train.py medusa      # target -> weights/medusa/ (4 Medusa heads on the frozen target)
+    python train.py eagle       # target -> weights/eagle/  (one EAGLE decoder layer on the frozen target)
 
 The default corpus is the Python standard library of the interpreter running this file (tests included,
 site-packages excluded), so anyone can rebuild the weights offline; `--data FILE` trains on any text file instead.
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drafters import EagleHead, MedusaHeads, save_head
 from model import ModelConfig, Transformer
 from tokenizer import EOT, load_tokenizer, save_ranks, train_bpe
 
@@ -75,11 +78,17 @@ def build_data(args) -> None:
         print(f"{split}: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB, {len(ids) / 1e6:.2f}M tokens")
 
 
-def random_windows(data: np.ndarray, batch_size: int, seq_len: int, gen: torch.Generator, device):
-    """Inputs and next-token targets [B, T] cut at random offsets of the token stream."""
-    starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen).tolist()
-    chunk = torch.from_numpy(np.stack([data[s:s + seq_len + 1].astype(np.int64) for s in starts]))
-    return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
+def random_windows(data: np.ndarray, batch_size: int, length: int, gen: torch.Generator, device) -> torch.Tensor:
+    """[B, length] token windows cut at random offsets of the token stream."""
+    starts = torch.randint(0, len(data) - length, (batch_size,), generator=gen).tolist()
+    return torch.from_numpy(np.stack([data[s:s + length].astype(np.int64) for s in starts])).to(device)
+
+
+def fixed_windows(data: np.ndarray, count: int, length: int, device) -> list[torch.Tensor]:
+    """Evenly spaced windows of the held-out split, in batches of 8, for a comparable validation loss."""
+    starts = np.linspace(0, len(data) - length - 1, count).astype(np.int64)
+    chunks = torch.from_numpy(np.stack([data[s:s + length].astype(np.int64) for s in starts])).to(device)
+    return list(chunks.split(8))
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -90,73 +99,34 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@torch.no_grad()
-def validation_loss(model, val: np.ndarray, seq_len: int, device, batches: int = 20) -> float:
-    """Mean loss over fixed, evenly spaced windows of the held-out split."""
-    model.eval()
-    starts = np.linspace(0, len(val) - seq_len - 1, batches * 8).astype(np.int64)
-    losses = []
-    for i in range(0, len(starts), 8):
-        chunk = torch.from_numpy(np.stack([val[s:s + seq_len + 1].astype(np.int64) for s in starts[i:i + 8]]))
-        x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses.append(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item())
-    model.train()
-    return sum(losses) / len(losses)
-
-
-def init_weights(model: Transformer) -> None:
-    for name, p in model.named_parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.02)
-
-
-def train_model(args) -> None:
-    """Next-token cross-entropy with AdamW; logs, periodic validation, checkpoints and --resume."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.backends.cuda.matmul.allow_tf32 = True
-    train = np.fromfile(Path(args.data_dir) / "train.bin", dtype=np.uint16)
-    val = np.fromfile(Path(args.data_dir) / "val.bin", dtype=np.uint16)
-    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
-    cfg = ModelConfig(**{**MODEL_SIZES[args.stage].__dict__, "vocab_size": enc.n_vocab,
-                         "max_position_embeddings": args.seq_len})
-    torch.manual_seed(args.seed)
-    model = Transformer(cfg).to(device)
-    init_weights(model)
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+def train_loop(args, module: torch.nn.Module, next_batch, loss_fn, val_batches: list, save) -> None:
+    """AdamW on `module`'s parameters: progress lines, periodic validation, checkpoints, --resume, and an optional
+    time budget that fixes the step count once the speed is known. Shared by every stage that trains."""
+    device = next(module.parameters()).device
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() == 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     ckpt_path = Path(args.checkpoints) / f"{args.stage}.pt"
     step, steps, gen = 0, args.steps, torch.Generator().manual_seed(args.seed)
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device)
-        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), gen.set_state(ckpt["gen"])
+        module.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), gen.set_state(ckpt["gen"])
         step, steps = ckpt["step"], ckpt["steps"]
         print(f"resumed from {ckpt_path} at step {step}/{steps}")
-    teacher = Transformer.from_pretrained(args.distill, device=device) if args.distill else None
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.stage}: {n_params / 1e6:.2f}M parameters, {len(train) / 1e6:.2f}M train tokens, device {device}")
-    tokens_per_step = args.batch_size * args.seq_len
-    t0, loss_sum, n_logged = time.time(), 0.0, 0
-    start_step = step
+    print(f"{args.stage}: {sum(p.numel() for p in params) / 1e6:.2f}M trained parameters, device {device}")
+    t0, start_step, loss_sum, n_logged, tokens = time.time(), step, 0.0, 0, 0
     while step < steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
-        x, y = random_windows(train, args.batch_size, args.seq_len, gen, device)
+        batch = next_batch(gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x).flatten(0, 1).float()
-            if teacher is None:
-                loss = F.cross_entropy(logits, y.flatten())
-            else:  # DistillSpec (Zhou et al. 2024, survey §5.1): match the target's whole next-token distribution
-                with torch.no_grad():
-                    soft = teacher(x).flatten(0, 1).float().softmax(-1)
-                loss = F.cross_entropy(logits, soft)
+            loss = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
+        step, tokens = step + 1, tokens + batch.numel()
         loss_sum, n_logged = loss_sum + loss.item(), n_logged + 1
         if step == start_step + 20:
             t20 = time.time()
@@ -166,30 +136,137 @@ def train_model(args) -> None:
             print(f"time budget {args.max_minutes} min at {per_step * 1000:.0f} ms/step: {steps} steps")
         if step % args.log_every == 0 or step == steps:
             elapsed = time.time() - t0
-            rate = (step - start_step) * tokens_per_step / elapsed
-            eta = (steps - step) * tokens_per_step / rate
             print(f"step {step}/{steps} loss {loss_sum / n_logged:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"{rate:,.0f} tok/s elapsed {elapsed / 60:.1f} min eta {eta / 60:.1f} min", flush=True)
+                  f"{tokens / elapsed:,.0f} tok/s elapsed {elapsed / 60:.1f} min "
+                  f"eta {(steps - step) * elapsed / (step - start_step) / 60:.1f} min", flush=True)
             loss_sum, n_logged = 0.0, 0
         if step % args.eval_every == 0 or step == steps:
-            print(f"step {step} val_loss {validation_loss(model, val, args.seq_len, device):.4f}", flush=True)
+            module.eval()
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                val = sum(loss_fn(b).item() for b in val_batches) / len(val_batches)
+            module.train()
+            print(f"step {step} val_loss {val:.4f}", flush=True)
         if step % args.checkpoint_every == 0 or step == steps:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+            torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
                         "step": step, "steps": steps}, ckpt_path)
-    model.save_pretrained(Path(args.weights) / args.stage)
-    print(f"saved {Path(args.weights) / args.stage}: {step} steps, {step * tokens_per_step / 1e6:.1f}M tokens seen, "
-          f"{(time.time() - t0) / 60:.1f} min")
+    save()
+    print(f"saved {args.stage}: {step} steps, {tokens / 1e6:.1f}M tokens this run, {(time.time() - t0) / 60:.1f} min")
+
+
+def load_splits(args) -> tuple[np.ndarray, np.ndarray]:
+    return (np.fromfile(Path(args.data_dir) / "train.bin", dtype=np.uint16),
+            np.fromfile(Path(args.data_dir) / "val.bin", dtype=np.uint16))
+
+
+def frozen_target(args, device) -> Transformer:
+    target = Transformer.from_pretrained(Path(args.weights) / "target", device=device)
+    return target.requires_grad_(False)
+
+
+def train_lm(args) -> None:
+    """Target or draft: next-token cross-entropy, or with --distill the target's whole next-token distribution
+    (DistillSpec, Zhou et al. 2024; survey §5.1: aligning the drafter with the target raises acceptance)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    train, val = load_splits(args)
+    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
+    cfg = ModelConfig(**{**MODEL_SIZES[args.stage].__dict__, "vocab_size": enc.n_vocab,
+                         "max_position_embeddings": args.seq_len})
+    torch.manual_seed(args.seed)
+    model = Transformer(cfg).to(device)
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    teacher = Transformer.from_pretrained(args.distill, device=device) if args.distill else None
+
+    def loss_fn(chunk):
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        logits = model(x).flatten(0, 1).float()
+        if teacher is None:
+            return F.cross_entropy(logits, y.flatten())
+        with torch.no_grad():
+            soft = teacher(x).flatten(0, 1).float().softmax(-1)
+        return F.cross_entropy(logits, soft)
+
+    train_loop(args, model, lambda g: random_windows(train, args.batch_size, args.seq_len + 1, g, device), loss_fn,
+               fixed_windows(val, 160, args.seq_len + 1, device), lambda: model.save_pretrained(Path(args.weights) / args.stage))
+
+
+@torch.no_grad()
+def self_distilled_text(target: Transformer, train: np.ndarray, args, device) -> torch.Tensor:
+    """Continuations that the target samples itself from corpus prompts (Medusa's self-distillation, survey §7):
+    the heads learn what the target says, not what the corpus says. [n, prompt + new] tokens."""
+    gen, out = torch.Generator(device).manual_seed(args.seed), []
+    for i in range(0, args.distill_sequences, args.distill_batch):
+        prompt = random_windows(train, args.distill_batch, args.distill_prompt, torch.Generator().manual_seed(i), device)
+        cache = target.new_cache(len(prompt), args.distill_prompt + args.distill_new)
+        logits, seq = target(prompt, cache)[:, -1], [prompt]
+        for _ in range(args.distill_new):
+            seq.append(torch.multinomial(logits.float().softmax(-1), 1, generator=gen))
+            logits = target(seq[-1], cache)[:, -1]
+        out.append(torch.cat(seq, 1))
+    return torch.cat(out)
+
+
+def train_medusa(args) -> None:
+    """Medusa-1 (Cai et al. 2024): K heads on the frozen target's last hidden state; head k learns the token k+1
+    places ahead, its loss weighted 0.8^k as in the paper."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train, val = load_splits(args)
+    target = frozen_target(args, device)
+    data = self_distilled_text(target, train, args, device)
+    print(f"self-distilled {data.shape[0]} sequences of {data.shape[1]} tokens")
+    heads = MedusaHeads(target.config.hidden_size, args.medusa_heads).to(device)
+
+    def loss_fn(x):
+        with torch.no_grad():
+            _, h = target(x, return_hidden=True)
+        logits = heads(h, target.lm_head).float()  # [K, B, T, V]
+        return sum(0.8 ** k * F.cross_entropy(logits[k, :, :-k - 2].flatten(0, 1), x[:, k + 2:].flatten())
+                   for k in range(args.medusa_heads))
+
+    def next_batch(g):
+        return data[torch.randint(0, len(data), (args.batch_size,), generator=g).to(device)]
+
+    train_loop(args, heads, next_batch, loss_fn, fixed_windows(val, 80, data.shape[1], device),
+               lambda: save_head(heads, {"hidden_size": target.config.hidden_size, "num_heads": args.medusa_heads},
+                                 Path(args.weights) / "medusa"))
+
+
+def train_eagle(args) -> None:
+    """EAGLE (Li et al. 2024): from (f_j, embedding of x_{j+1}) predict f_{j+1}, the target's next feature; loss =
+    smooth-L1 on features + 0.1 x cross-entropy against the target's own next-token distribution, with uniform
+    noise on the input features as in the paper (the head will read its own imperfect predictions)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train, val = load_splits(args)
+    target = frozen_target(args, device)
+    head = EagleHead(ModelConfig(**{**target.config.__dict__, "num_hidden_layers": 1})).to(device)
+
+    def loss_fn(x):
+        with torch.no_grad():
+            logits, f = target(x, return_hidden=True)  # [B, T, V], [B, T, C]
+        noisy = f[:, :-1] + (torch.rand_like(f[:, :-1]) - 0.5) * 0.2 * head.training
+        pred = head(noisy, target.embed_tokens(x[:, 1:]))  # predicts f[:, 1:]
+        soft = logits[:, 1:].float().softmax(-1)
+        return (F.smooth_l1_loss(pred.float(), f[:, 1:].float())
+                + 0.1 * F.cross_entropy(target.lm_head(pred).flatten(0, 1).float(), soft.flatten(0, 1)))
+
+    cfg = {k: v for k, v in head.config.__dict__.items()}
+    train_loop(args, head, lambda g: random_windows(train, args.batch_size, args.seq_len, g, device), loss_fn,
+               fixed_windows(val, 80, args.seq_len, device), lambda: save_head(head, cfg, Path(args.weights) / "eagle"))
 
 
 def main(stage: str, **args) -> None:
     args = argparse.Namespace(stage=stage, **args)
-    {"tokenizer": build_tokenizer, "data": build_data, "target": train_model, "draft": train_model}[stage](args)
+    stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
+              "medusa": train_medusa, "eagle": train_eagle}
+    stages[stage](args)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["tokenizer", "data", "target", "draft"], help="what to build")
+    ap.add_argument("stage", choices=["tokenizer", "data", "target", "draft", "medusa", "eagle"], help="what to build")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
     ap.add_argument("--weights", default="weights", help="output directory for the tokenizer and the models")
     ap.add_argument("--data-dir", default="data", help="where the tokenized corpus is written and read")
@@ -205,6 +282,11 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     ap.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch sampling")
+    ap.add_argument("--medusa-heads", type=int, default=4, help="Medusa heads (tokens guessed ahead)")
+    ap.add_argument("--distill-sequences", type=int, default=2048, help="self-distilled sequences for Medusa")
+    ap.add_argument("--distill-batch", type=int, default=512, help="sequences generated at once")
+    ap.add_argument("--distill-prompt", type=int, default=64, help="corpus tokens that start each sequence")
+    ap.add_argument("--distill-new", type=int, default=256, help="tokens the target generates after them")
     ap.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     ap.add_argument("--eval-every", type=int, default=500, help="steps between validation losses")
     ap.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")

@@ -1,0 +1,279 @@
+"""Drafters: cheap guesses of the target's next tokens (survey §5, "Drafting").
+
+Every drafter has the same methods, so the decoding loops never know which one they run:
+  reset()                                  a new generation starts
+  propose(context, gamma, warp, generator) -> (tokens, q): a chain of up to gamma draft tokens and the
+                                           distributions they were drawn from, q [len(tokens), V], or None for
+                                           deterministic drafts (q is then one-hot; verify.py treats None so)
+  accept(n)                                the first n drafts were accepted: roll back any state built on the rest
+  propose_tree(context, features) -> Tree  a token tree rooted at context[-1] (§6.3); `features` [len(context)-1, C]
+                                           are the target's last hidden states of context[:-1] (Medusa, EAGLE)
+`warp` maps logits to the (temperature / top-k / top-p warped) probabilities that the target is verified with, so
+q is warped exactly like p (peer-pitfalls: q must be the distribution the draft was actually drawn from).
+Tree children are always a node's top-k draft tokens (deterministic siblings): verify.tree_speculative_sample
+with draft_probs=None is then lossless for every tree (peer-pitfalls: say which multi-draft variant is used).
+"""
+import json
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from model import Block, KVCache, ModelConfig, Transformer, precompute_rope, run_blocks
+from tree import Tree, default_tree_choices, depths, expand_frontier, path_to, rerank_top_m, static_tree, tree_from_sequences
+from verify import sample_token
+
+Warp = Callable[[Tensor], Tensor]
+
+
+class Drafter(Protocol):
+    def reset(self) -> None: ...
+
+    def propose(self, context: list[int], gamma: int, warp: Warp,
+                generator: torch.Generator) -> tuple[list[int], Tensor | None]: ...
+
+    def accept(self, n_accepted: int) -> None: ...
+
+    def propose_tree(self, context: list[int], features: Tensor) -> Tree: ...
+
+
+def grow_tree(root: int, root_logits: Tensor, expand: Callable[[Tree, list[int]], Tensor], depth: int, width: int,
+              beam: int, size: int) -> Tree:
+    """EAGLE-2's dynamic draft tree (Li et al. 2024; survey §6.3): each depth expands the `beam` best nodes into
+    their top `width` children, a node scored by the draft log-probability of its whole path; the `size` best
+    nodes are kept at the end. expand(tree, nodes) returns the drafter's next-token logits for those nodes [F, V]."""
+    tree, frontier, logits = Tree.from_root(root), [0], root_logits[None]  # logits [F, V]
+    for d in range(depth):
+        top = torch.log_softmax(logits.float(), dim=-1).topk(width)
+        frontier = expand_frontier(tree, frontier, top.indices.tolist(), top.values.tolist(), beam)
+        if d + 1 < depth:
+            logits = expand(tree, frontier)
+    return rerank_top_m(tree, size)
+
+
+def tree_step_mask(tree: Tree, nodes: list[int], slot: dict[int, int], committed: int, total: int) -> Tensor:
+    """Attention mask [len(nodes), total] for feeding `nodes` of a growing tree to a drafter's own cache: each
+    sees the committed context, the slots of its drafted ancestors and itself (the mask of §6.3, laid out by slot)."""
+    mask = torch.zeros(len(nodes), total, dtype=torch.bool)
+    mask[:, :committed] = True
+    for row, node in enumerate(nodes):
+        mask[row, [slot[a] for a in path_to(tree, node)[1:]]] = True
+    return mask
+
+
+class ModelDrafter:
+    """An independent small LM of the same family, with its own KV cache (SpS: Leviathan et al. 2023, Chen et al.
+    2023; survey §5.1 "independent drafting"). Its trees grow as EAGLE-2's do, from the draft LM's log-probs."""
+
+    def __init__(self, model: Transformer, depth: int = 5, width: int = 4, beam: int = 4, size: int = 24):
+        self.model = model
+        self.depth, self.width, self.beam, self.size = depth, width, beam, size
+        self.cache, self.start = None, 0
+
+    def reset(self) -> None:
+        self.cache, self.start = self.model.new_cache(), 0
+
+    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator):
+        device = self.model.lm_head.weight.device
+        # Catch up on the context this cache has not seen: the whole prompt at first, then the target's correction
+        # or bonus token, and after a full accept also our own last draft, which was never fed (peer-pitfalls).
+        new = torch.tensor([context[self.cache.length:]], device=device)
+        logits = self.model(new, self.cache)[0, -1]
+        self.start = len(context)
+        tokens, qs = [], []
+        for i in range(gamma):
+            q = warp(logits)  # [V]
+            tokens.append(sample_token(q, generator))
+            qs.append(q)
+            if i < gamma - 1:
+                logits = self.model(torch.tensor([[tokens[-1]]], device=device), self.cache)[0, -1]
+        return tokens, torch.stack(qs) if qs else None
+
+    def accept(self, n_accepted: int) -> None:
+        # The cache holds context + drafts[:-1]; keep the context and the accepted drafts only.
+        self.cache.truncate(min(self.cache.length, self.start + n_accepted))
+
+    def propose_tree(self, context: list[int], features: Tensor) -> Tree:
+        device = self.model.lm_head.weight.device
+        self.cache.truncate(min(self.cache.length, self.start))  # drop the last tree's nodes
+        root_logits = self.model(torch.tensor([context[self.cache.length:]], device=device), self.cache)[0, -1]
+        self.start, slot = len(context), {0: len(context) - 1}
+        depth = min(self.depth, (self.cache.max_len - self.start) // self.beam)  # room in our own cache
+
+        def expand(tree: Tree, nodes: list[int]) -> Tensor:
+            slot.update((n, self.cache.length + i) for i, n in enumerate(nodes))
+            mask = tree_step_mask(tree, nodes, slot, self.start, self.cache.length + len(nodes)).to(device)
+            positions = torch.tensor([self.start - 1 + depths(tree)[n] for n in nodes], device=device)
+            tokens = torch.tensor([[tree.tokens[n] for n in nodes]], device=device)
+            return self.model(tokens, self.cache, positions=positions, attn_mask=mask)[0]
+
+        return grow_tree(context[-1], root_logits, expand, depth, self.width, self.beam, self.size)
+
+
+class PromptLookupDrafter:
+    """Copy what followed the latest earlier occurrence of the context's last n-gram (LLMA, Yang et al. 2023;
+    prompt lookup decoding, Saxena 2023; Spec-Bench's PLD; survey §5.1). No model: q is one-hot (None)."""
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1, depth: int = 5, matches: int = 4):
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self.depth, self.matches = depth, matches
+
+    def reset(self) -> None:
+        pass
+
+    def continuations(self, context: list[int], length: int, count: int) -> list[list[int]]:
+        """What followed the `count` latest earlier matches of the longest n-gram that matches at all."""
+        ids = np.asarray(context)
+        for n in range(self.ngram_max, self.ngram_min - 1, -1):  # longest n-gram first: the most specific match
+            if len(ids) <= n or length == 0:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)  # every earlier n-gram
+            hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+            if len(hits):
+                return [ids[h + n:h + n + length].tolist() for h in hits[::-1][:count]]
+        return []
+
+    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator):
+        found = self.continuations(context, gamma, 1)
+        return (found[0] if found else []), None
+
+    def accept(self, n_accepted: int) -> None:
+        pass
+
+    def propose_tree(self, context: list[int], features: Tensor) -> Tree:
+        # Several matches, merged into a prefix-sharing trie (SpecInfer's token tree merge).
+        return tree_from_sequences(context[-1], self.continuations(context, self.depth, self.matches))
+
+
+# ---- drafting heads on the target's own hidden states (survey §5.2, self-drafting) -----------------------------
+
+class MedusaHeads(nn.Module):
+    """K residual SiLU blocks on the target's last hidden state; head k predicts the token k+1 places ahead through
+    the target's frozen LM head (Medusa-1, Cai et al. 2024). Medusa gives each head its own vocabulary projection,
+    initialised from the LM head; sharing the frozen one keeps weights/ small."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.linears = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_heads))
+        for lin in self.linears:  # zero init: every head starts as "the next token again", a sane guess
+            nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+
+    def forward(self, h: Tensor, lm_head: nn.Linear) -> Tensor:
+        """h [..., C] -> logits [K, ..., V]"""
+        return torch.stack([lm_head(h + F.silu(lin(h))) for lin in self.linears])
+
+
+class EagleHead(nn.Module):
+    """One decoder layer that maps (target feature f_j, embedding of token x_{j+1}) to the next feature f_{j+1},
+    read out by the target's own LM head (EAGLE, Li et al. 2024; survey §5.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.layers = nn.ModuleList([Block(cfg)])
+        cos, sin = precompute_rope(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, features: Tensor, token_embeds: Tensor, cache=None, positions=None, attn_mask=None) -> Tensor:
+        """features, token_embeds [B, T, C] -> predicted next features [B, T, C]"""
+        x = self.fc(torch.cat([token_embeds, features], dim=-1))
+        return run_blocks(self.layers, x, self.rope_cos, self.rope_sin, cache, positions, attn_mask)
+
+
+def save_head(module: nn.Module, config: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in module.state_dict().items()},
+              path / "model.safetensors")
+
+
+def load_head(path: str | Path) -> tuple[dict, dict]:
+    path = Path(path)
+    return json.loads((path / "config.json").read_text()), load_file(path / "model.safetensors")
+
+
+class MedusaDrafter:
+    """Medusa's sparse static tree (Cai et al. 2024): the top-`width` tokens of each head, combined along `choices`."""
+
+    def __init__(self, target: Transformer, heads: MedusaHeads, width: int = 4, size: int = 24):
+        self.target, self.heads = target, heads
+        self.choices = default_tree_choices(len(heads.linears), width, size)
+        self.width = width
+
+    @classmethod
+    def from_pretrained(cls, target: Transformer, path: str | Path, **tree_options) -> "MedusaDrafter":
+        cfg, state = load_head(path)
+        heads = MedusaHeads(cfg["hidden_size"], cfg["num_heads"])
+        heads.load_state_dict(state)
+        w = target.lm_head.weight
+        return cls(target, heads.to(w.device, w.dtype).eval(), **tree_options)
+
+    def reset(self) -> None:
+        pass
+
+    def propose_tree(self, context: list[int], features: Tensor) -> Tree:
+        if len(features) == 0:  # a one-token prompt: no hidden state yet
+            return Tree.from_root(context[-1])
+        # Head k on the hidden state of context[-2] guesses the token k places after the root.
+        top = torch.log_softmax(self.heads(features[-1], self.target.lm_head).float(), -1).topk(self.width)  # [K, w]
+        return static_tree(context[-1], top.indices.tolist(), self.choices, top.values.tolist())
+
+
+class EagleDrafter:
+    """EAGLE's feature-level drafting with EAGLE-2's dynamic tree (Li et al. 2024a, 2024b). The head keeps its own
+    KV cache: slot j holds the pair (f_j, x_{j+1}), with true target features for the committed context."""
+
+    def __init__(self, target: Transformer, head: EagleHead, depth: int = 6, width: int = 4, beam: int = 4,
+                 size: int = 24):
+        self.target, self.head = target, head
+        self.depth, self.width, self.beam, self.size = depth, width, beam, size
+        self.cache, self.committed_before = None, 0
+
+    @classmethod
+    def from_pretrained(cls, target: Transformer, path: str | Path, **tree_options) -> "EagleDrafter":
+        cfg, state = load_head(path)
+        head = EagleHead(ModelConfig(**cfg))
+        head.load_state_dict(state)
+        w = target.lm_head.weight
+        return cls(target, head.to(w.device, w.dtype).eval(), **tree_options)
+
+    def reset(self) -> None:
+        self.cache = KVCache(1, 1, self.head.config.num_key_value_heads, self.target.config.max_position_embeddings,
+                             self.head.config.head_dim, self.target.lm_head.weight.dtype,
+                             self.target.lm_head.weight.device)
+        self.committed_before = 0
+
+    def run(self, features: Tensor, tokens: list[int], **kw) -> Tensor:
+        """Predicted features [T, C] for pairs (features[i], tokens[i]), appended to the head's cache."""
+        embeds = self.target.embed_tokens(torch.tensor([tokens], device=features.device))
+        return self.head(features[None], embeds, self.cache, **kw)[0]
+
+    def propose_tree(self, context: list[int], features: Tensor) -> Tree:
+        committed = len(context) - 1  # pairs (f_j, x_{j+1}) for j < len(context) - 1 use true features
+        if committed == 0:
+            return Tree.from_root(context[-1])
+        self.cache.truncate(min(self.cache.length, self.committed_before))  # drop the last tree's nodes
+        start = self.cache.length
+        predicted = self.run(features[start:committed], context[start + 1:])  # catch up: [committed - start, C]
+        self.committed_before, feats, slot = committed, {0: predicted[-1]}, {0: committed - 1}
+        depth = min(self.depth, (self.cache.max_len - committed) // self.beam)
+
+        def expand(tree: Tree, nodes: list[int]) -> Tensor:
+            slot.update((n, self.cache.length + i) for i, n in enumerate(nodes))
+            mask = tree_step_mask(tree, nodes, slot, committed, self.cache.length + len(nodes)).to(predicted.device)
+            positions = torch.tensor([committed - 1 + depths(tree)[n] for n in nodes], device=predicted.device)
+            parent_feats = torch.stack([feats[tree.parents[n]] for n in nodes])
+            out = self.run(parent_feats, [tree.tokens[n] for n in nodes], positions=positions, attn_mask=mask)
+            feats.update(zip(nodes, out))
+            return self.target.lm_head(out)
+
+        root_logits = self.target.lm_head(predicted[-1])
+        return grow_tree(context[-1], root_logits, expand, depth, self.width, self.beam, self.size)

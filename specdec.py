@@ -1,0 +1,367 @@
+"""Decoding loops and the command line.
+
+    generate               autoregressive decoding, the survey's Algorithm 1
+    speculative_generate   draft-then-verify, the survey's Algorithm 2 (§4.2; Leviathan et al. 2023, Chen et al. 2023)
+
+    python specdec.py --prompt "def fibonacci(n):" --compare
+"""
+import argparse
+import codecs
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from drafters import Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter
+from model import Transformer
+from tokenizer import load_tokenizer
+from tree import Tree, depths, keep_indices, render_tree, subtree, tree_attention_mask, tree_positions
+from verify import (expected_acceptance, greedy_verify, probs_from_logits, sample_token, speculative_sample,
+                    tree_greedy_verify, tree_speculative_sample, typical_accept)
+
+OnTokens = Callable[[list[int], int], None]  # (new tokens, how many of them are accepted drafts)
+
+
+@dataclass
+class Stats:
+    target_calls: int = 0  # verification forwards of the target (the prompt's prefill not counted)
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
+    produced: int = 0  # tokens emitted (accepted drafts + one target token per call)
+    draft_seconds: float = 0.0  # wall time spent drafting
+    verify_seconds: float = 0.0  # wall time spent in target forwards and verification
+    accept_counts: list[int] = field(default_factory=list)  # accept_counts[n]: steps that accepted n drafts
+    expected_accepted: float = 0.0  # sum over compared positions of sum_x min(p(x), q(x))
+    compared: int = 0  # draft positions compared with the target
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per target call: (accepted drafts + 1) per verification (peer-pitfalls: the +1 counts)."""
+        return self.produced / max(1, self.target_calls)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Leviathan et al.'s alpha, measured: accepted / compared (drafts after a rejection are never compared)."""
+        return self.accepted / max(1, self.compared)
+
+    @property
+    def predicted_acceptance_rate(self) -> float:
+        """What theory predicts from the same steps: mean of sum_x min(p, q) (Leviathan et al. 2023, Thm 3.5)."""
+        return self.expected_accepted / max(1, self.compared)
+
+
+def warp_for(temperature: float, top_k: int, top_p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits -> probabilities, the same for target and draft (§6.2); temperature 0 gives one-hot argmax."""
+    return partial(probs_from_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None, eot: int | None = None,
+             on_tokens: OnTokens | None = None) -> list[int]:
+    """Autoregressive decoding (Algorithm 1): one target forward per token; stops at `eot` (not returned)."""
+    device = model.lm_head.weight.device
+    warp, cache, out = warp_for(temperature, top_k, top_p), model.new_cache(), []
+    logits = model(torch.tensor([prompt_ids], device=device), cache)[0, -1]
+    for _ in range(min(max_new_tokens, cache.max_len - len(prompt_ids))):
+        token = int(logits.argmax()) if temperature == 0 else sample_token(warp(logits), generator)
+        if token == eot:
+            break
+        out.append(token)
+        if on_tokens:
+            on_tokens([token], 0)
+        if len(out) < max_new_tokens and cache.length < cache.max_len:
+            logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+    return out
+
+
+@torch.inference_mode()
+def speculative_generate(target: Transformer, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int, *,
+                         gamma: int = 4, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                         generator: torch.Generator | None = None, eot: int | None = None,
+                         on_tokens: OnTokens | None = None) -> tuple[list[int], Stats]:
+    """Draft-then-verify decoding (Algorithm 2): lossless, the output is distributed exactly as `generate`'s.
+
+    Invariant: the target's cache holds every context token but the last, which opens the next verify call.
+    """
+    device = target.lm_head.weight.device
+    warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
+    context = list(prompt_ids)
+    drafter.reset()
+    if len(context) > 1:
+        target(torch.tensor([context[:-1]], device=device), cache)  # prefill
+    budget = min(max_new_tokens, cache.max_len - len(context))
+    while budget > 0:
+        t0 = time.perf_counter()
+        drafts, q = drafter.propose(context, min(gamma, budget - 1), warp, generator)  # 1. draft
+        t1 = time.perf_counter()
+        logits = target(torch.tensor([context[-1:] + drafts], device=device), cache)[0]  # 2. one call: [γ+1, V]
+        n, token = verify_step(logits, drafts, q, warp, temperature, generator, stats)  # 3. verify
+        cache.truncate(len(context) + n)  # 4. roll back past the rejected drafts
+        drafter.accept(n)
+        new = drafts[:n] + [token]
+        finished = eot in new
+        new = new[:new.index(eot)] if finished else new
+        stats.draft_seconds, stats.verify_seconds = stats.draft_seconds + t1 - t0, stats.verify_seconds + time.perf_counter() - t1
+        context, budget, stats.produced = context + new, budget - len(new), stats.produced + len(new)
+        if on_tokens and new:
+            on_tokens(new, min(n, len(new)))
+        if finished:
+            break
+    return context[len(prompt_ids):], stats
+
+
+def verify_step(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, warp, temperature: float,
+                generator: torch.Generator | None, stats: Stats) -> tuple[int, int]:
+    """Greedy (§6.1) or speculative-sampling (§6.2) verification of one draft chain; updates the statistics."""
+    draft_tokens = torch.tensor(drafts, dtype=torch.long, device=logits.device)
+    p = warp(logits)  # [γ+1, V]
+    if temperature == 0:
+        n, token = greedy_verify(logits, draft_tokens)
+    else:
+        n, token = speculative_sample(p, q, draft_tokens, generator)
+    for i in range(min(n + 1, len(drafts))):  # the positions actually compared with the target
+        q_i = q[i] if q is not None else torch.nn.functional.one_hot(draft_tokens[i], p.shape[-1]).float()
+        stats.expected_accepted += expected_acceptance(p[i], q_i)
+    stats.compared += min(n + 1, len(drafts))
+    stats.target_calls, stats.drafted, stats.accepted = stats.target_calls + 1, stats.drafted + len(drafts), stats.accepted + n
+    stats.accept_counts += [0] * (len(drafts) + 1 - len(stats.accept_counts))
+    stats.accept_counts[n] += 1
+    return n, token
+
+
+@torch.inference_mode()
+def tree_speculative_generate(target: Transformer, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int, *,
+                              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                              generator: torch.Generator | None = None, eot: int | None = None,
+                              on_tokens: OnTokens | None = None, on_tree: Callable | None = None,
+                              typical: bool = False) -> tuple[list[int], Stats]:
+    """Token-tree speculative decoding (§6.3; SpecInfer, Medusa, EAGLE): draft a tree rooted at the last token,
+    verify every node in ONE target call (tree attention mask, positions = prefix + depth), keep the accepted path.
+
+    Invariant as in speculative_generate; `features` holds the target's last hidden state of every cached token.
+    """
+    device = target.lm_head.weight.device
+    warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
+    context, features = list(prompt_ids), torch.zeros(0, target.config.hidden_size, device=device)
+    drafter.reset()
+    if len(context) > 1:
+        features = target(torch.tensor([context[:-1]], device=device), cache, return_hidden=True)[1][0]
+    budget = min(max_new_tokens, cache.max_len - len(context))
+    while budget > 0:
+        t0 = time.perf_counter()
+        tree = trim_tree(drafter.propose_tree(context, features), max_depth=budget - 1)  # 1. draft a tree
+        t1 = time.perf_counter()
+        prefix = cache.length
+        logits, hidden = target(torch.tensor([tree.tokens], device=device), cache, return_hidden=True,
+                                positions=tree_positions(tree, prefix, device), attn_mask=tree_attention_mask(
+                                    tree, prefix, device))  # 2. one call over the whole tree: [1, N, V]
+        path, token = verify_tree(logits[0], tree, warp, temperature, generator, typical)  # 3. verify
+        cache.keep(keep_indices(path, prefix, device))  # 4. move the accepted path's K/V into place
+        features = torch.cat([features, hidden[0, [0] + path]])
+        new = [tree.tokens[i] for i in path] + [token]
+        finished = eot in new
+        new = new[:new.index(eot)] if finished else new
+        count_tree_step(stats, tree, len(path), len(new), t1 - t0, time.perf_counter() - t1)
+        context, budget = context + new, budget - len(new)
+        if on_tree:
+            on_tree(tree, path)
+        if on_tokens and new:
+            on_tokens(new, min(len(path), len(new)))
+        if finished:
+            break
+    return context[len(prompt_ids):], stats
+
+
+def trim_tree(tree: Tree, max_depth: int) -> Tree:
+    """Drop nodes deeper than max_depth, so a step never produces more tokens than the budget allows."""
+    return subtree(tree, [i for i, d in enumerate(depths(tree)) if d <= max_depth])
+
+
+def verify_tree(logits: torch.Tensor, tree: Tree, warp, temperature: float, generator: torch.Generator | None,
+                typical: bool) -> tuple[list[int], int]:
+    """Greedy (§6.3, longest matching root path), lossless multi-draft sampling (SpecInfer/SpecTr, top-k siblings
+    so draft_probs=None), or Medusa's LOSSY typical acceptance when asked for."""
+    tokens = torch.tensor(tree.tokens, device=logits.device)
+    parents = torch.tensor(tree.parents, device=logits.device)
+    if temperature == 0:
+        return tree_greedy_verify(logits, tokens, parents)
+    if typical:
+        return typical_accept(warp(logits), tokens, parents)
+    return tree_speculative_sample(warp(logits), None, tokens, parents, generator)
+
+
+def count_tree_step(stats: Stats, tree: Tree, accepted: int, produced: int, draft_s: float, verify_s: float) -> None:
+    stats.target_calls, stats.drafted, stats.accepted = stats.target_calls + 1, stats.drafted + len(tree) - 1, stats.accepted + accepted
+    stats.compared += min(accepted + 1, max(depths(tree)))  # depths compared along the accepted path
+    stats.produced += produced
+    stats.draft_seconds, stats.verify_seconds = stats.draft_seconds + draft_s, stats.verify_seconds + verify_s
+    stats.accept_counts += [0] * (accepted + 1 - len(stats.accept_counts))
+    stats.accept_counts[accepted] += 1
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+DRAFTERS = ("none", "draft", "pld", "medusa", "eagle")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def check_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, gamma: int,
+               drafter: str, device: str, tree_size: int, tree_depth: int, tree_width: int) -> None:
+    checks = [(not prompt, "the prompt is empty"),
+              (max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
+              (temperature < 0, f"--temperature must be >= 0, got {temperature}"),
+              (top_k < 0, f"--top-k must be >= 0 (0 = off), got {top_k}"),
+              (not 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
+              (gamma < 1, f"--gamma must be at least 1, got {gamma}"),
+              (min(tree_size, tree_depth, tree_width) < 1, "--tree-size, --tree-depth and --tree-width must be >= 1"),
+              (drafter not in DRAFTERS, f"unknown drafter {drafter!r}: choose one of {', '.join(DRAFTERS)}"),
+              (device not in ("cpu", "cuda"), f"unknown device {device!r}: use cpu or cuda"),
+              (device == "cuda" and not torch.cuda.is_available(), "device cuda is not available here: use cpu")]
+    for failed, message in checks:
+        if failed:
+            raise UsageError(message)
+
+
+def load_model(path: Path, device: str, dtype: torch.dtype) -> Transformer:
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise UsageError(f"no model in {path}: expected config.json and model.safetensors (see train.py)")
+    try:
+        return Transformer.from_pretrained(path, device=device, dtype=dtype)
+    except Exception as e:  # a broken file: say which and why, in one line
+        raise UsageError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dtype, tree_size: int,
+                 tree_depth: int, tree_width: int) -> Drafter | None:
+    device, shape = target.lm_head.weight.device, dict(width=tree_width, size=tree_size)
+    for head in ("medusa", "eagle"):
+        if name == head and not (weights / head / "model.safetensors").is_file():
+            raise UsageError(f"no {head} heads in {weights / head} (see train.py)")
+    if name == "draft":
+        return ModelDrafter(load_model(weights / "draft", device, dtype), depth=tree_depth, beam=tree_width, **shape)
+    if name == "pld":
+        return PromptLookupDrafter(depth=tree_depth, matches=tree_width)
+    if name == "medusa":
+        return MedusaDrafter.from_pretrained(target, weights / "medusa", **shape)
+    if name == "eagle":
+        return EagleDrafter.from_pretrained(target, weights / "eagle", depth=tree_depth, beam=tree_width, **shape)
+    return None
+
+
+def decode(target: Transformer, drafter: Drafter | None, use_tree: bool, prompt_ids: list[int], max_new_tokens: int,
+           gamma: int, on_tree: Callable | None = None, **opts) -> tuple[list[int], Stats | None]:
+    """Pick the loop: plain decoding, a draft chain (Algorithm 2) or a draft tree (§6.3)."""
+    if drafter is None:
+        opts.pop("typical")
+        return generate(target, prompt_ids, max_new_tokens, **opts), None
+    if use_tree:
+        return tree_speculative_generate(target, drafter, prompt_ids, max_new_tokens, on_tree=on_tree, **opts)
+    opts.pop("typical")
+    return speculative_generate(target, drafter, prompt_ids, max_new_tokens, gamma=gamma, **opts)
+
+
+class Printer:
+    """Streams decoded text; accepted draft tokens in green (off without a terminal or with --no-color)."""
+
+    def __init__(self, enc, color: bool):
+        self.enc, self.color = enc, color
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+
+    def __call__(self, tokens: list[int], n_drafted: int) -> None:
+        drafted = self.utf8.decode(b"".join(self.enc.decode_single_token_bytes(t) for t in tokens[:n_drafted]))
+        own = self.utf8.decode(b"".join(self.enc.decode_single_token_bytes(t) for t in tokens[n_drafted:]))
+        if self.color and drafted:
+            drafted = f"\x1b[32m{drafted}\x1b[0m"
+        sys.stdout.write(drafted + own)
+        sys.stdout.flush()
+
+
+def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
+         device: str | None, weights: str, drafter: str, gamma: int, tree: bool, tree_size: int, tree_depth: int,
+         tree_width: int, typical: bool, show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
+               tree_width)
+    weights, dtype = Path(weights), torch.bfloat16 if bf16 else torch.float32
+    if not (weights / "tokenizer.tiktoken").is_file():
+        raise UsageError(f"no tokenizer at {weights / 'tokenizer.tiktoken'} (see train.py)")
+    enc = load_tokenizer(weights / "tokenizer.tiktoken")
+    target = load_model(weights / "target", device, dtype)
+    draft = make_drafter(drafter, weights, target, dtype, tree_size, tree_depth, tree_width)
+    use_tree = tree or drafter in ("medusa", "eagle")  # Medusa and EAGLE only draft trees
+    prompt_ids = enc.encode_ordinary(prompt)
+    if len(prompt_ids) >= target.config.max_position_embeddings:
+        raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
+                         f"{target.config.max_position_embeddings}, and at least one must be left to generate")
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, eot=enc.eot_token, typical=typical)
+    color, trees = sys.stdout.isatty() and not no_color, []
+    sys.stdout.write(prompt)
+    t0 = time.perf_counter()
+    out, stats = decode(target, draft, use_tree, prompt_ids, max_new_tokens, gamma, on_tokens=Printer(enc, color),
+                        on_tree=lambda t, path: trees.append((t, path)) if show_tree else None,
+                        generator=torch.Generator(device).manual_seed(seed), **opts)
+    seconds = time.perf_counter() - t0
+    print(f"\n\n[{len(out)} new tokens in {seconds:.2f} s, {len(out) / seconds:.1f} tokens/s, drafter {drafter}"
+          + (", token tree" if use_tree and draft else "") + (", typical acceptance (lossy)" if typical else "") + "]")
+    if stats:
+        theory = f" (theory predicts {stats.predicted_acceptance_rate:.2f})" if stats.expected_accepted else ""
+        print(f"[target calls {stats.target_calls}, tau {stats.tau:.2f} tokens/call, acceptance rate "
+              f"{stats.acceptance_rate:.2f}{theory}, drafting {stats.draft_seconds:.2f} s, verifying "
+              f"{stats.verify_seconds:.2f} s]")
+        print(f"[accepted drafts per call: {dict(enumerate(stats.accept_counts))}"
+              + ("; green = accepted draft tokens]" if color else "]"))
+    for step, (t, path) in enumerate(trees):
+        print(f"\nstep {step}: {len(t) - 1} drafted nodes, accepted {len(path)}\n"
+              + render_tree(t, lambda i: enc.decode([i]), [0] + path))
+    if compare:
+        t0 = time.perf_counter()
+        baseline = generate(target, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            eot=enc.eot_token, generator=torch.Generator(device).manual_seed(seed))
+        base_seconds = time.perf_counter() - t0
+        same = "identical to" if baseline == out else "differs from (expected when sampling)"
+        print(f"[autoregressive: {len(baseline)} tokens in {base_seconds:.2f} s, {len(baseline) / base_seconds:.1f} "
+              f"tokens/s; speedup {(len(out) / seconds) / (len(baseline) / base_seconds):.2f}x; output {same} "
+              f"the speculative one]")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Speculative decoding on the shipped models (see README.md).")
+    ap.add_argument("-p", "--prompt", required=True, help="text to continue")
+    ap.add_argument("-n", "--max-new-tokens", type=int, default=128, help="most tokens to generate")
+    ap.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    ap.add_argument("-k", "--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    ap.add_argument("-s", "--seed", type=int, default=0, help="random seed, for reproducible sampling")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--bf16", action="store_true", help="run the models in bfloat16 (fp32 by default)")
+    ap.add_argument("-w", "--weights", default=str(Path(__file__).parent / "weights"),
+                    help="directory with target/, draft/ and tokenizer.tiktoken")
+    ap.add_argument("-d", "--drafter", default="draft", help="none (plain decoding), draft (small model), pld "
+                    "(prompt lookup), medusa (Medusa heads, token tree), eagle (EAGLE head, EAGLE-2 dynamic tree)")
+    ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains)")
+    ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")
+    ap.add_argument("--tree-size", type=int, default=24, help="drafted nodes per tree (EAGLE-2's m)")
+    ap.add_argument("--tree-depth", type=int, default=6, help="deepest tree level (dynamic trees, pld)")
+    ap.add_argument("--tree-width", type=int, default=4, help="children tried per node, and nodes expanded per level")
+    ap.add_argument("--typical", action="store_true", help="Medusa's typical acceptance for sampled trees: LOSSY, "
+                    "faster, not the target's distribution")
+    ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked")
+    ap.add_argument("-c", "--compare", action="store_true", help="also run plain decoding and print the speedup")
+    ap.add_argument("--no-color", action="store_true", help="do not highlight accepted draft tokens")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        main(**vars(parse_args()))
+    except UsageError as e:
+        print(f"specdec.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
