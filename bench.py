@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from drafters import ModelDrafter, PromptLookupDrafter
-from specdec import Stats, generate, load_model, speculative_generate
+from drafters import EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter
+from specdec import Stats, decode, load_model
 from tokenizer import load_tokenizer
 from train import is_heldout, stdlib_files
 
@@ -37,69 +37,71 @@ def heldout_prompts(enc, n: int, context_tokens: int = 384) -> list[list[int]]:
     return prompts
 
 
-def run_method(target, drafter, prompt, args, device) -> tuple[int, float, Stats | None]:
-    """(new tokens, seconds, stats) for one prompt; drafter None is plain autoregressive decoding."""
-    gen = torch.Generator(device).manual_seed(args.seed)
-    opts = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
+def run_method(target, method: tuple, prompt, args, device) -> tuple[int, float, Stats | None]:
+    """(new tokens, seconds, stats) for one prompt; method = (drafter or None, draft trees?)."""
+    drafter, use_tree = method
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    if drafter is None:
-        out, stats = generate(target, prompt, args.max_new_tokens, **opts), None
-    else:
-        out, stats = speculative_generate(target, drafter, prompt, args.max_new_tokens, gamma=args.gamma, **opts)
+    out, stats = decode(target, drafter, use_tree, prompt, args.max_new_tokens, args.gamma, typical=False,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        generator=torch.Generator(device).manual_seed(args.seed))
     if device == "cuda":
         torch.cuda.synchronize()
     return len(out), time.perf_counter() - t0, stats
 
 
 def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, gamma: int, temperature: float,
-         top_k: int, top_p: float, seed: int, bf16: bool) -> None:
+         top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int, tree_width: int) -> None:
     args = argparse.Namespace(max_new_tokens=max_new_tokens, gamma=gamma, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed)
+                              top_p=top_p, seed=seed, tree_size=tree_size, tree_depth=tree_depth,
+                              tree_width=tree_width)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if bf16 else torch.float32
     weights = Path(weights)
     enc = load_tokenizer(weights / "tokenizer.tiktoken")
     target = load_model(weights / "target", device, dtype)
-    methods = {"Autoregressive": None, "SpS (draft model)": ModelDrafter(load_model(weights / "draft", device, dtype)),
-               "PLD (prompt lookup)": PromptLookupDrafter()}
+    draft = load_model(weights / "draft", device, dtype)
+    shape = dict(width=tree_width, size=tree_size)
+    methods = {  # name: (drafter, draft trees?)
+        "Autoregressive": (None, False),
+        "SpS (draft model)": (ModelDrafter(draft), False),
+        "PLD (prompt lookup)": (PromptLookupDrafter(), False),
+        "SpS tree (draft model, EAGLE-2 tree)": (ModelDrafter(draft, depth=tree_depth, beam=tree_width, **shape), True),
+        "PLD tree (several matches)": (PromptLookupDrafter(depth=tree_depth, matches=tree_width), True),
+        "Medusa (static tree)": (MedusaDrafter.from_pretrained(target, weights / "medusa", **shape), True),
+        "EAGLE-2 (dynamic tree)": (EagleDrafter.from_pretrained(target, weights / "eagle", depth=tree_depth,
+                                                                beam=tree_width, **shape), True),
+    }
     todo = heldout_prompts(enc, prompts)
-    for drafter in methods.values():  # warm-up, untimed: first calls pay for allocations and kernel set-up
-        run_method(target, drafter, todo[0][:64], argparse.Namespace(**{**vars(args), "max_new_tokens": 8}), device)
+    for method in methods.values():  # warm-up, untimed: first calls pay for allocations and kernel set-up
+        run_method(target, method, todo[0][:64], argparse.Namespace(**{**vars(args), "max_new_tokens": 8}), device)
     totals = {name: [0, 0.0, Stats()] for name in methods}
     for prompt in todo:  # interleaved, so drifts of a noisy machine hit every method alike
-        for name, drafter in methods.items():
-            n, seconds, stats = run_method(target, drafter, prompt, args, device)
+        for name, method in methods.items():
+            n, seconds, stats = run_method(target, method, prompt, args, device)
             totals[name][0] += n
             totals[name][1] += seconds
             if stats:
-                merge_stats(totals[name][2], stats)
+                totals[name][2].merge(stats)
     print_table(totals, len(todo), args, device)
-
-
-def merge_stats(total: Stats, s: Stats) -> None:
-    for f in ("target_calls", "drafted", "accepted", "produced", "draft_seconds", "verify_seconds",
-              "expected_accepted", "compared"):
-        setattr(total, f, getattr(total, f) + getattr(s, f))
-    total.accept_counts += [0] * (len(s.accept_counts) - len(total.accept_counts))
-    for n, c in enumerate(s.accept_counts):
-        total.accept_counts[n] += c
 
 
 def print_table(totals: dict, n_prompts: int, args, device: str) -> None:
     base_tokens, base_seconds, _ = totals["Autoregressive"]
     base_rate = base_tokens / base_seconds
     print(f"\n{n_prompts} held-out prompts, {args.max_new_tokens} new tokens max, gamma {args.gamma}, temperature "
-          f"{args.temperature}, device {device}\n")
-    print("| Method | tau (tokens/call) | acceptance (theory) | tokens/s | speedup | draft ms/token | verify ms/call |")
+          f"{args.temperature}, device {device}; trees: {args.tree_size} nodes, depth {args.tree_depth}, width "
+          f"{args.tree_width}\n")
+    print("| Method | tau (tokens/call) | acceptance (theory) | tokens/s | speedup | draft ms/drafted token | verify ms/call |")
     print("|---|---|---|---|---|---|---|")
     for name, (tokens, seconds, s) in totals.items():
         rate = tokens / seconds
         if s.target_calls == 0:
             print(f"| {name} | 1.00 | - | {rate:.1f} | 1.00x | - | {1000 / base_rate:.1f} |")
             continue
-        print(f"| {name} | {s.tau:.2f} | {s.acceptance_rate:.2f} ({s.predicted_acceptance_rate:.2f}) | {rate:.1f} | "
+        theory = f" ({s.predicted_acceptance_rate:.2f})" if s.expected_accepted else ""
+        print(f"| {name} | {s.tau:.2f} | {s.acceptance_rate:.2f}{theory} | {rate:.1f} | "
               f"{rate / base_rate:.2f}x | {1000 * s.draft_seconds / max(1, s.drafted):.2f} | "
               f"{1000 * s.verify_seconds / s.target_calls:.1f} |")
     for name, (_, _, s) in totals.items():
@@ -114,6 +116,9 @@ if __name__ == "__main__":
     ap.add_argument("--prompts", type=int, default=20, help="number of held-out prompts")
     ap.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call")
+    ap.add_argument("--tree-size", type=int, default=24, help="drafted nodes per tree")
+    ap.add_argument("--tree-depth", type=int, default=6, help="deepest tree level")
+    ap.add_argument("--tree-width", type=int, default=4, help="children per node and nodes expanded per level")
     ap.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("-k", "--top-k", type=int, default=0, help="top-k warping (0 = off)")
     ap.add_argument("--top-p", type=float, default=1.0, help="top-p warping (1 = off)")

@@ -56,14 +56,20 @@ def grow_tree(root: int, root_logits: Tensor, expand: Callable[[Tree, list[int]]
     return rerank_top_m(tree, size)
 
 
-def tree_step_mask(tree: Tree, nodes: list[int], slot: dict[int, int], committed: int, total: int) -> Tensor:
-    """Attention mask [len(nodes), total] for feeding `nodes` of a growing tree to a drafter's own cache: each
-    sees the committed context, the slots of its drafted ancestors and itself (the mask of §6.3, laid out by slot)."""
-    mask = torch.zeros(len(nodes), total, dtype=torch.bool)
+def tree_step_inputs(tree: Tree, nodes: list[int], slot: dict[int, int], committed: int, root_position: int,
+                     device) -> tuple[Tensor, Tensor]:
+    """Positions [F] and attention mask [F, first free slot + F] for feeding `nodes` of a growing tree to a
+    drafter's own cache: each node sees the committed cache, the slots of its drafted ancestors and itself (the
+    mask of §6.3, laid out by cache slot). Assigns the nodes their slots."""
+    first = max(slot.values()) + 1  # the next free cache slot (the root sits at committed - 1)
+    slot.update((n, first + i) for i, n in enumerate(nodes))
+    depth = depths(tree)
+    mask = torch.zeros(len(nodes), first + len(nodes), dtype=torch.bool)
     mask[:, :committed] = True
     for row, node in enumerate(nodes):
         mask[row, [slot[a] for a in path_to(tree, node)[1:]]] = True
-    return mask
+    positions = torch.tensor([root_position + depth[n] for n in nodes], device=device)
+    return positions, mask.to(device)
 
 
 class ModelDrafter:
@@ -100,15 +106,13 @@ class ModelDrafter:
 
     def propose_tree(self, context: list[int], features: Tensor) -> Tree:
         device = self.model.lm_head.weight.device
-        self.cache.truncate(min(self.cache.length, self.start))  # drop the last tree's nodes
+        self.cache.truncate(min(self.cache.length, self.start, len(context) - 1))  # drop the last tree; refeed the root
         root_logits = self.model(torch.tensor([context[self.cache.length:]], device=device), self.cache)[0, -1]
         self.start, slot = len(context), {0: len(context) - 1}
         depth = min(self.depth, (self.cache.max_len - self.start) // self.beam)  # room in our own cache
 
         def expand(tree: Tree, nodes: list[int]) -> Tensor:
-            slot.update((n, self.cache.length + i) for i, n in enumerate(nodes))
-            mask = tree_step_mask(tree, nodes, slot, self.start, self.cache.length + len(nodes)).to(device)
-            positions = torch.tensor([self.start - 1 + depths(tree)[n] for n in nodes], device=device)
+            positions, mask = tree_step_inputs(tree, nodes, slot, self.start, self.start - 1, device)
             tokens = torch.tensor([[tree.tokens[n] for n in nodes]], device=device)
             return self.model(tokens, self.cache, positions=positions, attn_mask=mask)[0]
 
@@ -117,7 +121,7 @@ class ModelDrafter:
 
 class PromptLookupDrafter:
     """Copy what followed the latest earlier occurrence of the context's last n-gram (LLMA, Yang et al. 2023;
-    prompt lookup decoding, Saxena 2023; Spec-Bench's PLD; survey §5.1). No model: q is one-hot (None)."""
+    prompt lookup decoding, Saxena 2023; survey Appendix A and §8, PLD in Spec-Bench). No model: q is one-hot."""
 
     def __init__(self, ngram_max: int = 3, ngram_min: int = 1, depth: int = 5, matches: int = 4):
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
@@ -260,16 +264,14 @@ class EagleDrafter:
         committed = len(context) - 1  # pairs (f_j, x_{j+1}) for j < len(context) - 1 use true features
         if committed == 0:
             return Tree.from_root(context[-1])
-        self.cache.truncate(min(self.cache.length, self.committed_before))  # drop the last tree's nodes
+        self.cache.truncate(min(self.cache.length, self.committed_before, committed - 1))  # drop the last tree's nodes
         start = self.cache.length
         predicted = self.run(features[start:committed], context[start + 1:])  # catch up: [committed - start, C]
         self.committed_before, feats, slot = committed, {0: predicted[-1]}, {0: committed - 1}
         depth = min(self.depth, (self.cache.max_len - committed) // self.beam)
 
         def expand(tree: Tree, nodes: list[int]) -> Tensor:
-            slot.update((n, self.cache.length + i) for i, n in enumerate(nodes))
-            mask = tree_step_mask(tree, nodes, slot, committed, self.cache.length + len(nodes)).to(predicted.device)
-            positions = torch.tensor([committed - 1 + depths(tree)[n] for n in nodes], device=predicted.device)
+            positions, mask = tree_step_inputs(tree, nodes, slot, committed, committed - 1, predicted.device)
             parent_feats = torch.stack([feats[tree.parents[n]] for n in nodes])
             out = self.run(parent_feats, [tree.tokens[n] for n in nodes], positions=positions, attn_mask=mask)
             feats.update(zip(nodes, out))

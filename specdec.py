@@ -38,6 +38,25 @@ class Stats:
     expected_accepted: float = 0.0  # sum over compared positions of sum_x min(p(x), q(x))
     compared: int = 0  # draft positions compared with the target
 
+    def record(self, drafted: int, accepted: int, compared: int, produced: int, draft_seconds: float,
+               verify_seconds: float, expected_accepted: float = 0.0) -> None:
+        """Add one draft-and-verify step (one target call)."""
+        self.target_calls, self.drafted, self.accepted = self.target_calls + 1, self.drafted + drafted, self.accepted + accepted
+        self.compared, self.produced = self.compared + compared, self.produced + produced
+        self.draft_seconds, self.verify_seconds = self.draft_seconds + draft_seconds, self.verify_seconds + verify_seconds
+        self.expected_accepted += expected_accepted
+        self.accept_counts += [0] * (accepted + 1 - len(self.accept_counts))
+        self.accept_counts[accepted] += 1
+
+    def merge(self, other: "Stats") -> None:
+        """Add another run's counts (bench.py sums over prompts)."""
+        for name in ("target_calls", "drafted", "accepted", "compared", "produced", "draft_seconds",
+                     "verify_seconds", "expected_accepted"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.accept_counts += [0] * (len(other.accept_counts) - len(self.accept_counts))
+        for n, count in enumerate(other.accept_counts):
+            self.accept_counts[n] += count
+
     @property
     def tau(self) -> float:
         """Mean tokens per target call: (accepted drafts + 1) per verification (peer-pitfalls: the +1 counts)."""
@@ -100,14 +119,20 @@ def speculative_generate(target: Transformer, drafter: Drafter, prompt_ids: list
         drafts, q = drafter.propose(context, min(gamma, budget - 1), warp, generator)  # 1. draft
         t1 = time.perf_counter()
         logits = target(torch.tensor([context[-1:] + drafts], device=device), cache)[0]  # 2. one call: [γ+1, V]
-        n, token = verify_step(logits, drafts, q, warp, temperature, generator, stats)  # 3. verify
+        p, draft_tokens = warp(logits), torch.tensor(drafts, dtype=torch.long, device=device)
+        if temperature == 0:  # 3. verify: §6.1 greedy, or §6.2 exact rejection sampling
+            n, token = greedy_verify(logits, draft_tokens)
+        else:
+            n, token = speculative_sample(p, q, draft_tokens, generator)
         cache.truncate(len(context) + n)  # 4. roll back past the rejected drafts
         drafter.accept(n)
         new = drafts[:n] + [token]
         finished = eot in new
         new = new[:new.index(eot)] if finished else new
-        stats.draft_seconds, stats.verify_seconds = stats.draft_seconds + t1 - t0, stats.verify_seconds + time.perf_counter() - t1
-        context, budget, stats.produced = context + new, budget - len(new), stats.produced + len(new)
+        compared = min(n + 1, len(drafts))  # draft positions actually compared with the target
+        stats.record(len(drafts), n, compared, len(new), t1 - t0, time.perf_counter() - t1,
+                     theory_acceptance(p[:compared], q, draft_tokens[:compared]))
+        context, budget = context + new, budget - len(new)
         if on_tokens and new:
             on_tokens(new, min(n, len(new)))
         if finished:
@@ -115,23 +140,11 @@ def speculative_generate(target: Transformer, drafter: Drafter, prompt_ids: list
     return context[len(prompt_ids):], stats
 
 
-def verify_step(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, warp, temperature: float,
-                generator: torch.Generator | None, stats: Stats) -> tuple[int, int]:
-    """Greedy (§6.1) or speculative-sampling (§6.2) verification of one draft chain; updates the statistics."""
-    draft_tokens = torch.tensor(drafts, dtype=torch.long, device=logits.device)
-    p = warp(logits)  # [γ+1, V]
-    if temperature == 0:
-        n, token = greedy_verify(logits, draft_tokens)
-    else:
-        n, token = speculative_sample(p, q, draft_tokens, generator)
-    for i in range(min(n + 1, len(drafts))):  # the positions actually compared with the target
-        q_i = q[i] if q is not None else torch.nn.functional.one_hot(draft_tokens[i], p.shape[-1]).float()
-        stats.expected_accepted += expected_acceptance(p[i], q_i)
-    stats.compared += min(n + 1, len(drafts))
-    stats.target_calls, stats.drafted, stats.accepted = stats.target_calls + 1, stats.drafted + len(drafts), stats.accepted + n
-    stats.accept_counts += [0] * (len(drafts) + 1 - len(stats.accept_counts))
-    stats.accept_counts[n] += 1
-    return n, token
+def theory_acceptance(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor) -> float:
+    """Sum over draft positions of sum_x min(p(x), q(x)): the acceptance probability that theory predicts
+    (Leviathan et al. 2023, Thm 3.5); a deterministic draft has a one-hot q."""
+    q = q[:len(drafts)] if q is not None else torch.nn.functional.one_hot(drafts, p.shape[-1]).to(p.dtype)
+    return sum(expected_acceptance(p_i, q_i) for p_i, q_i in zip(p, q))
 
 
 @torch.inference_mode()
@@ -154,7 +167,7 @@ def tree_speculative_generate(target: Transformer, drafter: Drafter, prompt_ids:
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
-        tree = trim_tree(drafter.propose_tree(context, features), max_depth=budget - 1)  # 1. draft a tree
+        tree = trim_tree(drafter.propose_tree(context, features), budget - 1, cache.max_len - cache.length)  # 1.
         t1 = time.perf_counter()
         prefix = cache.length
         logits, hidden = target(torch.tensor([tree.tokens], device=device), cache, return_hidden=True,
@@ -166,7 +179,8 @@ def tree_speculative_generate(target: Transformer, drafter: Drafter, prompt_ids:
         new = [tree.tokens[i] for i in path] + [token]
         finished = eot in new
         new = new[:new.index(eot)] if finished else new
-        count_tree_step(stats, tree, len(path), len(new), t1 - t0, time.perf_counter() - t1)
+        stats.record(len(tree) - 1, len(path), min(len(path) + 1, max(depths(tree))), len(new), t1 - t0,
+                     time.perf_counter() - t1)  # compared: the depths tested along the accepted path
         context, budget = context + new, budget - len(new)
         if on_tree:
             on_tree(tree, path)
@@ -177,9 +191,10 @@ def tree_speculative_generate(target: Transformer, drafter: Drafter, prompt_ids:
     return context[len(prompt_ids):], stats
 
 
-def trim_tree(tree: Tree, max_depth: int) -> Tree:
-    """Drop nodes deeper than max_depth, so a step never produces more tokens than the budget allows."""
-    return subtree(tree, [i for i, d in enumerate(depths(tree)) if d <= max_depth])
+def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
+    """Keep nodes no deeper than max_depth (a step never yields more tokens than the budget) and at most max_nodes
+    in all (the target's cache must hold the whole tree). Index order keeps the result ancestor-closed."""
+    return subtree(tree, [i for i, d in enumerate(depths(tree)) if d <= max_depth][:max_nodes])
 
 
 def verify_tree(logits: torch.Tensor, tree: Tree, warp, temperature: float, generator: torch.Generator | None,
@@ -193,15 +208,6 @@ def verify_tree(logits: torch.Tensor, tree: Tree, warp, temperature: float, gene
     if typical:
         return typical_accept(warp(logits), tokens, parents)
     return tree_speculative_sample(warp(logits), None, tokens, parents, generator)
-
-
-def count_tree_step(stats: Stats, tree: Tree, accepted: int, produced: int, draft_s: float, verify_s: float) -> None:
-    stats.target_calls, stats.drafted, stats.accepted = stats.target_calls + 1, stats.drafted + len(tree) - 1, stats.accepted + accepted
-    stats.compared += min(accepted + 1, max(depths(tree)))  # depths compared along the accepted path
-    stats.produced += produced
-    stats.draft_seconds, stats.verify_seconds = stats.draft_seconds + draft_s, stats.verify_seconds + verify_s
-    stats.accept_counts += [0] * (accepted + 1 - len(stats.accept_counts))
-    stats.accept_counts[accepted] += 1
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
@@ -303,6 +309,9 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
                          f"{target.config.max_position_embeddings}, and at least one must be left to generate")
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, eot=enc.eot_token, typical=typical)
     color, trees = sys.stdout.isatty() and not no_color, []
+    if compare:  # untimed warm-up of both loops, so neither pays for first-call allocations and kernel set-up
+        for d in {draft, None}:
+            decode(target, d, use_tree, prompt_ids, 4, gamma, generator=torch.Generator(device), **opts)
     sys.stdout.write(prompt)
     t0 = time.perf_counter()
     out, stats = decode(target, draft, use_tree, prompt_ids, max_new_tokens, gamma, on_tokens=Printer(enc, color),

@@ -99,7 +99,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_loop(args, module: torch.nn.Module, next_batch, loss_fn, val_batches: list, save) -> None:
+def train_loop(args, module: torch.nn.Module, next_batch, loss_fn, val_batches: list, save, val_fn=None) -> None:
     """AdamW on `module`'s parameters: progress lines, periodic validation, checkpoints, --resume, and an optional
     time budget that fixes the step count once the speed is known. Shared by every stage that trains."""
     device = next(module.parameters()).device
@@ -143,7 +143,7 @@ def train_loop(args, module: torch.nn.Module, next_batch, loss_fn, val_batches: 
         if step % args.eval_every == 0 or step == steps:
             module.eval()
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                val = sum(loss_fn(b).item() for b in val_batches) / len(val_batches)
+                val = sum((val_fn or loss_fn)(b).item() for b in val_batches) / len(val_batches)
             module.train()
             print(f"step {step} val_loss {val:.4f}", flush=True)
         if step % args.checkpoint_every == 0 or step == steps:
@@ -166,7 +166,7 @@ def frozen_target(args, device) -> Transformer:
 
 def train_lm(args) -> None:
     """Target or draft: next-token cross-entropy, or with --distill the target's whole next-token distribution
-    (DistillSpec, Zhou et al. 2024; survey §5.1: aligning the drafter with the target raises acceptance)."""
+    (DistillSpec, Zhou et al. 2023; survey §7 "Alignment": a drafter that agrees with the target is accepted more)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = True
     train, val = load_splits(args)
@@ -180,17 +180,17 @@ def train_lm(args) -> None:
             torch.nn.init.normal_(p, std=0.02)
     teacher = Transformer.from_pretrained(args.distill, device=device) if args.distill else None
 
-    def loss_fn(chunk):
-        x, y = chunk[:, :-1], chunk[:, 1:]
-        logits = model(x).flatten(0, 1).float()
-        if teacher is None:
-            return F.cross_entropy(logits, y.flatten())
-        with torch.no_grad():
-            soft = teacher(x).flatten(0, 1).float().softmax(-1)
-        return F.cross_entropy(logits, soft)
+    def next_token_loss(chunk):  # also the validation loss, distilled or not, so the two stay comparable
+        return F.cross_entropy(model(chunk[:, :-1]).flatten(0, 1).float(), chunk[:, 1:].flatten())
 
-    train_loop(args, model, lambda g: random_windows(train, args.batch_size, args.seq_len + 1, g, device), loss_fn,
-               fixed_windows(val, 160, args.seq_len + 1, device), lambda: model.save_pretrained(Path(args.weights) / args.stage))
+    def distill_loss(chunk):
+        with torch.no_grad():
+            soft = teacher(chunk[:, :-1]).flatten(0, 1).float().softmax(-1)
+        return F.cross_entropy(model(chunk[:, :-1]).flatten(0, 1).float(), soft)
+
+    train_loop(args, model, lambda g: random_windows(train, args.batch_size, args.seq_len + 1, g, device),
+               distill_loss if teacher else next_token_loss, fixed_windows(val, 160, args.seq_len + 1, device),
+               lambda: model.save_pretrained(Path(args.weights) / args.stage), val_fn=next_token_loss)
 
 
 @torch.no_grad()
