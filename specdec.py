@@ -7,6 +7,7 @@
 """
 import argparse
 import codecs
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -220,10 +221,11 @@ class UsageError(Exception):
 
 
 def check_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, gamma: int,
-               drafter: str, device: str, tree_size: int, tree_depth: int, tree_width: int) -> None:
+               drafter: str, device: str, tree_size: int, tree_depth: int, tree_width: int, seed: int) -> None:
     checks = [(not prompt, "the prompt is empty"),
               (max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
-              (temperature < 0, f"--temperature must be >= 0, got {temperature}"),
+              (not 0 <= temperature < math.inf, f"--temperature must be a finite number >= 0, got {temperature}"),
+              (not 0 <= seed < 2 ** 63, f"--seed must be in [0, 2**63), got {seed}"),
               (top_k < 0, f"--top-k must be >= 0 (0 = off), got {top_k}"),
               (not 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
               (gamma < 1, f"--gamma must be at least 1, got {gamma}"),
@@ -295,7 +297,7 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
          tree_width: int, typical: bool, show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
-               tree_width)
+               tree_width, seed)
     weights, dtype = Path(weights), torch.bfloat16 if bf16 else torch.float32
     if not (weights / "tokenizer.tiktoken").is_file():
         raise UsageError(f"no tokenizer at {weights / 'tokenizer.tiktoken'} (see train.py)")

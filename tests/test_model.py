@@ -154,15 +154,21 @@ def test_truncate_then_decoding_other_tokens_equals_never_having_decoded_the_dis
         assert close(a[:, :, :11], b[:, :, :11])
 
 
-@torch.no_grad()
-def test_keep_moves_the_accepted_tree_branch_into_contiguous_slots():
-    model = toy_model()
-    P = 5
+def feed_prefix_then_tree(model, P: int):
+    """Cache a P-token prefix, then feed the 4-node test tree through the cache with its mask and positions."""
     prefix, tree = random_tokens(1, P, seed=1), random_tokens(1, 4, seed=2)
     cache = model.new_cache()
     model(prefix, cache)
     block_mask = torch.cat([torch.ones(4, P, dtype=torch.bool), TREE_MASK], dim=1)
-    model(tree, cache, positions=P + torch.tensor(TREE_DEPTHS), attn_mask=block_mask)
+    logits = model(tree, cache, positions=P + torch.tensor(TREE_DEPTHS), attn_mask=block_mask)
+    return prefix, tree, cache, logits
+
+
+@torch.no_grad()
+def test_keep_moves_the_accepted_tree_branch_into_contiguous_slots():
+    model = toy_model()
+    P = 5
+    prefix, tree, cache, _ = feed_prefix_then_tree(model, P)
     cache.keep(P + torch.tensor([0, 2, 3]))  # accept root r and branch B = [b1, b2]
     assert cache.length == P + 3
 
@@ -191,11 +197,7 @@ def test_a_tree_masked_forward_equals_running_each_node_root_path_as_a_plain_seq
 def test_a_tree_masked_forward_through_the_cache_equals_running_each_node_root_path_as_a_plain_sequence():
     model = toy_model()
     P = 5
-    prefix, tree = random_tokens(1, P, seed=1), random_tokens(1, 4, seed=2)
-    cache = model.new_cache()
-    model(prefix, cache)
-    block_mask = torch.cat([torch.ones(4, P, dtype=torch.bool), TREE_MASK], dim=1)
-    logits = model(tree, cache, positions=P + torch.tensor(TREE_DEPTHS), attn_mask=block_mask)
+    prefix, tree, cache, logits = feed_prefix_then_tree(model, P)
     for node, path in enumerate(TREE_PATHS):
         plain = model(torch.cat([prefix, tree[:, path]], dim=1))
         assert close(logits[0, node], plain[0, -1])

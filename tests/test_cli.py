@@ -1,0 +1,150 @@
+"""The command line, run as a user runs it (`python specdec.py ...` in a subprocess) on the shipped weights: every
+drafter works, greedy speculative output equals plain decoding, sampling is reproducible, and every bad input is
+one line on stderr with exit code 2, never a traceback.
+
+Each run pays for importing torch, so all of them start at once in the `cli` fixture, two at a time."""
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "def fibonacci(n):"
+SAMPLING = ["-p", PROMPT, "-n", "16", "-t", "0.8", "-k", "20", "--top-p", "0.9"]
+STATS = re.compile(r"\n\n\[\d+ new tokens in [\d.]+ s")  # the first line after the streamed text
+
+RUNS = {  # name: the arguments of `python specdec.py`
+    "bare": ["--prompt", PROMPT],
+    "drafter none": ["-p", PROMPT, "-n", "16", "-d", "none", "--compare"],
+    "drafter draft": ["-p", PROMPT, "-n", "16", "-d", "draft", "--compare"],
+    "drafter pld": ["-p", PROMPT, "-n", "16", "-d", "pld", "--compare"],
+    "seed 1": SAMPLING + ["-s", "1"],
+    "seed 1 again": SAMPLING + ["-s", "1"],
+    "seed 2": SAMPLING + ["-s", "2"],
+    "non-integer -n": ["-p", PROMPT, "-n", "abc"],  # rejected by argparse itself
+}
+BAD_INPUTS = {
+    "empty prompt": ["-p", ""],
+    "prompt longer than the context": ["-p", "x " * 5000],
+    "unknown drafter": ["-p", PROMPT, "-d", "nope"],
+    "gamma 0": ["-p", PROMPT, "--gamma", "0"],
+    "negative temperature": ["-p", PROMPT, "-t", "-1"],
+    "top-p above 1": ["-p", PROMPT, "--top-p", "1.5"],
+    "top-p 0": ["-p", PROMPT, "--top-p", "0"],
+    "negative top-k": ["-p", PROMPT, "-k", "-1"],
+    "no new tokens": ["-p", PROMPT, "-n", "0"],
+    "missing weights": ["-p", PROMPT, "-w", "/nonexistent"],
+    "weights without a target model": ["-p", PROMPT, "-w", "{tokenizer_only}"],
+    "broken target weights": ["-p", PROMPT, "-w", "{broken}"],
+    "cuda without cuda": ["-p", PROMPT, "--device", "cuda"],
+    "nan temperature": ["-p", PROMPT, "-t", "nan"],
+    "seed out of range": ["-p", PROMPT, "-s", "99999999999999999999"],
+}
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "specdec.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def run_in_terminal(*args: str) -> str:
+    """stdout of `python specdec.py ARGS` when it is a terminal (so colour is on unless --no-color)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "specdec.py", *args], cwd=ROOT, stdout=follower,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    out = b""
+    while select.select([leader], [], [], 300)[0]:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child has exited and closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    return out.decode("utf-8", errors="replace")
+
+
+def weights_dirs(root: Path) -> dict[str, Path]:
+    """A weights dir with only the tokenizer, and one whose target/model.safetensors is garbage."""
+    dirs = {"tokenizer_only": root / "tokenizer_only", "broken": root / "broken"}
+    for d in dirs.values():
+        d.mkdir()
+        shutil.copy(ROOT / "weights" / "tokenizer.tiktoken", d)
+    (dirs["broken"] / "target").mkdir()
+    shutil.copy(ROOT / "weights" / "target" / "config.json", dirs["broken"] / "target")
+    (dirs["broken"] / "target" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory) -> dict:
+    """name -> CompletedProcess for every entry of RUNS and BAD_INPUTS; "terminal" and "terminal --no-color" ->
+    the stdout of a run on a pseudo-terminal."""
+    dirs = {k: str(v) for k, v in weights_dirs(tmp_path_factory.mktemp("weights")).items()}
+    jobs = {name: (run_cli, *args) for name, args in RUNS.items()}
+    jobs |= {name: (run_cli, *(a.format(**dirs) for a in args)) for name, args in BAD_INPUTS.items()}
+    jobs["terminal"] = (run_in_terminal, "-p", PROMPT, "-n", "16", "-d", "pld")
+    jobs["terminal --no-color"] = (run_in_terminal, "-p", PROMPT, "-n", "16", "-d", "pld", "--no-color")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(*job) for name, job in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def generated_text(stdout: str) -> str:
+    """The prompt and the streamed continuation: stdout up to the statistics."""
+    return STATS.split(stdout)[0]
+
+
+def test_bare_command_prints_the_continuation_then_the_stats(cli):
+    r = cli["bare"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(PROMPT) and len(generated_text(r.stdout)) > len(PROMPT)
+    assert STATS.search(r.stdout) and "[target calls" in r.stdout and "tau" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("drafter", ["none", "draft", "pld"])
+def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, drafter):
+    r = cli[f"drafter {drafter}"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(PROMPT) and STATS.search(r.stdout)
+    assert re.search(r"speedup \d+\.\d+x; output identical to the speculative one", r.stdout), r.stdout
+
+
+def test_no_color_output_has_no_ansi_escapes_on_a_terminal(cli):
+    assert "\x1b[32m" in cli["terminal"]  # on a terminal, accepted drafts are green ...
+    assert "\x1b" not in cli["terminal --no-color"]  # ... unless --no-color
+
+
+def test_sampling_is_reproducible_with_a_seed(cli):
+    runs = [cli[name] for name in ("seed 1", "seed 1 again", "seed 2")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    texts = [generated_text(r.stdout) for r in runs]
+    assert texts[0] == texts[1] != texts[2]
+    assert all(t.startswith(PROMPT) and len(t) > len(PROMPT) for t in texts)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_on_stderr_and_exit_code_2(cli, case):
+    if case == "cuda without cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = cli[case]
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("specdec.py: error: "), r.stderr
+    assert r.stdout == ""  # nothing printed before the error
+
+
+def test_argparse_rejects_a_non_integer_with_usage_and_exit_code_2(cli):
+    r = cli["non-integer -n"]
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("usage: ") and r.stderr.splitlines()[-1].startswith("specdec.py: error: ")
