@@ -339,7 +339,7 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
         base_seconds = time.perf_counter() - t0
         same = "identical to" if baseline == out else "differs from (expected when sampling)"
         print(f"[autoregressive: {len(baseline)} tokens in {base_seconds:.2f} s, {len(baseline) / base_seconds:.1f} "
-              f"tokens/s; speedup {(len(out) / seconds) / (len(baseline) / base_seconds):.2f}x; output {same} "
+              f"tokens/s; speedup {(len(out) / seconds) / max(len(baseline) / base_seconds, 1e-9):.2f}x; output {same} "
               f"the speculative one]")
 
 
@@ -359,9 +359,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(prompt lookup), medusa (Medusa heads, token tree), eagle (EAGLE head, EAGLE-2 dynamic tree)")
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains)")
     ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")
-    ap.add_argument("--tree-size", type=int, default=24, help="drafted nodes per tree (EAGLE-2's m)")
+    ap.add_argument("--tree-size", type=int, default=12, help="drafted nodes per tree (EAGLE-2's m)")
     ap.add_argument("--tree-depth", type=int, default=6, help="deepest tree level (dynamic trees, pld)")
-    ap.add_argument("--tree-width", type=int, default=4, help="children tried per node, and nodes expanded per level")
+    ap.add_argument("--tree-width", type=int, default=2, help="children tried per node, and nodes expanded per level")
     ap.add_argument("--typical", action="store_true", help="Medusa's typical acceptance for sampled trees: LOSSY, "
                     "faster, not the target's distribution")
     ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked")
