@@ -7,13 +7,14 @@ cut just inside a function body, as an editor would send them.
     python bench.py --prompts 20 --max-new-tokens 128
 """
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from drafters import EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter
-from specdec import Stats, decode, load_model
+from specdec import Stats, UsageError, check_args, decode, load_checked, load_model
 from tokenizer import load_tokenizer
 from train import is_heldout, stdlib_files
 
@@ -57,9 +58,13 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                               top_p=top_p, seed=seed, tree_size=tree_size, tree_depth=tree_depth,
                               tree_width=tree_width)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_args("bench", max_new_tokens, temperature, top_k, top_p, gamma, "draft", device, tree_size, tree_depth,
+               tree_width, seed)
+    if prompts < 1:
+        raise UsageError(f"--prompts must be at least 1, got {prompts}")
     dtype = torch.bfloat16 if bf16 else torch.float32
     weights = Path(weights)
-    enc = load_tokenizer(weights / "tokenizer.tiktoken")
+    enc = load_checked("tokenizer", weights / "tokenizer.tiktoken", load_tokenizer)
     target = load_model(weights / "target", device, dtype)
     draft = load_model(weights / "draft", device, dtype)
     shape = dict(width=tree_width, size=tree_size)
@@ -69,9 +74,10 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
         "PLD (prompt lookup)": (PromptLookupDrafter(), False),
         "SpS tree (draft model, EAGLE-2 tree)": (ModelDrafter(draft, depth=tree_depth, beam=tree_width, **shape), True),
         "PLD tree (several matches)": (PromptLookupDrafter(depth=tree_depth, matches=tree_width), True),
-        "Medusa (static tree)": (MedusaDrafter.from_pretrained(target, weights / "medusa", **shape), True),
-        "EAGLE-2 (dynamic tree)": (EagleDrafter.from_pretrained(target, weights / "eagle", depth=tree_depth,
-                                                                beam=tree_width, **shape), True),
+        "Medusa (static tree)": (load_checked("Medusa heads", weights / "medusa", lambda p: MedusaDrafter.from_pretrained(
+            target, p, **shape)), True),
+        "EAGLE-2 (dynamic tree)": (load_checked("EAGLE head", weights / "eagle", lambda p: EagleDrafter.from_pretrained(
+            target, p, depth=tree_depth, beam=tree_width, **shape)), True),
     }
     todo = heldout_prompts(enc, prompts)
     for method in methods.values():  # warm-up, untimed: first calls pay for allocations and kernel set-up
@@ -124,4 +130,8 @@ if __name__ == "__main__":
     ap.add_argument("--top-p", type=float, default=1.0, help="top-p warping (1 = off)")
     ap.add_argument("-s", "--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 models (fp32 by default)")
-    main(**vars(ap.parse_args()))
+    try:
+        main(**vars(ap.parse_args()))
+    except UsageError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,6 +1,7 @@
 """Drafters: cheap guesses of the target's next tokens (survey §5, "Drafting").
 
-Every drafter has the same methods, so the decoding loops never know which one they run:
+Drafters share these methods, so the decoding loops never know which one they run (chains: the first three;
+trees: reset and propose_tree; Medusa and EAGLE draft trees only):
   reset()                                  a new generation starts
   propose(context, gamma, warp, generator) -> (tokens, q): a chain of up to gamma draft tokens and the
                                            distributions they were drawn from, q [len(tokens), V], or None for
@@ -31,7 +32,9 @@ from verify import sample_token
 Warp = Callable[[Tensor], Tensor]
 
 
-class Drafter(Protocol):
+class ChainDrafter(Protocol):
+    """Drafts a chain for speculative_generate (Algorithm 2): ModelDrafter, PromptLookupDrafter."""
+
     def reset(self) -> None: ...
 
     def propose(self, context: list[int], gamma: int, warp: Warp,
@@ -39,7 +42,16 @@ class Drafter(Protocol):
 
     def accept(self, n_accepted: int) -> None: ...
 
+
+class TreeDrafter(Protocol):
+    """Drafts a token tree for tree_speculative_generate (§6.3): all four drafters."""
+
+    def reset(self) -> None: ...
+
     def propose_tree(self, context: list[int], features: Tensor) -> Tree: ...
+
+
+Drafter = ChainDrafter | TreeDrafter
 
 
 def grow_tree(root: int, root_logits: Tensor, expand: Callable[[Tree, list[int]], Tensor], depth: int, width: int,
@@ -157,9 +169,10 @@ class PromptLookupDrafter:
 # ---- drafting heads on the target's own hidden states (survey §5.2, self-drafting) -----------------------------
 
 class MedusaHeads(nn.Module):
-    """K residual SiLU blocks on the target's last hidden state; head k predicts the token k+1 places ahead through
-    the target's frozen LM head (Medusa-1, Cai et al. 2024). Medusa gives each head its own vocabulary projection,
-    initialised from the LM head; sharing the frozen one keeps weights/ small."""
+    """K residual SiLU blocks on the target's last hidden state h_t; head k (1-based) guesses token t+1+k, k places
+    after the LM head's own next token, read out through the target's frozen LM head (Medusa-1, Cai et al. 2024).
+    Medusa gives each head its own vocabulary projection, initialised from the LM head; sharing the frozen one
+    keeps weights/ small."""
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()

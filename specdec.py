@@ -1,7 +1,8 @@
 """Decoding loops and the command line.
 
-    generate               autoregressive decoding, the survey's Algorithm 1
-    speculative_generate   draft-then-verify, the survey's Algorithm 2 (§4.2; Leviathan et al. 2023, Chen et al. 2023)
+    generate                    autoregressive decoding, the survey's Algorithm 1
+    speculative_generate        draft-then-verify, the survey's Algorithm 2 (§4.2; Leviathan et al. 2023, Chen et al. 2023)
+    tree_speculative_generate   token-tree drafting and verification (§6.3; SpecInfer, Medusa, EAGLE)
 
     python specdec.py --prompt "def fibonacci(n):" --compare
 """
@@ -17,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from drafters import Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter
+from drafters import ChainDrafter, Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
 from model import Transformer
 from tokenizer import load_tokenizer
 from tree import Tree, depths, keep_indices, render_tree, subtree, tree_attention_mask, tree_positions
@@ -74,6 +75,11 @@ class Stats:
         return self.expected_accepted / max(1, self.compared)
 
 
+def check_generator(temperature: float, generator: torch.Generator | None) -> None:
+    if temperature > 0 and generator is None:  # never the global RNG: every run must be reproducible by its seed
+        raise ValueError("sampling (temperature > 0) needs an explicit torch.Generator")
+
+
 def warp_for(temperature: float, top_k: int, top_p: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits -> probabilities, the same for target and draft (§6.2); temperature 0 gives one-hot argmax."""
     return partial(probs_from_logits, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -84,6 +90,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
              top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None, eot: int | None = None,
              on_tokens: OnTokens | None = None) -> list[int]:
     """Autoregressive decoding (Algorithm 1): one target forward per token; stops at `eot` (not returned)."""
+    check_generator(temperature, generator)
     device = model.lm_head.weight.device
     warp, cache, out = warp_for(temperature, top_k, top_p), model.new_cache(), []
     logits = model(torch.tensor([prompt_ids], device=device), cache)[0, -1]
@@ -100,7 +107,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
 
 
 @torch.inference_mode()
-def speculative_generate(target: Transformer, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int, *,
+def speculative_generate(target: Transformer, drafter: ChainDrafter, prompt_ids: list[int], max_new_tokens: int, *,
                          gamma: int = 4, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          generator: torch.Generator | None = None, eot: int | None = None,
                          on_tokens: OnTokens | None = None) -> tuple[list[int], Stats]:
@@ -108,6 +115,7 @@ def speculative_generate(target: Transformer, drafter: Drafter, prompt_ids: list
 
     Invariant: the target's cache holds every context token but the last, which opens the next verify call.
     """
+    check_generator(temperature, generator)
     device = target.lm_head.weight.device
     warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
     context = list(prompt_ids)
@@ -149,7 +157,7 @@ def theory_acceptance(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Ten
 
 
 @torch.inference_mode()
-def tree_speculative_generate(target: Transformer, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int, *,
+def tree_speculative_generate(target: Transformer, drafter: TreeDrafter, prompt_ids: list[int], max_new_tokens: int, *,
                               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                               generator: torch.Generator | None = None, eot: int | None = None,
                               on_tokens: OnTokens | None = None, on_tree: Callable | None = None,
@@ -159,6 +167,7 @@ def tree_speculative_generate(target: Transformer, drafter: Drafter, prompt_ids:
 
     Invariant as in speculative_generate; `features` holds the target's last hidden state of every cached token.
     """
+    check_generator(temperature, generator)
     device = target.lm_head.weight.device
     warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
     context, features = list(prompt_ids), torch.zeros(0, target.config.hidden_size, device=device)
@@ -214,6 +223,7 @@ def verify_tree(logits: torch.Tensor, tree: Tree, warp, temperature: float, gene
 # ---- command line ---------------------------------------------------------------------------------------------
 
 DRAFTERS = ("none", "draft", "pld", "medusa", "eagle")
+MIN_TEMPERATURE = 1e-3  # logits / T must stay finite in float32 (fp32 max 3.4e38; logits here are < 1e3)
 
 
 class UsageError(Exception):
@@ -224,7 +234,8 @@ def check_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int,
                drafter: str, device: str, tree_size: int, tree_depth: int, tree_width: int, seed: int) -> None:
     checks = [(not prompt, "the prompt is empty"),
               (max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
-              (not 0 <= temperature < math.inf, f"--temperature must be a finite number >= 0, got {temperature}"),
+              (not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf),
+               f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}"),
               (not 0 <= seed < 2 ** 63, f"--seed must be in [0, 2**63), got {seed}"),
               (top_k < 0, f"--top-k must be >= 0 (0 = off), got {top_k}"),
               (not 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
@@ -238,13 +249,20 @@ def check_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int,
             raise UsageError(message)
 
 
+def load_checked(what: str, path: Path, load: Callable):
+    """load(path), with any failure (missing or broken files, mismatched shapes) reported as one UsageError line."""
+    try:
+        return load(path)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot load the {what} from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
 def load_model(path: Path, device: str, dtype: torch.dtype) -> Transformer:
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise UsageError(f"no model in {path}: expected config.json and model.safetensors (see train.py)")
-    try:
-        return Transformer.from_pretrained(path, device=device, dtype=dtype)
-    except Exception as e:  # a broken file: say which and why, in one line
-        raise UsageError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return load_checked("model", path, lambda p: Transformer.from_pretrained(p, device=device, dtype=dtype))
 
 
 def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dtype, tree_size: int,
@@ -254,7 +272,11 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
         if name == head and not (weights / head / "model.safetensors").is_file():
             raise UsageError(f"no {head} heads in {weights / head} (see train.py)")
     if name == "draft":
-        return ModelDrafter(load_model(weights / "draft", device, dtype), depth=tree_depth, beam=tree_width, **shape)
+        draft = load_model(weights / "draft", device, dtype)
+        if draft.config.vocab_size != target.config.vocab_size:
+            raise UsageError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                             f"({target.config.vocab_size}): they must share a tokenizer")
+        return ModelDrafter(draft, depth=tree_depth, beam=tree_width, **shape)
     if name == "pld":
         return PromptLookupDrafter(depth=tree_depth, matches=tree_width)
     if name == "medusa":
@@ -298,13 +320,16 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
-    weights, dtype = Path(weights), torch.bfloat16 if bf16 else torch.float32
-    if not (weights / "tokenizer.tiktoken").is_file():
-        raise UsageError(f"no tokenizer at {weights / 'tokenizer.tiktoken'} (see train.py)")
-    enc = load_tokenizer(weights / "tokenizer.tiktoken")
-    target = load_model(weights / "target", device, dtype)
-    draft = make_drafter(drafter, weights, target, dtype, tree_size, tree_depth, tree_width)
     use_tree = tree or drafter in ("medusa", "eagle")  # Medusa and EAGLE only draft trees
+    if typical and not (use_tree and temperature > 0 and drafter != "none"):
+        raise UsageError("--typical applies to sampled token trees: use it with -t > 0 and a tree drafter")
+    weights, dtype = Path(weights), torch.bfloat16 if bf16 else torch.float32
+    enc = load_checked("tokenizer", weights / "tokenizer.tiktoken", load_tokenizer)
+    target = load_model(weights / "target", device, dtype)
+    if tree_width > target.config.vocab_size:
+        raise UsageError(f"--tree-width {tree_width} is larger than the vocabulary ({target.config.vocab_size})")
+    draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
+        drafter, weights, target, dtype, tree_size, tree_depth, tree_width))
     prompt_ids = enc.encode_ordinary(prompt)
     if len(prompt_ids) >= target.config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
@@ -343,8 +368,15 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
               f"the speculative one]")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """argparse's own errors (a missing -p, -n abc) as one line and exit code 2, like ours."""
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Speculative decoding on the shipped models (see README.md).")
+    ap = OneLineParser(description="Speculative decoding on the shipped models (see README.md).")
     ap.add_argument("-p", "--prompt", required=True, help="text to continue")
     ap.add_argument("-n", "--max-new-tokens", type=int, default=128, help="most tokens to generate")
     ap.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")

@@ -210,8 +210,8 @@ def self_distilled_text(target: Transformer, train: np.ndarray, args, device) ->
 
 
 def train_medusa(args) -> None:
-    """Medusa-1 (Cai et al. 2024): K heads on the frozen target's last hidden state; head k learns the token k+1
-    places ahead, its loss weighted 0.8^k as in the paper."""
+    """Medusa-1 (Cai et al. 2024): K heads on the frozen target's last hidden state h_t; head k (1-based) learns
+    token t+1+k, k places after the LM head's own next token; head k's loss is weighted 0.8^(k-1) as in the paper."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train, val = load_splits(args)
     target = frozen_target(args, device)

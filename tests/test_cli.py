@@ -47,6 +47,11 @@ BAD_INPUTS = {
     "cuda without cuda": ["-p", PROMPT, "--device", "cuda"],
     "nan temperature": ["-p", PROMPT, "-t", "nan"],
     "seed out of range": ["-p", PROMPT, "-s", "99999999999999999999"],
+    "temperature too small for float32": ["-p", PROMPT, "-t", "1e-40"],
+    "tree wider than the vocabulary": ["-p", PROMPT, "-d", "eagle", "--tree-width", "5000"],
+    "medusa tree larger than its heads allow": ["-p", PROMPT, "-d", "medusa", "--tree-size", "1000"],
+    "typical acceptance on a chain": ["-p", PROMPT, "-t", "0.8", "--typical"],
+    "missing prompt": ["-n", "3"],
 }
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "specdec.py", *args], cwd=ROOT, capture_output=True, text=True,
@@ -144,7 +149,14 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(cli, case):
     assert r.stdout == ""  # nothing printed before the error
 
 
-def test_argparse_rejects_a_non_integer_with_usage_and_exit_code_2(cli):
+def test_argparse_errors_are_one_line_with_exit_code_2_too(cli):
     r = cli["non-integer -n"]
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("usage: ") and r.stderr.splitlines()[-1].startswith("specdec.py: error: ")
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("specdec.py: error: ")
+
+
+@pytest.mark.parametrize("args", [["--prompts", "0"], ["-w", "/nonexistent"], ["-t", "-1"], ["-g", "0"]])
+def test_bench_bad_input_is_one_line_on_stderr_and_exit_code_2(args):
+    r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("bench.py: error: ")
