@@ -26,6 +26,7 @@ from drafters import EagleHead, MedusaHeads, save_head
 from model import ModelConfig, Transformer
 from tokenizer import EOT, load_tokenizer, save_ranks, train_bpe
 
+HERE = Path(__file__).resolve().parent  # default locations are next to this file, wherever it is run from
 MODEL_SIZES = {
     "target": ModelConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
                           num_key_value_heads=2),
@@ -268,9 +269,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["tokenizer", "data", "target", "draft", "medusa", "eagle"], help="what to build")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
-    ap.add_argument("--weights", default="weights", help="output directory for the tokenizer and the models")
-    ap.add_argument("--data-dir", default="data", help="where the tokenized corpus is written and read")
-    ap.add_argument("--checkpoints", default="checkpoints", help="where training checkpoints go")
+    ap.add_argument("--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models")
+    ap.add_argument("--data-dir", default=str(HERE / "data"), help="where the tokenized corpus is written and read")
+    ap.add_argument("--checkpoints", default=str(HERE / "checkpoints"), help="where training checkpoints go")
     ap.add_argument("--distill", default=None, help="train on this model's soft labels (a trained target dir)")
     ap.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint")
     ap.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size, <|endoftext|> included")
