@@ -6,7 +6,6 @@ no biases. Tensor names are HF's (`model.layers.0.self_attn.q_proj.weight`, ...)
 This file imports nothing from the project.
 """
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 

@@ -287,14 +287,13 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
 
 
 def decode(target: Transformer, drafter: Drafter | None, use_tree: bool, prompt_ids: list[int], max_new_tokens: int,
-           gamma: int, on_tree: Callable | None = None, **opts) -> tuple[list[int], Stats | None]:
+           gamma: int, on_tree: Callable | None = None, typical: bool = False, **opts) -> tuple[list[int], Stats | None]:
     """Pick the loop: plain decoding, a draft chain (Algorithm 2) or a draft tree (§6.3)."""
     if drafter is None:
-        opts.pop("typical")
         return generate(target, prompt_ids, max_new_tokens, **opts), None
     if use_tree:
-        return tree_speculative_generate(target, drafter, prompt_ids, max_new_tokens, on_tree=on_tree, **opts)
-    opts.pop("typical")
+        return tree_speculative_generate(target, drafter, prompt_ids, max_new_tokens, on_tree=on_tree,
+                                         typical=typical, **opts)
     return speculative_generate(target, drafter, prompt_ids, max_new_tokens, gamma=gamma, **opts)
 
 

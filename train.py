@@ -13,7 +13,6 @@ site-packages excluded), so anyone can rebuild the weights offline; `--data FILE
 import argparse
 import hashlib
 import math
-import sys
 import sysconfig
 import time
 from pathlib import Path
