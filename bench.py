@@ -4,115 +4,238 @@ same settings, interleaved in one run on one machine; speedup is the ratio to ou
 Prompts are real code completions: a few hundred tokens of a held-out standard-library file (never trained on),
 cut just inside a function body, as an editor would send them.
 
-    python bench.py --prompts 20 --max-new-tokens 128
+    python bench.py --prompts 20 -n 128                        # every drafter (the README's results table)
+    python bench.py --verify exact,topk,bild                   # verification rules: speed against quality (-t 0)
+    python bench.py --verify exact,typical,lenient -t 0.7      # ... the sampling ones
+    python bench.py --draft-length fixed,heuristic,confidence,svip,disco,dynamic   # draft-length policies
+    python bench.py --siblings                                 # deterministic vs sampled tree siblings, T 0.7 and 1
 """
 import argparse
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from drafters import EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter
-from specdec import Stats, UsageError, check_args, decode, load_checked, load_model
+from draft_length import DraftLength
+from drafters import Drafter
+from specdec import (DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, Stats, UsageError, check_args, decode, load_checked,
+                     load_model, make_draft_length, make_drafter, make_verifier)
 from tokenizer import load_tokenizer
-from train import is_heldout, stdlib_files
+from train import function_prompts
+from verify import Verifier
 
 
-def heldout_prompts(enc, n: int, context_tokens: int = 384) -> list[list[int]]:
-    """Up to n prompts, one per held-out file in path order: the `context_tokens` tokens before the end of the
-    first body line of the first function that has that much context before it."""
-    prompts = []
-    for rel, path in stdlib_files():
-        if not is_heldout(rel) or len(prompts) == n:
-            continue
-        text = f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace")
-        lines, offset = text.splitlines(keepends=True), 0
-        for line, body in zip(lines, lines[1:]):
-            offset += len(line)
-            if line.lstrip().startswith("def ") and line.rstrip().endswith(":") and body.strip():
-                ids = enc.encode_ordinary(text[:offset + len(body)])
-                if len(ids) >= context_tokens:
-                    prompts.append(ids[-context_tokens:])
-                    break
-    return prompts
+@dataclass
+class Method:
+    """One row of a table: a drafter (None = autoregressive) and how its drafts are verified and sized."""
+    name: str
+    drafter: Drafter | None
+    use_tree: bool = False
+    verifier: Verifier | None = None  # None: verify.exact
+    length: DraftLength | None = None  # None: a fixed gamma
+    temperature: float | None = None  # None: the run's -t
+    tokens: int = 0  # summed over prompts: tokens produced ...
+    seconds: float = 0.0  # ... wall time ...
+    stats: Stats = field(default_factory=Stats)  # ... and the loop's counts
+    agree: int = 0  # produced tokens equal to the target's argmax after the text before them
+    nll: float = 0.0  # summed -log p_target(token | text before it), temperature 1
+    identical: int = 0  # outputs equal to the autoregressive run's, token for token
 
 
-def run_method(target, method: tuple, prompt, args, device) -> tuple[int, float, Stats | None]:
-    """(new tokens, seconds, stats) for one prompt; method = (drafter or None, draft trees?)."""
-    drafter, use_tree = method
+def continuation_quality(target, prompt: list[int], out: list[int]) -> tuple[int, float]:
+    """(tokens equal to the target's own greedy choice given the text before them, summed NLL of the tokens under
+    the target): the quality cost of a lossy rule, teacher-forced on what it produced (untimed)."""
+    if not out:
+        return 0, 0.0
+    device = target.lm_head.weight.device
+    with torch.inference_mode():
+        logits = target(torch.tensor([prompt + out], device=device))[0, len(prompt) - 1:-1].float()  # [len(out), V]
+    tokens = torch.tensor(out, device=device)
+    nll = -torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).sum()
+    return int((logits.argmax(dim=-1) == tokens).sum()), float(nll)
+
+
+def run(target, method: Method, prompt: list[int], args, device: str) -> list[int]:
+    """Decode one prompt with `method`, add its counts to the method's totals, return the output."""
+    temperature = args.temperature if method.temperature is None else method.temperature
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out, stats = decode(target, drafter, use_tree, prompt, args.max_new_tokens, args.gamma, typical=False,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        generator=torch.Generator(device).manual_seed(args.seed))
+    out, stats = decode(target, method.drafter, method.use_tree, prompt, args.max_new_tokens, args.gamma,
+                        verifier=method.verifier, draft_length=method.length, temperature=temperature,
+                        top_k=args.top_k, top_p=args.top_p, generator=torch.Generator(device).manual_seed(args.seed))
     if device == "cuda":
         torch.cuda.synchronize()
-    return len(out), time.perf_counter() - t0, stats
+    method.seconds += time.perf_counter() - t0
+    method.tokens += len(out)
+    if stats:
+        method.stats.merge(stats)
+    return out
 
 
-def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, gamma: int, temperature: float,
-         top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int, tree_width: int) -> None:
+def measure(target, methods: list[Method], prompts: list[list[int]], args, device: str) -> None:
+    """Every method on every prompt, interleaved (drifts of a noisy machine hit every method alike), after an
+    untimed warm-up; methods[0] is the autoregressive reference that `identical` compares with."""
+    warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 8})
+    for method in methods:
+        run(target, method, prompts[0][:64], warm, device)
+        method.tokens, method.seconds, method.stats = 0, 0.0, Stats()
+    for prompt in prompts:
+        reference = None
+        for method in methods:
+            out = run(target, method, prompt, args, device)
+            reference = out if reference is None else reference
+            agree, nll = continuation_quality(target, prompt, out)
+            method.agree += agree
+            method.nll += nll
+            method.identical += out == reference
+
+
+def speed_columns(m: Method, base: Method) -> str:
+    rate, base_rate = m.tokens / m.seconds, base.tokens / base.seconds
+    s = m.stats
+    if s.target_calls == 0:
+        return f"1.00 | - | {rate:.1f} | 1.00x"
+    theory = f" ({s.predicted_acceptance_rate:.2f})" if s.expected_accepted else ""
+    return f"{s.tau:.2f} | {s.acceptance_rate:.2f}{theory} | {rate:.1f} | {rate / base_rate:.2f}x"
+
+
+def print_methods(methods: list[Method], n_prompts: int) -> None:
+    print("| Method | tau (tokens/call) | acceptance (theory) | tokens/s | speedup | draft ms/drafted token | verify ms/call |")
+    print("|---|---|---|---|---|---|---|")
+    base = methods[0]
+    for m in methods:
+        s = m.stats
+        draft_ms = f"{1000 * s.draft_seconds / max(1, s.drafted):.2f}" if s.target_calls else "-"
+        verify_ms = 1000 * (s.verify_seconds / s.target_calls if s.target_calls else m.seconds / m.tokens)
+        print(f"| {m.name} | {speed_columns(m, base)} | {draft_ms} | {verify_ms:.1f} |")
+    print_histograms(methods)
+
+
+def print_histograms(methods: list[Method]) -> None:
+    for m in methods:
+        if m.stats.target_calls:
+            print(f"{m.name}: accepted drafts per call {dict(enumerate(m.stats.accept_counts))}")
+
+
+def print_verifiers(methods: list[Method], n_prompts: int) -> None:
+    print("| Rule | lossy | tau (tokens/call) | acceptance (lossless theory) | tokens/s | speedup | agreement with "
+          "target greedy | target NLL/token | outputs identical to autoregressive |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = methods[0]
+    for m in methods:
+        lossy = "-" if m.verifier is None else ("**LOSSY**" if m.verifier.lossy else "no")
+        print(f"| {m.name} | {lossy} | {speed_columns(m, base)} | {m.agree / max(1, m.tokens):.3f} | "
+              f"{m.nll / max(1, m.tokens):.3f} | {m.identical}/{n_prompts} |")
+    print_histograms(methods)
+
+
+def print_lengths(methods: list[Method], n_prompts: int) -> None:
+    print("| Policy | drafter | tau (tokens/call) | acceptance (theory) | tokens/s | speedup | drafted/call | "
+          "wasted drafts/call | draft ms/call | verify ms/call |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for m in methods[1:]:
+        s, calls = m.stats, max(1, m.stats.target_calls)
+        print(f"| {m.name} | {'EAGLE-2 tree' if m.use_tree else 'draft model chain'} | {speed_columns(m, methods[0])} | "
+              f"{s.drafted / calls:.2f} | {(s.drafted - s.accepted) / calls:.2f} | "
+              f"{1000 * s.draft_seconds / calls:.1f} | {1000 * s.verify_seconds / calls:.1f} |")
+    print_histograms(methods[1:])
+
+
+def print_siblings(methods: list[Method], n_prompts: int) -> None:
+    print("| Drafter | siblings | temperature | tau (tokens/call) | acceptance | tokens/s | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    bases = {m.temperature: m for m in methods if m.drafter is None}
+    for m in methods:
+        if m.drafter is not None:
+            drafter, siblings = m.name.split(", ")
+            print(f"| {drafter} | {siblings} | {m.temperature} | {speed_columns(m, bases[m.temperature])} |")
+
+
+def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, gamma: int, max_gamma: int,
+         temperature: float, top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int,
+         tree_width: int, drafter: str, verify: str | None, draft_length: str | None, siblings: bool,
+         topk_beta: int, topk_tau: float, bild_rollback: float, bild_fallback: float, lenience: float,
+         typical_epsilon: float, typical_delta: float, confidence: float, svip_threshold: float,
+         disco_threshold: float | None, ddd_threshold: float) -> None:
     args = argparse.Namespace(max_new_tokens=max_new_tokens, gamma=gamma, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, tree_size=tree_size, tree_depth=tree_depth,
-                              tree_width=tree_width)
+                              top_p=top_p, seed=seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_args("bench", max_new_tokens, temperature, top_k, top_p, gamma, "draft", device, tree_size, tree_depth,
-               tree_width, seed)
+    check_args("bench", max_new_tokens, temperature, top_k, top_p, min(gamma, max_gamma), drafter, device,
+               tree_size, tree_depth, tree_width, seed)
     if prompts < 1:
         raise UsageError(f"--prompts must be at least 1, got {prompts}")
+    if sum(map(bool, (verify, draft_length, siblings))) > 1:
+        raise UsageError("--verify, --draft-length and --siblings are separate tables: run one at a time")
     dtype = torch.bfloat16 if bf16 else torch.float32
     weights = Path(weights)
     enc = load_checked("tokenizer", weights / "tokenizer.tiktoken", load_tokenizer)
     target = load_model(weights / "target", device, dtype)
-    draft = load_model(weights / "draft", device, dtype)
-    shape = dict(width=tree_width, size=tree_size)
-    methods = {  # name: (drafter, draft trees?)
-        "Autoregressive": (None, False),
-        "SpS (draft model)": (ModelDrafter(draft), False),
-        "PLD (prompt lookup)": (PromptLookupDrafter(), False),
-        "SpS tree (draft model, EAGLE-2 tree)": (ModelDrafter(draft, depth=tree_depth, beam=tree_width, **shape), True),
-        "PLD tree (several matches)": (PromptLookupDrafter(depth=tree_depth, matches=tree_width), True),
-        "Medusa (static tree)": (load_checked("Medusa heads", weights / "medusa", lambda p: MedusaDrafter.from_pretrained(
-            target, p, **shape)), True),
-        "EAGLE-2 (dynamic tree)": (load_checked("EAGLE head", weights / "eagle", lambda p: EagleDrafter.from_pretrained(
-            target, p, depth=tree_depth, beam=tree_width, **shape)), True),
-    }
-    todo = heldout_prompts(enc, prompts)
-    for method in methods.values():  # warm-up, untimed: first calls pay for allocations and kernel set-up
-        run_method(target, method, todo[0][:64], argparse.Namespace(**{**vars(args), "max_new_tokens": 8}), device)
-    totals = {name: [0, 0.0, Stats()] for name in methods}
-    for prompt in todo:  # interleaved, so drifts of a noisy machine hit every method alike
-        for name, method in methods.items():
-            n, seconds, stats = run_method(target, method, prompt, args, device)
-            totals[name][0] += n
-            totals[name][1] += seconds
-            if stats:
-                totals[name][2].merge(stats)
-    print_table(totals, len(todo), args, device)
+
+    def drafter_named(name: str, sampled: bool = False) -> Drafter:
+        return load_checked(f"{name} drafter", weights, lambda _: make_drafter(
+            name, weights, target, dtype, tree_size, tree_depth, tree_width, sampled))
+
+    autoregressive = Method("Autoregressive", None)
+    if verify:  # one drafter, every rule: speed against quality
+        use_tree = drafter in TREE_ONLY
+        methods = [autoregressive] + [
+            Method(rule, drafter_named(drafter), use_tree, make_verifier(
+                rule, temperature, topk_beta, topk_tau, bild_rollback, lenience, typical_epsilon, typical_delta),
+                   make_draft_length("confidence", gamma, use_tree, drafter, weights, bild_fallback, svip_threshold,
+                                     disco_threshold, ddd_threshold) if rule == "bild" and not use_tree else None)
+            for rule in names(verify, VERIFIERS, "--verify")]
+        printer = print_verifiers
+    elif draft_length:  # chain policies on the draft model; fixed and dynamic depth on EAGLE-2 trees
+        chosen = names(draft_length, DRAFT_LENGTHS, "--draft-length")
+
+        def policy(name: str, g: int, use_tree: bool) -> Method:
+            return Method(f"{name} ({'EAGLE-2' if use_tree else f'gamma {g}'})", drafter_named(
+                "eagle" if use_tree else "draft"), use_tree, length=make_draft_length(
+                name, g, use_tree, "eagle" if use_tree else "draft", weights, confidence, svip_threshold,
+                disco_threshold, ddd_threshold))
+
+        methods = [autoregressive]
+        methods += [policy("fixed", g, False) for g in sorted({gamma, max_gamma}) if "fixed" in chosen]
+        methods += [policy("heuristic", gamma, False)] if "heuristic" in chosen else []
+        methods += [policy(name, max_gamma, False) for name in ("confidence", "svip", "disco") if name in chosen]
+        methods += [policy(name, gamma, True) for name in ("fixed", "dynamic") if name in chosen]
+        printer = print_lengths
+    elif siblings:  # SpecInfer/SpecTr: sampled tree children against top-k children, at T = 0.7 and 1.0
+        methods = []
+        for t in (0.7, 1.0):
+            methods.append(Method("Autoregressive", None, temperature=t))
+            for name, label in (("draft", "SpS tree"), ("eagle", "EAGLE-2")):
+                for sampled in (False, True):
+                    methods.append(Method(f"{label}, {'sampled i.i.d.' if sampled else 'top-k'}",
+                                          drafter_named(name, sampled), True, temperature=t))
+        printer = print_siblings
+    else:
+        methods = [autoregressive,
+                   Method("SpS (draft model)", drafter_named("draft")),
+                   Method("PLD (prompt lookup)", drafter_named("pld")),
+                   Method("SpS tree (draft model, EAGLE-2 tree)", drafter_named("draft"), True),
+                   Method("PLD tree (several matches)", drafter_named("pld"), True),
+                   Method("Medusa (static tree)", drafter_named("medusa"), True),
+                   Method("Blockwise (Medusa's heads, top-1 chain)", drafter_named("blockwise"), True),
+                   Method("EAGLE-2 (dynamic tree)", drafter_named("eagle"), True)]
+        printer = print_methods
+    todo = function_prompts(enc, prompts, heldout=True)
+    measure(target, methods, todo, args, device)
+    print(f"\n{len(todo)} held-out prompts, {max_new_tokens} new tokens max, gamma {gamma}, temperature "
+          f"{'0.7 and 1.0' if siblings else temperature}, device {device}, {'bf16' if bf16 else 'fp32'}; trees: "
+          f"{tree_size} nodes, depth {tree_depth}, width {tree_width}\n")
+    printer(methods, len(todo))
 
 
-def print_table(totals: dict, n_prompts: int, args, device: str) -> None:
-    base_tokens, base_seconds, _ = totals["Autoregressive"]
-    base_rate = base_tokens / base_seconds
-    print(f"\n{n_prompts} held-out prompts, {args.max_new_tokens} new tokens max, gamma {args.gamma}, temperature "
-          f"{args.temperature}, device {device}; trees: {args.tree_size} nodes, depth {args.tree_depth}, width "
-          f"{args.tree_width}\n")
-    print("| Method | tau (tokens/call) | acceptance (theory) | tokens/s | speedup | draft ms/drafted token | verify ms/call |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (tokens, seconds, s) in totals.items():
-        rate = tokens / seconds
-        if s.target_calls == 0:
-            print(f"| {name} | 1.00 | - | {rate:.1f} | 1.00x | - | {1000 / base_rate:.1f} |")
-            continue
-        theory = f" ({s.predicted_acceptance_rate:.2f})" if s.expected_accepted else ""
-        print(f"| {name} | {s.tau:.2f} | {s.acceptance_rate:.2f}{theory} | {rate:.1f} | "
-              f"{rate / base_rate:.2f}x | {1000 * s.draft_seconds / max(1, s.drafted):.2f} | "
-              f"{1000 * s.verify_seconds / s.target_calls:.1f} |")
-    for name, (_, _, s) in totals.items():
-        if s.target_calls:
-            print(f"{name}: accepted drafts per call {dict(enumerate(s.accept_counts))}")
+def names(value: str, known: tuple, flag: str) -> list[str]:
+    chosen = value.split(",")
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        raise UsageError(f"unknown {flag} {', '.join(unknown)}: choose from {', '.join(known)}")
+    return chosen
 
 
 if __name__ == "__main__":
@@ -122,6 +245,8 @@ if __name__ == "__main__":
     ap.add_argument("--prompts", type=int, default=20, help="number of held-out prompts")
     ap.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call")
+    ap.add_argument("--max-gamma", type=int, default=8, help="--draft-length: the most drafts of the policies that "
+                    "stop early (confidence, svip, disco), and a second fixed row")
     ap.add_argument("--tree-size", type=int, default=12, help="drafted nodes per tree")
     ap.add_argument("--tree-depth", type=int, default=6, help="deepest tree level")
     ap.add_argument("--tree-width", type=int, default=2, help="children per node and nodes expanded per level")
@@ -130,6 +255,23 @@ if __name__ == "__main__":
     ap.add_argument("--top-p", type=float, default=1.0, help="top-p warping (1 = off)")
     ap.add_argument("-s", "--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 models (fp32 by default)")
+    ap.add_argument("-d", "--drafter", default="draft", help="--verify: the drafter whose drafts the rules verify")
+    ap.add_argument("-v", "--verify", default=None, help="compare these verification rules (comma-separated: "
+                    f"{', '.join(VERIFIERS)}), speed against quality; the lossy ones are marked")
+    ap.add_argument("-l", "--draft-length", default=None, help="compare these draft-length policies (comma-"
+                    f"separated: {', '.join(DRAFT_LENGTHS)})")
+    ap.add_argument("--siblings", action="store_true", help="compare top-k and sampled tree siblings at T 0.7 and 1")
+    ap.add_argument("--topk-beta", type=int, default=5, help="topk rule: top beta")
+    ap.add_argument("--topk-tau", type=float, default=3.0, help="topk rule: log-probability tolerance")
+    ap.add_argument("--bild-rollback", type=float, default=5.0, help="bild rule: rollback threshold")
+    ap.add_argument("--bild-fallback", type=float, default=0.6, help="bild rule: fallback threshold")
+    ap.add_argument("--lenience", type=float, default=0.5, help="lenient rule: lenience l")
+    ap.add_argument("--typical-epsilon", type=float, default=0.09, help="typical rule: epsilon")
+    ap.add_argument("--typical-delta", type=float, default=0.3, help="typical rule: delta")
+    ap.add_argument("--confidence", type=float, default=0.4, help="confidence policy: threshold")
+    ap.add_argument("--svip-threshold", type=float, default=0.3, help="svip policy: threshold")
+    ap.add_argument("--disco-threshold", type=float, default=None, help="disco policy: threshold (default: trained)")
+    ap.add_argument("--ddd-threshold", type=float, default=0.1, help="dynamic policy: frontier mass threshold")
     try:
         main(**vars(ap.parse_args()))
     except UsageError as e:

@@ -3,16 +3,24 @@
 Drafters share these methods, so the decoding loops never know which one they run (chains: the first three;
 trees: reset and propose_tree; Medusa and EAGLE draft trees only):
   reset()                                  a new generation starts
-  propose(context, gamma, warp, generator) -> (tokens, q): a chain of up to gamma draft tokens and the
-                                           distributions they were drawn from, q [len(tokens), V], or None for
-                                           deterministic drafts (q is then one-hot; verify.py treats None so)
+  propose(context, gamma, warp, generator, keep)
+                                        -> (tokens, q): a chain of up to gamma draft tokens and the distributions
+                                           they were drawn from, q [len(tokens), V], or None for deterministic
+                                           drafts (q is then one-hot; verify.py treats None so). A drafter with a
+                                           distribution calls keep(draft_logits, i) after drafting token i and
+                                           stops when it says no (draft_length.py: SVIP, DISCO, BiLD's fallback)
   accept(n)                                the first n drafts were accepted: roll back any state built on the rest
-  propose_tree(context, features) -> Tree  a token tree rooted at context[-1] (§6.3); `features` [len(context)-1, C]
-                                           are the target's last hidden states of context[:-1] (Medusa, EAGLE)
+  propose_tree(context, features, warp, generator, keep)
+                                        -> Tree: a token tree rooted at context[-1] (§6.3); `features`
+                                           [len(context)-1, C] are the target's last hidden states of context[:-1]
+                                           (Medusa, EAGLE); dynamic trees ask keep(frontier_logprobs, depth) before
+                                           each new level (Dynamic Depth Decoding)
 `warp` maps logits to the (temperature / top-k / top-p warped) probabilities that the target is verified with, so
 q is warped exactly like p (peer-pitfalls: q must be the distribution the draft was actually drawn from).
-Tree children are always a node's top-k draft tokens (deterministic siblings): verify.tree_speculative_sample
-with draft_probs=None is then lossless for every tree (peer-pitfalls: say which multi-draft variant is used).
+Tree children are a node's top-k draft tokens (deterministic siblings: verify.tree_speculative_sample with a
+one-hot q is lossless for every tree), or, with sampled=True at temperature > 0, `width` tokens drawn i.i.d. from
+the warped draft distribution, recorded in tree.q (SpecInfer's multi-step sampling; SpecTr): the i.i.d. rule is
+lossless averaged over that drawing (peer-pitfalls: say which multi-draft variant is used).
 """
 import json
 from pathlib import Path
@@ -26,10 +34,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from model import Block, KVCache, ModelConfig, Transformer, precompute_rope, run_blocks
-from tree import Tree, default_tree_choices, depths, expand_frontier, path_to, rerank_top_m, static_tree, tree_from_sequences
+from tree import (Tree, default_tree_choices, depths, expand_frontier, path_to, rerank_top_m, static_tree, subtree,
+                  tree_from_sequences)
 from verify import sample_token
 
 Warp = Callable[[Tensor], Tensor]
+KeepDrafting = Callable[[Tensor, int], bool]  # (raw draft logits [V] token i came from, i) -> draft token i + 1?
+KeepGrowing = Callable[[list[float], int], bool]  # (frontier path log-probs, depth grown) -> grow another level?
+
+
+def always(*_) -> bool:
+    """The keep callback of a fixed draft length."""
+    return True
 
 
 class ChainDrafter(Protocol):
@@ -37,8 +53,8 @@ class ChainDrafter(Protocol):
 
     def reset(self) -> None: ...
 
-    def propose(self, context: list[int], gamma: int, warp: Warp,
-                generator: torch.Generator) -> tuple[list[int], Tensor | None]: ...
+    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
+                keep: KeepDrafting = always) -> tuple[list[int], Tensor | None]: ...
 
     def accept(self, n_accepted: int) -> None: ...
 
@@ -48,24 +64,46 @@ class TreeDrafter(Protocol):
 
     def reset(self) -> None: ...
 
-    def propose_tree(self, context: list[int], features: Tensor) -> Tree: ...
+    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
+                     keep: KeepGrowing = always) -> Tree: ...
 
 
 Drafter = ChainDrafter | TreeDrafter
 
 
 def grow_tree(root: int, root_logits: Tensor, expand: Callable[[Tree, list[int]], Tensor], depth: int, width: int,
-              beam: int, size: int) -> Tree:
+              beam: int, size: int, keep: KeepGrowing = always, sample: tuple[Warp, torch.Generator] | None = None
+              ) -> Tree:
     """EAGLE-2's dynamic draft tree (Li et al. 2024; survey §6.3): each depth expands the `beam` best nodes into
     their top `width` children, a node scored by the draft log-probability of its whole path; the `size` best
-    nodes are kept at the end. expand(tree, nodes) returns the drafter's next-token logits for those nodes [F, V]."""
+    nodes are kept at the end. expand(tree, nodes) returns the drafter's next-token logits for those nodes [F, V].
+    keep(frontier log-probs, depth) may stop the growth early (Dynamic Depth Decoding, draft_length.py).
+
+    With sample = (warp, generator), children are instead drawn i.i.d. from q = warp(logits) (SpecInfer; SpecTr),
+    duplicates kept, and tree.q records each node's q. The final cut then keeps nodes in index order, never by
+    score: dropping a node for its own sampled value would bias the i.i.d. siblings the verifier relies on."""
     tree, frontier, logits = Tree.from_root(root), [0], root_logits[None]  # logits [F, V]
+    q_rows = {}  # node -> the distribution its children were drawn from (sampled siblings only)
     for d in range(depth):
-        top = torch.log_softmax(logits.float(), dim=-1).topk(width)
-        frontier = expand_frontier(tree, frontier, top.indices.tolist(), top.values.tolist(), beam)
-        if d + 1 < depth:
-            logits = expand(tree, frontier)
-    return rerank_top_m(tree, size)
+        if sample is None:
+            top = torch.log_softmax(logits.float(), dim=-1).topk(width)
+            tokens, logprobs = top.indices, top.values  # [F, width]
+        else:
+            warp, generator = sample
+            q = warp(logits)  # [F, V]
+            q_rows.update(zip(frontier, q))
+            tokens = torch.multinomial(q, width, replacement=True, generator=generator)  # [F, width]
+            logprobs = q.gather(-1, tokens).log()
+        frontier = expand_frontier(tree, frontier, tokens.tolist(), logprobs.tolist(), beam)
+        if d + 1 == depth or not keep([tree.scores[n] for n in frontier], d + 1):
+            break
+        logits = expand(tree, frontier)
+    if sample is None:
+        return rerank_top_m(tree, size)
+    tree.q = torch.zeros(len(tree), root_logits.shape[-1], device=root_logits.device)
+    for node, q in q_rows.items():
+        tree.q[node] = q
+    return subtree(tree, list(range(min(len(tree), size + 1))))
 
 
 def tree_step_inputs(tree: Tree, nodes: list[int], slot: dict[int, int], committed: int, root_position: int,
@@ -88,15 +126,17 @@ class ModelDrafter:
     """An independent small LM of the same family, with its own KV cache (SpS: Leviathan et al. 2023, Chen et al.
     2023; survey §5.1 "independent drafting"). Its trees grow as EAGLE-2's do, from the draft LM's log-probs."""
 
-    def __init__(self, model: Transformer, depth: int = 5, width: int = 4, beam: int = 4, size: int = 24):
+    def __init__(self, model: Transformer, depth: int = 5, width: int = 4, beam: int = 4, size: int = 24,
+                 sampled: bool = False):
         self.model = model
-        self.depth, self.width, self.beam, self.size = depth, width, beam, size
+        self.depth, self.width, self.beam, self.size, self.sampled = depth, width, beam, size, sampled
         self.cache, self.start = None, 0
 
     def reset(self) -> None:
         self.cache, self.start = self.model.new_cache(), 0
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator):
+    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
+                keep: KeepDrafting = always):
         device = self.model.lm_head.weight.device
         # Catch up on the context this cache has not seen: the whole prompt at first, then the target's correction
         # or bonus token, and after a full accept also our own last draft, which was never fed (peer-pitfalls).
@@ -108,15 +148,17 @@ class ModelDrafter:
             q = warp(logits)  # [V]
             tokens.append(sample_token(q, generator))
             qs.append(q)
-            if i < gamma - 1:
-                logits = self.model(torch.tensor([[tokens[-1]]], device=device), self.cache)[0, -1]
+            if not keep(logits, i) or i == gamma - 1:  # the policy sees every drafted token, the last one too
+                break
+            logits = self.model(torch.tensor([[tokens[-1]]], device=device), self.cache)[0, -1]
         return tokens, torch.stack(qs) if qs else None
 
     def accept(self, n_accepted: int) -> None:
         # The cache holds context + drafts[:-1]; keep the context and the accepted drafts only.
         self.cache.truncate(min(self.cache.length, self.start + n_accepted))
 
-    def propose_tree(self, context: list[int], features: Tensor) -> Tree:
+    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
+                     keep: KeepGrowing = always) -> Tree:
         device = self.model.lm_head.weight.device
         self.cache.truncate(min(self.cache.length, self.start, len(context) - 1))  # drop the last tree; refeed the root
         root_logits = self.model(torch.tensor([context[self.cache.length:]], device=device), self.cache)[0, -1]
@@ -128,7 +170,8 @@ class ModelDrafter:
             tokens = torch.tensor([[tree.tokens[n] for n in nodes]], device=device)
             return self.model(tokens, self.cache, positions=positions, attn_mask=mask)[0]
 
-        return grow_tree(context[-1], root_logits, expand, depth, self.width, self.beam, self.size)
+        return grow_tree(context[-1], root_logits, expand, depth, self.width, self.beam, self.size, keep,
+                         (warp, generator) if self.sampled else None)
 
 
 class PromptLookupDrafter:
@@ -154,14 +197,16 @@ class PromptLookupDrafter:
                 return [ids[h + n:h + n + length].tolist() for h in hits[::-1][:count]]
         return []
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator):
-        found = self.continuations(context, gamma, 1)
+    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
+                keep: KeepDrafting = always):
+        found = self.continuations(context, gamma, 1)  # no distribution to consult: keep is not asked
         return (found[0] if found else []), None
 
     def accept(self, n_accepted: int) -> None:
         pass
 
-    def propose_tree(self, context: list[int], features: Tensor) -> Tree:
+    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
+                     keep: KeepGrowing = always) -> Tree:
         # Several matches, merged into a prefix-sharing trie (SpecInfer's token tree merge).
         return tree_from_sequences(context[-1], self.continuations(context, self.depth, self.matches))
 
@@ -236,7 +281,8 @@ class MedusaDrafter:
     def reset(self) -> None:
         pass
 
-    def propose_tree(self, context: list[int], features: Tensor) -> Tree:
+    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
+                     keep: KeepGrowing = always) -> Tree:
         if len(features) == 0:  # a one-token prompt: no hidden state yet
             return Tree.from_root(context[-1])
         # Head k on the hidden state of context[-2] guesses the token k places after the root.
@@ -249,9 +295,9 @@ class EagleDrafter:
     KV cache: slot j holds the pair (f_j, x_{j+1}), with true target features for the committed context."""
 
     def __init__(self, target: Transformer, head: EagleHead, depth: int = 6, width: int = 4, beam: int = 4,
-                 size: int = 24):
+                 size: int = 24, sampled: bool = False):
         self.target, self.head = target, head
-        self.depth, self.width, self.beam, self.size = depth, width, beam, size
+        self.depth, self.width, self.beam, self.size, self.sampled = depth, width, beam, size, sampled
         self.cache, self.committed_before = None, 0
 
     @classmethod
@@ -273,7 +319,8 @@ class EagleDrafter:
         embeds = self.target.embed_tokens(torch.tensor([tokens], device=features.device))
         return self.head(features[None], embeds, self.cache, **kw)[0]
 
-    def propose_tree(self, context: list[int], features: Tensor) -> Tree:
+    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
+                     keep: KeepGrowing = always) -> Tree:
         committed = len(context) - 1  # pairs (f_j, x_{j+1}) for j < len(context) - 1 use true features
         if committed == 0:
             return Tree.from_root(context[-1])
@@ -291,4 +338,5 @@ class EagleDrafter:
             return self.target.lm_head(out)
 
         root_logits = self.target.lm_head(predicted[-1])
-        return grow_tree(context[-1], root_logits, expand, depth, self.width, self.beam, self.size)
+        return grow_tree(context[-1], root_logits, expand, depth, self.width, self.beam, self.size, keep,
+                         (warp, generator) if self.sampled else None)

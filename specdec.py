@@ -18,12 +18,13 @@ from typing import Callable
 
 import torch
 
+from approximate import BiLD, Lenient, TopK, Typical
+from draft_length import SVIP, Confidence, Disco, DiscoClassifier, DraftLength, DynamicDepth, FixedLength, Heuristic
 from drafters import ChainDrafter, Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
 from model import Transformer
 from tokenizer import load_tokenizer
 from tree import Tree, depths, keep_indices, render_tree, subtree, tree_attention_mask, tree_positions
-from verify import (expected_acceptance, greedy_verify, probs_from_logits, sample_token, speculative_sample,
-                    tree_greedy_verify, tree_speculative_sample, typical_accept)
+from verify import Verifier, exact, expected_acceptance, probs_from_logits, sample_token
 
 OnTokens = Callable[[list[int], int], None]  # (new tokens, how many of them are accepted drafts)
 
@@ -110,31 +111,34 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *, 
 def speculative_generate(target: Transformer, drafter: ChainDrafter, prompt_ids: list[int], max_new_tokens: int, *,
                          gamma: int = 4, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          generator: torch.Generator | None = None, eot: int | None = None,
-                         on_tokens: OnTokens | None = None) -> tuple[list[int], Stats]:
-    """Draft-then-verify decoding (Algorithm 2): lossless, the output is distributed exactly as `generate`'s.
+                         on_tokens: OnTokens | None = None, verifier: Verifier | None = None,
+                         draft_length: DraftLength | None = None) -> tuple[list[int], Stats]:
+    """Draft-then-verify decoding (Algorithm 2). With the default verifier (verify.exact) it is lossless: the output
+    is distributed exactly as `generate`'s. `draft_length` (default: a fixed gamma) says how many tokens to draft.
 
     Invariant: the target's cache holds every context token but the last, which opens the next verify call.
     """
     check_generator(temperature, generator)
     device = target.lm_head.weight.device
     warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
+    verifier, length = verifier or exact(temperature), draft_length or FixedLength(gamma)
     context = list(prompt_ids)
     drafter.reset()
+    length.reset()
     if len(context) > 1:
         target(torch.tensor([context[:-1]], device=device), cache)  # prefill
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
-        drafts, q = drafter.propose(context, min(gamma, budget - 1), warp, generator)  # 1. draft
+        drafts, q = drafter.propose(context, min(length.gamma, budget - 1), warp, generator,
+                                    length.keep_drafting)  # 1. draft
         t1 = time.perf_counter()
         logits = target(torch.tensor([context[-1:] + drafts], device=device), cache)[0]  # 2. one call: [γ+1, V]
         p, draft_tokens = warp(logits), torch.tensor(drafts, dtype=torch.long, device=device)
-        if temperature == 0:  # 3. verify: §6.1 greedy, or §6.2 exact rejection sampling
-            n, token = greedy_verify(logits, draft_tokens)
-        else:
-            n, token = speculative_sample(p, q, draft_tokens, generator)
+        n, token = verifier.chain(logits, p, q, draft_tokens, generator)  # 3. verify (§6)
         cache.truncate(len(context) + n)  # 4. roll back past the rejected drafts
         drafter.accept(n)
+        length.update(len(drafts), n)
         new = drafts[:n] + [token]
         finished = eot in new
         new = new[:new.index(eot)] if finished else new
@@ -161,30 +165,36 @@ def tree_speculative_generate(target: Transformer, drafter: TreeDrafter, prompt_
                               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                               generator: torch.Generator | None = None, eot: int | None = None,
                               on_tokens: OnTokens | None = None, on_tree: Callable | None = None,
-                              typical: bool = False) -> tuple[list[int], Stats]:
+                              verifier: Verifier | None = None,
+                              draft_length: DraftLength | None = None) -> tuple[list[int], Stats]:
     """Token-tree speculative decoding (§6.3; SpecInfer, Medusa, EAGLE): draft a tree rooted at the last token,
     verify every node in ONE target call (tree attention mask, positions = prefix + depth), keep the accepted path.
+    The verifier and draft length work as in speculative_generate (draft_length.DynamicDepth cuts trees short).
 
     Invariant as in speculative_generate; `features` holds the target's last hidden state of every cached token.
     """
     check_generator(temperature, generator)
     device = target.lm_head.weight.device
     warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
+    verifier, length = verifier or exact(temperature), draft_length or FixedLength(0)
     context, features = list(prompt_ids), torch.zeros(0, target.config.hidden_size, device=device)
     drafter.reset()
+    length.reset()
     if len(context) > 1:
         features = target(torch.tensor([context[:-1]], device=device), cache, return_hidden=True)[1][0]
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
-        tree = trim_tree(drafter.propose_tree(context, features), budget - 1, cache.max_len - cache.length)  # 1.
+        tree = drafter.propose_tree(context, features, warp, generator, length.keep_growing)  # 1. draft
+        tree = trim_tree(tree, budget - 1, cache.max_len - cache.length)
         t1 = time.perf_counter()
         prefix = cache.length
         logits, hidden = target(torch.tensor([tree.tokens], device=device), cache, return_hidden=True,
                                 positions=tree_positions(tree, prefix, device), attn_mask=tree_attention_mask(
                                     tree, prefix, device))  # 2. one call over the whole tree: [1, N, V]
-        path, token = verify_tree(logits[0], tree, warp, temperature, generator, typical)  # 3. verify
+        path, token = verifier.tree(logits[0], warp(logits[0]), tree, generator)  # 3. verify (§6.3)
         cache.keep(keep_indices(path, prefix, device))  # 4. move the accepted path's K/V into place
+        length.update(len(tree) - 1, len(path))
         features = torch.cat([features, hidden[0, [0] + path]])
         new = [tree.tokens[i] for i in path] + [token]
         finished = eot in new
@@ -207,22 +217,13 @@ def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
     return subtree(tree, [i for i, d in enumerate(depths(tree)) if d <= max_depth][:max_nodes])
 
 
-def verify_tree(logits: torch.Tensor, tree: Tree, warp, temperature: float, generator: torch.Generator | None,
-                typical: bool) -> tuple[list[int], int]:
-    """Greedy (§6.3, longest matching root path), lossless multi-draft sampling (SpecInfer/SpecTr, top-k siblings
-    so draft_probs=None), or Medusa's LOSSY typical acceptance when asked for."""
-    tokens = torch.tensor(tree.tokens, device=logits.device)
-    parents = torch.tensor(tree.parents, device=logits.device)
-    if temperature == 0:
-        return tree_greedy_verify(logits, tokens, parents)
-    if typical:
-        return typical_accept(warp(logits), tokens, parents)
-    return tree_speculative_sample(warp(logits), None, tokens, parents, generator)
-
-
 # ---- command line ---------------------------------------------------------------------------------------------
 
-DRAFTERS = ("none", "draft", "pld", "medusa", "eagle")
+DRAFTERS = ("none", "draft", "pld", "medusa", "eagle", "blockwise")
+TREE_ONLY = ("medusa", "eagle", "blockwise")  # drafters that only draft trees (blockwise: a one-branch tree)
+DYNAMIC_TREES = ("draft", "eagle")  # drafters that grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
+VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
+DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "svip", "disco", "dynamic")
 MIN_TEMPERATURE = 1e-3  # logits / T must stay finite in float32 (fp32 max 3.4e38; logits here are < 1e3)
 
 
@@ -230,23 +231,27 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit code 2."""
 
 
-def check_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, gamma: int,
-               drafter: str, device: str, tree_size: int, tree_depth: int, tree_width: int, seed: int) -> None:
-    checks = [(not prompt, "the prompt is empty"),
-              (max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
-              (not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf),
-               f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}"),
-              (not 0 <= seed < 2 ** 63, f"--seed must be in [0, 2**63), got {seed}"),
-              (top_k < 0, f"--top-k must be >= 0 (0 = off), got {top_k}"),
-              (not 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
-              (gamma < 1, f"--gamma must be at least 1, got {gamma}"),
-              (min(tree_size, tree_depth, tree_width) < 1, "--tree-size, --tree-depth and --tree-width must be >= 1"),
-              (drafter not in DRAFTERS, f"unknown drafter {drafter!r}: choose one of {', '.join(DRAFTERS)}"),
-              (device not in ("cpu", "cuda"), f"unknown device {device!r}: use cpu or cuda"),
-              (device == "cuda" and not torch.cuda.is_available(), "device cuda is not available here: use cpu")]
+def refuse(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first failed check as a UsageError."""
     for failed, message in checks:
         if failed:
             raise UsageError(message)
+
+
+def check_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, gamma: int,
+               drafter: str, device: str, tree_size: int, tree_depth: int, tree_width: int, seed: int) -> None:
+    refuse([(not prompt, "the prompt is empty"),
+            (max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
+            (not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf),
+             f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}"),
+            (not 0 <= seed < 2 ** 63, f"--seed must be in [0, 2**63), got {seed}"),
+            (top_k < 0, f"--top-k must be >= 0 (0 = off), got {top_k}"),
+            (not 0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
+            (gamma < 1, f"--gamma must be at least 1, got {gamma}"),
+            (min(tree_size, tree_depth, tree_width) < 1, "--tree-size, --tree-depth and --tree-width must be >= 1"),
+            (drafter not in DRAFTERS, f"unknown drafter {drafter!r}: choose one of {', '.join(DRAFTERS)}"),
+            (device not in ("cpu", "cuda"), f"unknown device {device!r}: use cpu or cuda"),
+            (device == "cuda" and not torch.cuda.is_available(), "device cuda is not available here: use cpu")])
 
 
 def load_checked(what: str, path: Path, load: Callable):
@@ -266,35 +271,96 @@ def load_model(path: Path, device: str, dtype: torch.dtype) -> Transformer:
 
 
 def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dtype, tree_size: int,
-                 tree_depth: int, tree_width: int) -> Drafter | None:
+                 tree_depth: int, tree_width: int, sampled_siblings: bool = False) -> Drafter | None:
     device, shape = target.lm_head.weight.device, dict(width=tree_width, size=tree_size)
-    for head in ("medusa", "eagle"):
-        if name == head and not (weights / head / "model.safetensors").is_file():
-            raise UsageError(f"no {head} heads in {weights / head} (see train.py)")
+    head = {"medusa": "medusa", "blockwise": "medusa", "eagle": "eagle"}.get(name)  # files under weights/
+    if head and not (weights / head / "model.safetensors").is_file():
+        raise UsageError(f"no {head} heads in {weights / head} (see train.py)")
     if name == "draft":
         draft = load_model(weights / "draft", device, dtype)
         if draft.config.vocab_size != target.config.vocab_size:
             raise UsageError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
                              f"({target.config.vocab_size}): they must share a tokenizer")
-        return ModelDrafter(draft, depth=tree_depth, beam=tree_width, **shape)
+        return ModelDrafter(draft, depth=tree_depth, beam=tree_width, sampled=sampled_siblings, **shape)
     if name == "pld":
         return PromptLookupDrafter(depth=tree_depth, matches=tree_width)
     if name == "medusa":
         return MedusaDrafter.from_pretrained(target, weights / "medusa", **shape)
+    if name == "blockwise":  # Blockwise Parallel Decoding (Stern et al. 2018) = Medusa's heads, top-1 each: a chain
+        heads = MedusaDrafter.from_pretrained(target, weights / "medusa", width=1, size=1).heads
+        return MedusaDrafter(target, heads, width=1, size=len(heads.linears))
     if name == "eagle":
-        return EagleDrafter.from_pretrained(target, weights / "eagle", depth=tree_depth, beam=tree_width, **shape)
+        return EagleDrafter.from_pretrained(target, weights / "eagle", depth=tree_depth, beam=tree_width,
+                                            sampled=sampled_siblings, **shape)
     return None
 
 
+def make_verifier(name: str, temperature: float, topk_beta: int, topk_tau: float, bild_rollback: float,
+                  lenience: float, typical_epsilon: float, typical_delta: float) -> Verifier:
+    """--verify: the lossless rule (verify.exact) or one of approximate.py's LOSSY rules, with its knobs."""
+    refuse([(name not in VERIFIERS, f"unknown --verify {name!r}: choose one of {', '.join(VERIFIERS)}"),
+            (name in ("topk", "bild") and temperature > 0,
+             f"--verify {name} is a greedy-decoding rule (survey §6.1): use it with -t 0"),
+            (name == "lenient" and temperature == 0,
+             "--verify lenient relaxes speculative sampling (survey §6.2): use it with -t > 0"),
+            (topk_beta < 1, f"--topk-beta must be at least 1, got {topk_beta}"),
+            (not topk_tau >= 0, f"--topk-tau must be >= 0, got {topk_tau}"),
+            (not bild_rollback >= 0, f"--bild-rollback must be >= 0, got {bild_rollback}"),
+            (not 0 < lenience <= 1, f"--lenience must be in (0, 1], got {lenience}"),
+            (not (typical_epsilon >= 0 and typical_delta >= 0), "--typical-epsilon and --typical-delta must be >= 0")])
+    if name == "typical":
+        return Typical(typical_epsilon, typical_delta)
+    if name == "topk":
+        return TopK(topk_beta, topk_tau)
+    if name == "bild":
+        return BiLD(bild_rollback)
+    if name == "lenient":
+        return Lenient(lenience)
+    return exact(temperature)
+
+
+def make_draft_length(name: str, gamma: int, use_tree: bool, drafter: str, weights: Path, confidence: float,
+                      svip_threshold: float, disco_threshold: float | None, ddd_threshold: float) -> DraftLength:
+    """--draft-length: how much to draft per step (draft_length.py)."""
+    refuse([(name not in DRAFT_LENGTHS, f"unknown --draft-length {name!r}: choose one of {', '.join(DRAFT_LENGTHS)}"),
+            (name not in ("fixed", "dynamic") and use_tree,
+             f"--draft-length {name} sets the length of draft chains: tree drafters take fixed or dynamic"),
+            (name == "dynamic" and not (use_tree and drafter in DYNAMIC_TREES),
+             "--draft-length dynamic (Dynamic Depth Decoding) grows EAGLE-2 trees: use -d eagle or -d draft --tree"),
+            (name in ("confidence", "svip", "disco") and drafter == "pld",
+             f"--draft-length {name} reads the draft's distribution, and prompt lookup has none"),
+            (not 0 <= confidence <= 1, f"--confidence must be in [0, 1], got {confidence}"),
+            (not svip_threshold >= 0, f"--svip-threshold must be >= 0, got {svip_threshold}"),
+            (disco_threshold is not None and not 0 <= disco_threshold <= 1,
+             f"--disco-threshold must be in [0, 1], got {disco_threshold}"),
+            (not 0 <= ddd_threshold <= 1, f"--ddd-threshold must be in [0, 1], got {ddd_threshold}")])
+    if name == "heuristic":
+        return Heuristic(gamma)
+    if name == "confidence":
+        return Confidence(gamma, confidence)
+    if name == "svip":
+        return SVIP(gamma, svip_threshold)
+    if name == "disco":
+        if not (weights / "disco" / "model.safetensors").is_file():
+            raise UsageError(f"no DISCO classifier in {weights / 'disco'} (see train.py disco)")
+        classifier, trained_threshold = load_checked("DISCO classifier", weights / "disco", DiscoClassifier.load)
+        return Disco(gamma, classifier, trained_threshold if disco_threshold is None else disco_threshold)
+    if name == "dynamic":
+        return DynamicDepth(ddd_threshold)
+    return FixedLength(gamma)
+
+
 def decode(target: Transformer, drafter: Drafter | None, use_tree: bool, prompt_ids: list[int], max_new_tokens: int,
-           gamma: int, on_tree: Callable | None = None, typical: bool = False, **opts) -> tuple[list[int], Stats | None]:
+           gamma: int, on_tree: Callable | None = None, verifier: Verifier | None = None,
+           draft_length: DraftLength | None = None, **opts) -> tuple[list[int], Stats | None]:
     """Pick the loop: plain decoding, a draft chain (Algorithm 2) or a draft tree (§6.3)."""
     if drafter is None:
         return generate(target, prompt_ids, max_new_tokens, **opts), None
     if use_tree:
         return tree_speculative_generate(target, drafter, prompt_ids, max_new_tokens, on_tree=on_tree,
-                                         typical=typical, **opts)
-    return speculative_generate(target, drafter, prompt_ids, max_new_tokens, gamma=gamma, **opts)
+                                         verifier=verifier, draft_length=draft_length, **opts)
+    return speculative_generate(target, drafter, prompt_ids, max_new_tokens, gamma=gamma, verifier=verifier,
+                                draft_length=draft_length, **opts)
 
 
 class Printer:
@@ -315,25 +381,37 @@ class Printer:
 
 def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
          device: str | None, weights: str, drafter: str, gamma: int, tree: bool, tree_size: int, tree_depth: int,
-         tree_width: int, typical: bool, show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
+         tree_width: int, sampled_siblings: bool, verify: str, topk_beta: int, topk_tau: float, bild_rollback: float,
+         bild_fallback: float, lenience: float, typical_epsilon: float, typical_delta: float, draft_length: str,
+         confidence: float, svip_threshold: float, disco_threshold: float | None, ddd_threshold: float,
+         show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
-    use_tree = tree or drafter in ("medusa", "eagle")  # Medusa and EAGLE only draft trees
-    if typical and not (use_tree and temperature > 0 and drafter != "none"):
-        raise UsageError("--typical applies to sampled token trees: use it with -t > 0 and a tree drafter")
+    use_tree = tree or drafter in TREE_ONLY
+    if drafter == "none" and (verify != "exact" or draft_length != "fixed"):
+        raise UsageError("--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing")
+    if sampled_siblings and not (temperature > 0 and use_tree and drafter in DYNAMIC_TREES):
+        raise UsageError("--sampled-siblings samples tree children at -t > 0: use -d eagle or -d draft --tree")
+    verifier = make_verifier(verify, temperature, topk_beta, topk_tau, bild_rollback, lenience, typical_epsilon,
+                             typical_delta)
     weights, dtype = Path(weights), torch.bfloat16 if bf16 else torch.float32
+    if verify == "bild" and draft_length == "fixed" and not use_tree:  # BiLD = fallback (drafting) + rollback
+        draft_length, confidence = "confidence", bild_fallback
+    length = make_draft_length(draft_length, gamma, use_tree, drafter, weights, confidence, svip_threshold,
+                               disco_threshold, ddd_threshold)
     enc = load_checked("tokenizer", weights / "tokenizer.tiktoken", load_tokenizer)
     target = load_model(weights / "target", device, dtype)
     if tree_width > target.config.vocab_size:
         raise UsageError(f"--tree-width {tree_width} is larger than the vocabulary ({target.config.vocab_size})")
     draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
-        drafter, weights, target, dtype, tree_size, tree_depth, tree_width))
+        drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings))
     prompt_ids = enc.encode_ordinary(prompt)
     if len(prompt_ids) >= target.config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
                          f"{target.config.max_position_embeddings}, and at least one must be left to generate")
-    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, eot=enc.eot_token, typical=typical)
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, eot=enc.eot_token, verifier=verifier,
+                draft_length=length)
     color, trees = sys.stdout.isatty() and not no_color, []
     if compare:  # untimed warm-up of both loops, so neither pays for first-call allocations and kernel set-up
         for d in {draft, None}:
@@ -345,12 +423,15 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
                         generator=torch.Generator(device).manual_seed(seed), **opts)
     seconds = time.perf_counter() - t0
     print(f"\n\n[{len(out)} new tokens in {seconds:.2f} s, {len(out) / seconds:.1f} tokens/s, drafter {drafter}"
-          + (", token tree" if use_tree and draft else "") + (", typical acceptance (lossy)" if typical else "") + "]")
+          + (", token tree" if use_tree and draft else "")
+          + (", sampled siblings" if sampled_siblings else "") + "]")
     if stats:
+        print(f"[verification: {verify}" + (" (LOSSY: the output is not the target's)" if verifier.lossy else
+                                            " (lossless)") + f"; draft length: {draft_length}]")
         theory = f" (theory predicts {stats.predicted_acceptance_rate:.2f})" if stats.expected_accepted else ""
         print(f"[target calls {stats.target_calls}, tau {stats.tau:.2f} tokens/call, acceptance rate "
-              f"{stats.acceptance_rate:.2f}{theory}, drafting {stats.draft_seconds:.2f} s, verifying "
-              f"{stats.verify_seconds:.2f} s]")
+              f"{stats.acceptance_rate:.2f}{theory}, drafted {stats.drafted / max(1, stats.target_calls):.2f} "
+              f"tokens/call, drafting {stats.draft_seconds:.2f} s, verifying {stats.verify_seconds:.2f} s]")
         print(f"[accepted drafts per call: {dict(enumerate(stats.accept_counts))}"
               + ("; green = accepted draft tokens]" if color else "]"))
     for step, (t, path) in enumerate(trees):
@@ -361,7 +442,14 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
         baseline = generate(target, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             eot=enc.eot_token, generator=torch.Generator(device).manual_seed(seed))
         base_seconds = time.perf_counter() - t0
-        same = "identical to" if baseline == out else "differs from (expected when sampling)"
+        if baseline == out:
+            same = "identical to"
+        elif verifier.lossy:
+            same = "differs from (expected: the rule is lossy)"
+        elif temperature > 0:
+            same = "differs from (expected when sampling)"
+        else:
+            same = "differs from (in bf16, rounding can do this; in fp32 it is a bug)"
         print(f"[autoregressive: {len(baseline)} tokens in {base_seconds:.2f} s, {len(baseline) / base_seconds:.1f} "
               f"tokens/s; speedup {(len(out) / seconds) / max(len(baseline) / base_seconds, 1e-9):.2f}x; output {same} "
               f"the speculative one]")
@@ -387,14 +475,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-w", "--weights", default=str(Path(__file__).parent / "weights"),
                     help="directory with target/, draft/ and tokenizer.tiktoken")
     ap.add_argument("-d", "--drafter", default="draft", help="none (plain decoding), draft (small model), pld "
-                    "(prompt lookup), medusa (Medusa heads, token tree), eagle (EAGLE head, EAGLE-2 dynamic tree)")
-    ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains)")
+                    "(prompt lookup), medusa (Medusa heads, token tree), eagle (EAGLE head, EAGLE-2 dynamic tree), "
+                    "blockwise (Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain)")
+    ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains); the most "
+                    "for --draft-length confidence/svip/disco, the start for heuristic")
     ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")
     ap.add_argument("--tree-size", type=int, default=12, help="drafted nodes per tree (EAGLE-2's m)")
     ap.add_argument("--tree-depth", type=int, default=6, help="deepest tree level (dynamic trees, pld)")
     ap.add_argument("--tree-width", type=int, default=2, help="children tried per node, and nodes expanded per level")
-    ap.add_argument("--typical", action="store_true", help="Medusa's typical acceptance for sampled trees: LOSSY, "
-                    "faster, not the target's distribution")
+    ap.add_argument("--sampled-siblings", action="store_true", help="at -t > 0, draft and eagle trees sample each "
+                    "node's children i.i.d. from the draft (SpecInfer, SpecTr) instead of taking its top-k; lossless")
+    ap.add_argument("-v", "--verify", default="exact", help="verification rule: exact (lossless: greedy at -t 0, "
+                    "rejection sampling above), or the LOSSY approximate rules typical (Medusa), topk (SpecDec, "
+                    "-t 0), bild (BiLD's fallback and rollback, -t 0), lenient (Leviathan et al., -t > 0)")
+    ap.add_argument("--topk-beta", type=int, default=5, help="topk (LOSSY): accept drafts among the target's top beta")
+    ap.add_argument("--topk-tau", type=float, default=3.0, help="topk (LOSSY): ... and within tau nats of the top "
+                    "token's log-probability (inf: Blockwise's top-k rule)")
+    ap.add_argument("--bild-rollback", type=float, default=5.0, help="bild (LOSSY): reject a draft whose "
+                    "cross-entropy -log p(draft) under the target exceeds this (0 = greedy)")
+    ap.add_argument("--bild-fallback", type=float, default=0.6, help="bild: stop drafting after a token whose draft "
+                    "probability is below this")
+    ap.add_argument("--lenience", type=float, default=0.5, help="lenient (LOSSY): accept with min(1, p / (l q)); "
+                    "1 = exact")
+    ap.add_argument("--typical-epsilon", type=float, default=0.09, help="typical (LOSSY): Medusa's "
+                    "posterior_threshold")
+    ap.add_argument("--typical-delta", type=float, default=0.3, help="typical (LOSSY): Medusa's posterior_alpha")
+    ap.add_argument("-l", "--draft-length", default="fixed", help="draft-length policy: fixed (gamma), heuristic "
+                    "(transformers: +2 after a full accept, -1 otherwise), confidence, svip, disco (chains); "
+                    "dynamic (Dynamic Depth Decoding, EAGLE-2 trees); all lossless")
+    ap.add_argument("--confidence", type=float, default=0.4, help="confidence: stop after a draft token whose top "
+                    "probability is below this")
+    ap.add_argument("--svip-threshold", type=float, default=0.3, help="svip: stop when sqrt(0.15 H(draft)) exceeds this")
+    ap.add_argument("--disco-threshold", type=float, default=None, help="disco: stop when the classifier's "
+                    "acceptance probability is below this (default: the trained one)")
+    ap.add_argument("--ddd-threshold", type=float, default=0.1, help="dynamic: stop growing the tree when the "
+                    "frontier's total path probability is below this")
     ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked")
     ap.add_argument("-c", "--compare", action="store_true", help="also run plain decoding and print the speedup")
     ap.add_argument("--no-color", action="store_true", help="do not highlight accepted draft tokens")
@@ -407,3 +522,6 @@ if __name__ == "__main__":
     except UsageError as e:
         print(f"specdec.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's usual status for SIGINT
+        print(file=sys.stderr)
+        sys.exit(130)

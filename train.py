@@ -6,6 +6,7 @@
     python train.py draft       # data -> weights/draft/   (LLaMA, ~1.6M parameters, same tokenizer)
     python train.py medusa      # target -> weights/medusa/ (4 Medusa heads on the frozen target)
     python train.py eagle       # target -> weights/eagle/  (one EAGLE decoder layer on the frozen target)
+    python train.py disco       # target + draft -> weights/disco/ (DISCO's stop classifier, draft_length.py)
 
 The default corpus is the Python standard library of the interpreter running this file (tests included,
 site-packages excluded), so anyone can rebuild the weights offline; `--data FILE` trains on any text file instead.
@@ -21,8 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from drafters import EagleHead, MedusaHeads, save_head
+from draft_length import DiscoClassifier, Recorder
+from drafters import EagleHead, MedusaHeads, ModelDrafter, save_head
 from model import ModelConfig, Transformer
+from specdec import speculative_generate
 from tokenizer import EOT, load_tokenizer, save_ranks, train_bpe
 
 HERE = Path(__file__).resolve().parent  # default locations are next to this file, wherever it is run from
@@ -56,6 +59,27 @@ def corpus_documents(split: str, data_file: str | None = None) -> list[str]:
         return [text[:cut]] if split == "train" else [text[cut:]]
     return [f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace")
             for rel, path in stdlib_files() if is_heldout(rel) == (split == "val")]
+
+
+def function_prompts(enc, n: int, context_tokens: int = 384, heldout: bool = True) -> list[list[int]]:
+    """Up to n code-completion prompts, one per file of the held-out (or training) split in path order: the
+    `context_tokens` tokens before the end of the first body line of the first function that has that much context
+    before it, as an editor would send them. bench.py measures on held-out ones; train.py disco learns on training
+    ones."""
+    prompts = []
+    for rel, path in stdlib_files():
+        if is_heldout(rel) != heldout or len(prompts) == n:
+            continue
+        text = f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace")
+        lines, offset = text.splitlines(keepends=True), 0
+        for line, body in zip(lines, lines[1:]):
+            offset += len(line)
+            if line.lstrip().startswith("def ") and line.rstrip().endswith(":") and body.strip():
+                ids = enc.encode_ordinary(text[:offset + len(body)])
+                if len(ids) >= context_tokens:
+                    prompts.append(ids[-context_tokens:])
+                    break
+    return prompts
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------
@@ -257,16 +281,94 @@ def train_eagle(args) -> None:
                fixed_windows(val, 80, args.seq_len, device), lambda: save_head(head, cfg, Path(args.weights) / "eagle"))
 
 
+def time_calls(target: Transformer, prompt: list[int], max_tokens: int, repeats: int = 15) -> list[float]:
+    """Median seconds of a target call that verifies k tokens after `prompt`, for k = 1 .. max_tokens."""
+    cache = target.new_cache()
+    target(torch.tensor([prompt[:-1]]), cache)
+    seconds = []
+    for k in range(1, max_tokens + 1):
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            target(torch.tensor([prompt[-1:] * k]), cache)
+            runs.append(time.perf_counter() - t0)
+            cache.truncate(len(prompt) - 1)
+        seconds.append(sorted(runs)[repeats // 2])
+    return seconds
+
+
+def train_disco(args) -> None:
+    """DISCO (Mamou et al. 2024): a classifier that predicts, from the draft's distribution, whether the target
+    accepts a drafted token. Traces: the shipped draft model drafting a fixed --disco-gamma for the shipped target,
+    greedy, on training-split prompts. The stop threshold maximises tokens per second over those traces, under the
+    costs measured here: a drafted token, and a target call as a function of how many tokens it verifies."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
+    target = Transformer.from_pretrained(Path(args.weights) / "target")
+    draft = Transformer.from_pretrained(Path(args.weights) / "draft")
+    prompts = function_prompts(enc, args.disco_prompts, args.disco_context, heldout=False)
+    recorder, t0, drafted, draft_seconds = Recorder(args.disco_gamma), time.time(), 0, 0.0
+    for prompt in prompts:
+        _, stats = speculative_generate(target, ModelDrafter(draft), prompt, args.disco_new, draft_length=recorder)
+        drafted, draft_seconds = drafted + stats.drafted, draft_seconds + stats.draft_seconds
+    features, labels = (t.clone() for t in recorder.labelled())  # out of inference mode, to train on
+    print(f"traces: {len(prompts)} prompts, {len(recorder.steps)} steps, {len(labels)} compared drafts "
+          f"({labels.mean():.2f} accepted) in {time.time() - t0:.0f}s")
+
+    gen = torch.Generator().manual_seed(args.seed)
+    clf = DiscoClassifier(args.disco_hidden)
+    with torch.no_grad():
+        for p in clf.net.parameters():  # explicit generator: the same weights on every run
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        clf.mean, clf.std = features.mean(0), features.std(0).clamp_min(1e-6)
+    order = torch.randperm(len(labels), generator=gen)
+    val, fit = order[:len(labels) // 10], order[len(labels) // 10:]
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
+    for _ in range(args.disco_epochs):  # full batch: a few thousand rows
+        loss = F.binary_cross_entropy_with_logits(clf(features[fit]), labels[fit])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        val_logits = clf(features[val])
+        val_loss = F.binary_cross_entropy_with_logits(val_logits, labels[val])
+        accuracy = ((val_logits > 0).float() == labels[val]).float().mean()
+        majority = max(labels[val].mean(), 1 - labels[val].mean())
+    print(f"classifier: train BCE {loss:.3f}, held-out BCE {val_loss:.3f}, accuracy {accuracy:.3f} "
+          f"(always the majority class: {majority:.3f})")
+
+    per_draft = draft_seconds / drafted
+    with torch.inference_mode():
+        verify = time_calls(target, prompts[0], args.disco_gamma + 1)
+    print(f"costs: {1000 * per_draft:.2f} ms per drafted token; a target call verifying k tokens: "
+          + ", ".join(f"{k + 1}: {1000 * s:.1f} ms" for k, s in enumerate(verify)))
+    best = (0.0, 0.0)
+    for threshold in [i / 20 for i in range(20)]:
+        produced = seconds = 0.0
+        for step, accepted in recorder.steps:  # what this threshold would have drafted on each step
+            with torch.no_grad():
+                keep = torch.sigmoid(clf(step)) >= threshold
+            kept = int(keep.logical_not().int().argmax()) + 1 if not keep.all() else len(step)
+            produced += min(accepted, kept) + 1
+            seconds += kept * per_draft + verify[kept]
+        print(f"threshold {threshold:.2f}: {produced / seconds:.1f} tokens/s estimated")
+        if produced / seconds > best[1]:
+            best = (threshold, produced / seconds)
+    clf.save(Path(args.weights) / "disco", best[0])
+    print(f"saved disco: threshold {best[0]:.2f} ({best[1]:.1f} tokens/s estimated; threshold 0 = fixed gamma)")
+
+
 def main(stage: str, **args) -> None:
     args = argparse.Namespace(stage=stage, **args)
     stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
-              "medusa": train_medusa, "eagle": train_eagle}
+              "medusa": train_medusa, "eagle": train_eagle, "disco": train_disco}
     stages[stage](args)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["tokenizer", "data", "target", "draft", "medusa", "eagle"], help="what to build")
+    ap.add_argument("stage", choices=["tokenizer", "data", "target", "draft", "medusa", "eagle", "disco"],
+                    help="what to build")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
     ap.add_argument("--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models")
     ap.add_argument("--data-dir", default=str(HERE / "data"), help="where the tokenized corpus is written and read")
@@ -290,4 +392,11 @@ if __name__ == "__main__":
     ap.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     ap.add_argument("--eval-every", type=int, default=500, help="steps between validation losses")
     ap.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    ap.add_argument("--disco-prompts", type=int, default=300, help="disco: training-split prompts to trace")
+    ap.add_argument("--disco-context", type=int, default=128, help="disco: prompt tokens")
+    ap.add_argument("--disco-new", type=int, default=64, help="disco: tokens generated per prompt")
+    ap.add_argument("--disco-gamma", type=int, default=8, help="disco: drafts per step while tracing")
+    ap.add_argument("--disco-hidden", type=int, default=32, help="disco: hidden width of the classifier")
+    ap.add_argument("--disco-epochs", type=int, default=500, help="disco: full-batch Adam steps")
     main(**vars(ap.parse_args()))

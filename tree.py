@@ -13,7 +13,7 @@ Nothing here runs a model: drafters produce the tokens and log-probs, this file 
 """
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +24,9 @@ class Tree:
     tokens: list[int]  # token id per node; tokens[0] is the root (already accepted)
     parents: list[int]  # parent index per node; parents[0] == -1, parents[i] < i
     scores: list[float]  # draft log-prob of the node's root path (0.0 for the root); used to rank nodes
+    # [N, V] or None. Row i: the draft distribution that node i's children were sampled from, i.i.d. (sampled
+    # siblings, SpecInfer/SpecTr); None: deterministic siblings (top-k, tries), verified with a one-hot q.
+    q: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Fail at construction, not three files later inside an attention mask.
@@ -56,10 +59,11 @@ def depths(tree: Tree) -> list[int]:
     return d
 
 
-def children(tree: Tree) -> list[list[int]]:
-    kids: list[list[int]] = [[] for _ in range(len(tree))]
-    for i in range(1, len(tree)):
-        kids[tree.parents[i]].append(i)  # visited in index order, so each list is sorted
+def children(parents: list[int]) -> list[list[int]]:
+    """kids[i] = the children of node i, given every node's parent (tree.parents), in index order."""
+    kids: list[list[int]] = [[] for _ in parents]
+    for i in range(1, len(parents)):
+        kids[parents[i]].append(i)  # visited in index order, so each list is sorted
     return kids
 
 
@@ -73,7 +77,7 @@ def path_to(tree: Tree, node: int) -> list[int]:
 
 def root_to_leaf_paths(tree: Tree) -> list[list[int]]:
     """One path (node indices, root included) per leaf, leaves in index order. A root alone is its own leaf."""
-    kids = children(tree)
+    kids = children(tree.parents)
     return [path_to(tree, i) for i in range(len(tree)) if not kids[i]]
 
 
@@ -206,7 +210,8 @@ def subtree(tree: Tree, keep: list[int]) -> Tree:
     if keep[:1] != [0] or any(tree.parents[i] not in new_index for i in keep[1:]):
         raise ValueError("keep must contain the root and every ancestor of its nodes")
     parents = [-1] + [new_index[tree.parents[i]] for i in keep[1:]]  # order preserved, so parents < children
-    return Tree([tree.tokens[i] for i in keep], parents, [tree.scores[i] for i in keep])
+    q = tree.q[keep] if tree.q is not None else None
+    return Tree([tree.tokens[i] for i in keep], parents, [tree.scores[i] for i in keep], q)
 
 
 def rerank_top_m(tree: Tree, m: int) -> Tree:
@@ -275,7 +280,7 @@ def render_tree(tree: Tree, decode: Callable[[int], str], accepted: Sequence[int
         mark = " [accepted]" if i in accepted_set else ""
         return f"#{i} {decode(tree.tokens[i])!r} {tree.scores[i]:.2f}{mark}"
 
-    kids = children(tree)
+    kids = children(tree.parents)
     lines = [label(0)]
     stack = [(c, "", c == kids[0][-1]) for c in reversed(kids[0])]  # (node, indent, is last sibling)
     while stack:  # depth-first, children in index order

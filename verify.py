@@ -2,8 +2,8 @@
 
 §6 of Xia et al. 2024 ("Unlocking Efficiency in LLM Inference", survey of speculative decoding):
   §6.1 greedy verification, §6.2 speculative sampling (Leviathan et al. 2023, Chen et al. 2023),
-  §6.3 token tree verification (SpecInfer, Miao et al. 2024; SpecTr, Sun et al. 2023), plus Medusa's lossy
-  typical acceptance (Cai et al. 2024 §2.3.1).
+  §6.3 token tree verification (SpecInfer, Miao et al. 2024; SpecTr, Sun et al. 2023). These are the LOSSLESS
+  rules; the approximate (lossy) ones of §6.1/§6.2 are in approximate.py, behind the same Verifier interface.
 
 Notation follows Leviathan et al. 2023: p = TARGET distribution, q = DRAFT distribution. The survey swaps the
 two letters (its Eq. 6-7 and Algorithm 2 call the target q and the drafter p); the formulas are the same.
@@ -17,9 +17,12 @@ Rules kept everywhere (see shared/notes/peer-pitfalls.md):
 
 Everything here works on one sequence (no batch dim) and returns Python ints.
 """
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from tree import Tree, children
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,13 +81,14 @@ def _one_hot(token: int, like: Tensor) -> Tensor:
 # The two pieces of rejection sampling (§6.2 Eq. 6-7; Leviathan et al. 2023 Alg. 1; Chen et al. 2023 Alg. 2).
 
 
-def acceptance_probability(p: Tensor, q: Tensor) -> Tensor:
+def acceptance_probability(p: Tensor, q: Tensor, lenience: float = 1.0) -> Tensor:
     """min(1, p / q) elementwise: probability of keeping a token drawn from q when the target is p (Eq. 6).
 
     q == 0 only happens for a token the drafter could not have drawn (a bug upstream); we guard the division so
     that it gives 1 if p > 0 and 0 if p == 0, i.e. a token the target forbids is never accepted.
+    lenience l < 1 gives min(1, p / (l q)): Leviathan et al.'s LOSSY lenient rule (approximate.Lenient).
     """
-    return (p / q.clamp_min(torch.finfo(q.dtype).tiny)).clamp(max=1.0)
+    return (p / (lenience * q).clamp_min(torch.finfo(q.dtype).tiny)).clamp(max=1.0)
 
 
 def residual_distribution(p: Tensor, q: Tensor) -> Tensor:
@@ -122,7 +126,8 @@ def greedy_verify(target_logits: Tensor, draft_tokens: Tensor) -> tuple[int, int
 
 
 def speculative_sample(
-    target_probs: Tensor, draft_probs: Tensor | None, draft_tokens: Tensor, generator: torch.Generator
+    target_probs: Tensor, draft_probs: Tensor | None, draft_tokens: Tensor, generator: torch.Generator,
+    lenience: float = 1.0,
 ) -> tuple[int, int]:
     """Exact rejection sampling of a draft chain (§6.2; Leviathan et al. 2023 Alg. 1; Chen et al. 2023 Alg. 2).
 
@@ -130,13 +135,14 @@ def speculative_sample(
     token), draft_tokens [γ]. Draft i is kept with probability min(1, p_i(x_i) / q_i(x_i)), one uniform each;
     the first rejection is replaced by a sample from norm(max(0, p_i - q_i)) and ends the step; if all γ are
     kept, a bonus token is drawn from p_{γ+1} = target_probs[γ]. The emitted tokens are distributed exactly as
-    γ+1 steps of sampling from the target. Returns (n_accepted, next_token).
+    γ+1 steps of sampling from the target. Returns (n_accepted, next_token). lenience < 1: LOSSY, see
+    acceptance_probability.
     """
     tokens = draft_tokens.tolist()
     for i, x in enumerate(tokens):
         p = target_probs[i]  # [V]
         q = draft_probs[i] if draft_probs is not None else _one_hot(x, p)  # [V]
-        if _uniform(generator) < acceptance_probability(p[x], q[x]).item():
+        if _uniform(generator) < acceptance_probability(p[x], q[x], lenience).item():
             continue
         return i, sample_token(residual_distribution(p, q), generator)
     # Bonus token only when every draft was accepted (pitfalls: never after a rejection).
@@ -149,15 +155,6 @@ def speculative_sample(
 # for the children of node i. Results are (path, next_token), path = accepted nodes root->leaf, root excluded.
 
 
-def tree_children(parents: Tensor) -> list[list[int]]:
-    """children[i] = child node indices of node i, in index order (parents come before children)."""
-    parent_list = parents.tolist()
-    children: list[list[int]] = [[] for _ in parent_list]
-    for i in range(1, len(parent_list)):
-        children[parent_list[i]].append(i)
-    return children
-
-
 def tree_greedy_verify(target_logits: Tensor, tokens: Tensor, parents: Tensor) -> tuple[list[int], int]:
     """Walk from the root, each time into the first child (index order) whose token is the parent's argmax.
 
@@ -166,10 +163,10 @@ def tree_greedy_verify(target_logits: Tensor, tokens: Tensor, parents: Tensor) -
     tree_speculative_sample does at temperature 0. next_token = argmax of the last accepted node's row.
     """
     argmax = target_logits.argmax(dim=-1).tolist()  # [N]
-    token_list, children = tokens.tolist(), tree_children(parents)
+    token_list, kids = tokens.tolist(), children(parents.tolist())
     node, path = 0, []
     while True:
-        child = next((c for c in children[node] if token_list[c] == argmax[node]), None)
+        child = next((c for c in kids[node] if token_list[c] == argmax[node]), None)
         if child is None:
             return path, argmax[node]
         node = child
@@ -182,6 +179,7 @@ def tree_speculative_sample(
     tokens: Tensor,
     parents: Tensor,
     generator: torch.Generator,
+    lenience: float = 1.0,
 ) -> tuple[list[int], int]:
     """Multi-draft recursive rejection sampling (SpecInfer, Miao et al. 2024, "multi-step speculative sampling";
     SpecTr Sun et al. 2023). Lossless: the emitted tokens are distributed as sampling from the target.
@@ -197,16 +195,17 @@ def tree_speculative_sample(
         a duplicate sibling token has r(x) = 0 by then and is simply rejected.
       [N, V]: draft_probs[i] is the distribution the children of node i were drawn from, i.i.d. Lossless only
         averaged over that random drawing of the tree (SpecTr's k-sequential draft selection).
+    lenience < 1: LOSSY, see acceptance_probability.
     """
-    token_list, children = tokens.tolist(), tree_children(parents)
+    token_list, kids = tokens.tolist(), children(parents.tolist())
     node, path = 0, []
     while True:
         r = target_probs[node]  # [V]
         accepted = None
-        for c in children[node]:
+        for c in kids[node]:
             x = token_list[c]
             q = draft_probs[node] if draft_probs is not None else _one_hot(x, r)  # [V]
-            if _uniform(generator) < acceptance_probability(r[x], q[x]).item():
+            if _uniform(generator) < acceptance_probability(r[x], q[x], lenience).item():
                 accepted = c
                 break
             r = residual_distribution(r, q)
@@ -216,29 +215,55 @@ def tree_speculative_sample(
         path.append(node)
 
 
-def typical_accept(
-    target_probs: Tensor, tokens: Tensor, parents: Tensor, epsilon: float = 0.09, delta: float = 0.3
-) -> tuple[list[int], int]:
-    """Medusa's typical acceptance (Cai et al. 2024 §2.3.1). LOSSY: approximate, NOT distribution preserving,
-    never the default (survey §6.1/§6.2 "approximate verification"; pitfalls: lossy modes are labelled lossy).
+# ---------------------------------------------------------------------------------------------------------------
+# The verifier interface: the decoding loops take a rule as they take a drafter (§6's taxonomy: greedy decoding,
+# speculative sampling, token trees; lossless here, approximate in approximate.py).
 
-    Node i's token x is acceptable if p(x) > min(epsilon, delta * exp(-H(p))), p = its parent's row (the
-    temperature-warped target distribution). The longest root path of acceptable nodes is accepted (ties: first
-    in index order); next_token = argmax of the last accepted node's row (Medusa picks it greedily).
-    Defaults are Medusa's posterior_threshold=0.09 and posterior_alpha=0.3.
-    """
-    entropy = torch.special.entr(target_probs).sum(dim=-1)  # [N], entr(0) = 0
-    threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)  # [N]
-    parent_list, token_list = parents.tolist(), tokens.tolist()
-    ok, depth, best = [True], [0], 0  # the root is always "accepted" (already in the output)
-    for i in range(1, len(parent_list)):
-        pa = parent_list[i]
-        ok.append(ok[pa] and target_probs[pa, token_list[i]].item() > threshold[pa].item())
-        depth.append(depth[pa] + 1)
-        if ok[i] and depth[i] > depth[best]:
-            best = i
-    path, node = [], best
-    while node != 0:
-        path.append(node)
-        node = parent_list[node]
-    return path[::-1], int(target_probs[best].argmax().item())
+
+class Verifier(Protocol):
+    """A verification rule. Both methods get the target's raw logits and p = the warped target distribution
+    (one-hot at temperature 0), rows as in the functions above, and return what the loop keeps."""
+
+    lossy: bool  # True: the output is NOT distributed as the target's (labelled everywhere it is shown)
+
+    def chain(self, logits: Tensor, p: Tensor, q: Tensor | None, drafts: Tensor,
+              generator: torch.Generator | None) -> tuple[int, int]:
+        """logits, p [γ+1, V]; q [γ, V] or None (one-hot); drafts [γ] -> (n_accepted, next_token)."""
+
+    def tree(self, logits: Tensor, p: Tensor, tree: Tree, generator: torch.Generator | None) -> tuple[list[int], int]:
+        """logits, p [N, V], one row per node; tree.q as in tree.py -> (accepted path, root excluded; next_token)."""
+
+
+def tree_tensors(tree: Tree, device) -> tuple[Tensor, Tensor]:
+    """(tokens [N], parents [N]) of a tree, for the rules above."""
+    return torch.tensor(tree.tokens, device=device), torch.tensor(tree.parents, device=device)
+
+
+class Greedy:
+    """§6.1 greedy decoding: drafts must equal the target's argmax. Lossless at temperature 0."""
+
+    lossy = False
+
+    def chain(self, logits, p, q, drafts, generator):
+        return greedy_verify(logits, drafts)
+
+    def tree(self, logits, p, tree, generator):
+        return tree_greedy_verify(logits, *tree_tensors(tree, logits.device))
+
+
+class SpeculativeSampling:
+    """§6.2 speculative sampling (Leviathan et al. 2023; Chen et al. 2023) and, on trees, §6.3 multi-draft
+    recursive rejection sampling (SpecInfer; SpecTr). Lossless at every temperature."""
+
+    lossy = False
+
+    def chain(self, logits, p, q, drafts, generator):
+        return speculative_sample(p, q, drafts, generator)
+
+    def tree(self, logits, p, tree, generator):
+        return tree_speculative_sample(p, tree.q, *tree_tensors(tree, p.device), generator)
+
+
+def exact(temperature: float) -> Verifier:
+    """The lossless rule for a temperature: greedy matching at 0 (no random numbers), rejection sampling above."""
+    return Greedy() if temperature == 0 else SpeculativeSampling()

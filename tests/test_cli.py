@@ -8,6 +8,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,9 @@ RUNS = {  # name: the arguments of `python specdec.py`
     "drafter none": ["-p", PROMPT, "-n", "16", "-d", "none", "--compare"],
     "drafter draft": ["-p", PROMPT, "-n", "16", "-d", "draft", "--compare"],
     "drafter pld": ["-p", PROMPT, "-n", "16", "-d", "pld", "--compare"],
+    "drafter blockwise": ["-p", PROMPT, "-n", "16", "-d", "blockwise", "--compare"],
+    "draft length svip": ["-p", PROMPT, "-n", "16", "-l", "svip", "--compare"],
+    "lossy topk": ["-p", PROMPT, "-n", "16", "-v", "topk", "--compare"],
     "seed 1": SAMPLING + ["-s", "1"],
     "seed 1 again": SAMPLING + ["-s", "1"],
     "seed 2": SAMPLING + ["-s", "2"],
@@ -50,7 +54,16 @@ BAD_INPUTS = {
     "temperature too small for float32": ["-p", PROMPT, "-t", "1e-40"],
     "tree wider than the vocabulary": ["-p", PROMPT, "-d", "eagle", "--tree-width", "5000"],
     "medusa tree larger than its heads allow": ["-p", PROMPT, "-d", "medusa", "--tree-size", "1000"],
-    "typical acceptance on a chain": ["-p", PROMPT, "-t", "0.8", "--typical"],
+    "unknown verification rule": ["-p", PROMPT, "-v", "nope"],
+    "topk while sampling": ["-p", PROMPT, "-t", "0.8", "-v", "topk"],
+    "lenient at temperature 0": ["-p", PROMPT, "-v", "lenient"],
+    "lenience 0": ["-p", PROMPT, "-t", "0.8", "-v", "lenient", "--lenience", "0"],
+    "unknown draft length": ["-p", PROMPT, "-l", "nope"],
+    "dynamic depth on a chain": ["-p", PROMPT, "-l", "dynamic"],
+    "svip without a draft distribution": ["-p", PROMPT, "-d", "pld", "-l", "svip"],
+    "chain policy on a tree": ["-p", PROMPT, "-d", "eagle", "-l", "heuristic"],
+    "sampled siblings at temperature 0": ["-p", PROMPT, "-d", "eagle", "--sampled-siblings"],
+    "verification without a drafter": ["-p", PROMPT, "-d", "none", "-v", "topk"],
     "missing prompt": ["-n", "3"],
 }
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -117,12 +130,29 @@ def test_bare_command_prints_the_continuation_then_the_stats(cli):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("drafter", ["none", "draft", "pld"])
-def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, drafter):
-    r = cli[f"drafter {drafter}"]
+@pytest.mark.parametrize("run", ["drafter none", "drafter draft", "drafter pld", "drafter blockwise",
+                                 "draft length svip"])
+def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, run):
+    r = cli[run]
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(PROMPT) and STATS.search(r.stdout)
     assert re.search(r"speedup \d+\.\d+x; output identical to the speculative one", r.stdout), r.stdout
+    assert "LOSSY" not in r.stdout
+
+
+def test_a_lossy_rule_says_so_in_the_stats_footer(cli):
+    r = cli["lossy topk"]
+    assert r.returncode == 0, r.stderr
+    assert "[verification: topk (LOSSY" in r.stdout
+
+
+def test_ctrl_c_stops_quietly():
+    proc = subprocess.Popen([sys.executable, "specdec.py", "-p", PROMPT, "-n", "1000", "-d", "none"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.read(len(PROMPT)) == PROMPT  # generating: the prompt is echoed first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip() == ""
 
 
 def test_no_color_output_has_no_ansi_escapes_on_a_terminal(cli):

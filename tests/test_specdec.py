@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import bench
 import specdec
 from drafters import ModelDrafter, PromptLookupDrafter
 from specdec import Stats, generate, speculative_generate, warp_for
-from tests.toy import (MisreportingDrafter, ScriptedDrafter, chi_square, chi_square_critical, exact_joint, perturbed,
-                       sample_speculative, toy_model)
+from tests.toy import (BrokenRule, MisreportingDrafter, ScriptedDrafter, chi_square, chi_square_critical, exact_joint,
+                       perturbed, sample_speculative, toy_model)
 from tokenizer import load_tokenizer
+from train import function_prompts
 from verify import acceptance_probability, greedy_verify, sample_token
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -62,7 +62,7 @@ def shipped():
 def heldout(shipped):
     """(prompt, greedy autoregressive continuation) for each held-out prompt, the reference computed once."""
     enc, target, _ = shipped
-    prompts = bench.heldout_prompts(enc, N_PROMPTS, context_tokens=CONTEXT)
+    prompts = function_prompts(enc, N_PROMPTS, context_tokens=CONTEXT)
     assert len(prompts) == N_PROMPTS
     return [(p, generate(target, p, N_NEW, temperature=0, eot=enc.eot_token)) for p in prompts]
 
@@ -196,11 +196,12 @@ def softmaxed_residual(p, q, draft_tokens, generator):
     return len(draft_tokens), sample_token(p[len(draft_tokens)], generator)
 
 
-def speculative_chi_square(drafter, prompt, warping, n_samples, seed=0):
+def speculative_chi_square(drafter, prompt, warping, n_samples, seed=0, **opts):
     """(statistic, critical value, dof, summed Stats) of n_samples 3-token continuations from speculative_generate
-    against the target's exact joint distribution."""
+    against the target's exact joint distribution. `opts` go to speculative_generate (a verifier, a draft length)."""
     target = toy_target()
-    samples, stats = sample_speculative(target, drafter, prompt, 3, n_samples, seed, gamma=2, eot=None, **warping)
+    samples, stats = sample_speculative(target, drafter, prompt, 3, n_samples, seed, eot=None,
+                                        **{"gamma": 2, **warping, **opts})
     stat, dof = chi_square(samples, exact_joint(target, prompt, 3, **warping))
     return stat, chi_square_critical(dof), dof, stats
 
@@ -227,9 +228,9 @@ def test_speculative_sampling_reproduces_the_target_distribution(drafter, warpin
 @pytest.mark.parametrize("broken", [accept_every_draft, softmaxed_residual], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
 @pytest.mark.parametrize("kind", ["model", "pld"])
-def test_distribution_test_rejects_a_broken_verifier(kind, warping, broken, monkeypatch):
-    monkeypatch.setattr(specdec, "speculative_sample", broken)
-    stat, critical, dof, stats = speculative_chi_square(toy_drafter(kind), TOY_PROMPTS[kind], warping, N_BROKEN)
+def test_distribution_test_rejects_a_broken_verifier(kind, warping, broken):
+    stat, critical, dof, stats = speculative_chi_square(toy_drafter(kind), TOY_PROMPTS[kind], warping, N_BROKEN,
+                                                        verifier=BrokenRule(chain_fn=broken))
     print(f"{broken.__name__} {kind} {warping}: chi2 {stat:.1f} > {critical:.1f} (dof {dof})")
     assert stat > critical, f"broken verifier not detected: chi2 = {stat:.1f} <= {critical:.1f} (dof {dof})"
     if broken is accept_every_draft:  # the acceptance check has power too (a wrong residual leaves it alone)
@@ -369,9 +370,9 @@ class GammaSpy:
     def reset(self):
         self.drafter.reset()
 
-    def propose(self, context, gamma, warp, generator):
+    def propose(self, context, gamma, warp, generator, keep):
         self.asked.append((len(context) - self.prompt_len, gamma))
-        return self.drafter.propose(context, gamma, warp, generator)
+        return self.drafter.propose(context, gamma, warp, generator, keep)
 
     def accept(self, n_accepted):
         self.drafter.accept(n_accepted)

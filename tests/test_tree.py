@@ -86,7 +86,7 @@ def test_tree_rejects_parents_that_do_not_come_first():
 @given(trees())
 def test_depths_and_children_agree_with_parent_pointers(tree):
     assert depths(tree) == [brute_depth(tree, i) for i in range(len(tree))]
-    assert children(tree) == [[j for j in range(len(tree)) if tree.parents[j] == i] for i in range(len(tree))]
+    assert children(tree.parents) == [[j for j in range(len(tree)) if tree.parents[j] == i] for i in range(len(tree))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ sequence_lists = st.lists(st.lists(st.integers(0, 3), max_size=5), max_size=6)
 @given(st.integers(0, 9), sequence_lists)
 def test_every_sequence_is_a_root_path_of_the_merged_trie(root, sequences):
     tree = tree_from_sequences(root, sequences)
-    kids = children(tree)
+    kids = children(tree.parents)
     for seq in sequences:
         node = 0
         for token in seq:

@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-import bench
 import specdec
-from drafters import EagleDrafter, EagleHead, ModelDrafter, PromptLookupDrafter
+from drafters import EagleDrafter, EagleHead, ModelDrafter, PromptLookupDrafter, always
 from model import KVCache
 from specdec import generate, trim_tree, tree_speculative_generate
 from tests.toy import chi_square, chi_square_critical, exact_joint, perturbed, toy_model
 from tokenizer import load_tokenizer
-from tree import Tree, children, depths, path_to
-from verify import residual_distribution, sample_token, tree_children
+from train import function_prompts
+from tree import Tree, children, depths, path_to, rerank_top_m
+from tests.toy import BrokenRule
+from approximate import Typical
+from verify import residual_distribution, sample_token
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ATOL = 1e-5
@@ -64,7 +66,7 @@ def shipped_drafter(name: str, target, tree_size: int, tree_depth: int, tree_wid
 def greedy_references(shipped):
     """(prompt, greedy autoregressive continuation): held-out code, a one-token prompt and a short prompt."""
     enc, target = shipped
-    prompts = bench.heldout_prompts(enc, N_HELDOUT, context_tokens=CONTEXT)
+    prompts = function_prompts(enc, N_HELDOUT, context_tokens=CONTEXT)
     assert len(prompts) == N_HELDOUT
     prompts += [enc.encode_ordinary("import")[:1], enc.encode_ordinary("class Stack:")]
     return [(p, generate(target, p, N_NEW, temperature=0, eot=enc.eot_token)) for p in prompts]
@@ -86,6 +88,20 @@ def test_greedy_tree_decoding_equals_autoregressive_on_shipped_weights(shipped, 
         assert sum(n * c for n, c in enumerate(stats.accept_counts)) == stats.accepted <= stats.drafted
         accepted += stats.accepted
     assert accepted > 0, f"{name} never had a draft accepted"
+
+
+def test_blockwise_drafts_one_chain_of_the_heads_top_tokens_and_equals_autoregressive(shipped, greedy_references):
+    """Blockwise Parallel Decoding (Stern et al. 2018) is Medusa's heads with one guess each: a chain."""
+    enc, target = shipped
+    drafter = shipped_drafter("blockwise", target, **SHAPES["default"])
+    trees = []
+    for prompt, expected in greedy_references[:6]:
+        out, _ = tree_speculative_generate(target, drafter, prompt, N_NEW, temperature=0, eot=enc.eot_token,
+                                           on_tree=lambda tree, path: trees.append(tree))
+        assert out == expected
+    heads = len(drafter.heads.linears)
+    assert all(t.parents == list(range(-1, len(t) - 1)) and len(t) <= heads + 1 for t in trees)  # chains
+    assert max(len(t) for t in trees) == heads + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,9 +131,16 @@ def toy_pld_drafter():
     return PromptLookupDrafter(depth=2, matches=3)
 
 
+def toy_sampled_drafter():
+    """Children sampled i.i.d. from the warped draft (SpecInfer, SpecTr): 2 per node, duplicates kept."""
+    return ModelDrafter(perturbed(toy_target(), seed=100, noise=0.2), depth=2, width=2, beam=2, size=4, sampled=True)
+
+
 MODEL_PROMPT = [1, 2, 3]
 PLD_PROMPT = [1, 2, 1, 3, 1, 4, 1]  # the last "1" follows 2, 3 and 4 before: three sibling drafts at depth 1
-TOY = {"model": (toy_model_drafter, MODEL_PROMPT), "pld": (toy_pld_drafter, PLD_PROMPT)}
+TOY = {"model": (toy_model_drafter, MODEL_PROMPT), "pld": (toy_pld_drafter, PLD_PROMPT),
+       "sampled": (toy_sampled_drafter, MODEL_PROMPT)}
+N_BROKEN_SAMPLED = 1_000
 UNWARPED, WARPED = dict(temperature=1.0), dict(temperature=0.8, top_k=4, top_p=0.9)
 N_TRUE, N_TOKENS, CHUNKS = 20_000, 3, 4  # fixed chunks: the samples do not depend on the cores
 
@@ -137,7 +160,7 @@ def _sample_chunk(args):
 
 def sample_tree_decoding(make_drafter, prompt, n_samples: int, seed: int = 0, **opts):
     """n_samples 3-token continuations [n_samples, 3] and the summed accept_counts. Deterministic in `seed`: fixed
-    chunks, each with its own generator, run in forked workers, one per core (they keep any monkeypatch of specdec)."""
+    chunks, each with its own generator, run in forked workers, one per core; `opts` go to the loop (a verifier)."""
     chunks = [(make_drafter, prompt, n_samples // CHUNKS + (i < n_samples % CHUNKS), 1000 * seed + i, opts)
               for i in range(CHUNKS)]
     workers = min(CHUNKS, len(os.sched_getaffinity(0)))
@@ -176,7 +199,7 @@ def test_tree_sampling_reproduces_the_target_distribution(case):
 def untested_residual(target_probs, draft_probs, tokens, parents, generator):
     """BROKEN: tests every sibling against the node's original p instead of the residual left by the siblings
     rejected before it (the final sample still comes from the correct residual)."""
-    token_list, kids, node, path = tokens.tolist(), tree_children(parents), 0, []
+    token_list, kids, node, path = tokens.tolist(), children(parents.tolist()), 0, []
     while True:
         p = r = target_probs[node]
         accepted = None
@@ -194,7 +217,7 @@ def untested_residual(target_probs, draft_probs, tokens, parents, generator):
 
 def first_child_always(target_probs, draft_probs, tokens, parents, generator):
     """BROKEN: accepts the first child at every node, then draws the bonus token from p of the leaf."""
-    kids, node, path = tree_children(parents), 0, []
+    kids, node, path = children(parents.tolist()), 0, []
     while kids[node]:
         node = kids[node][0]
         path.append(node)
@@ -207,10 +230,10 @@ BROKEN = {untested_residual: 3_000, first_child_always: 500}  # samples: the sub
 @pytest.mark.slow
 @pytest.mark.parametrize("broken", BROKEN.keys(), ids=lambda f: f.__name__)
 @pytest.mark.parametrize("case", TRUE_CASES.keys())
-def test_distribution_test_rejects_a_broken_tree_verifier(case, broken, monkeypatch):
-    monkeypatch.setattr(specdec, "tree_speculative_sample", broken)
+def test_distribution_test_rejects_a_broken_tree_verifier(case, broken):
     drafter, warping = TRUE_CASES[case]
-    stat, critical, dof, _ = chi_square_of_tree_decoding(drafter, warping, BROKEN[broken])
+    stat, critical, dof, _ = chi_square_of_tree_decoding(drafter, warping, BROKEN[broken],
+                                                         verifier=BrokenRule(tree_fn=broken))
     print(f"{broken.__name__} {case}: chi2 {stat:.1f} > {critical:.1f} (dof {dof})")
     assert stat > critical, f"broken verifier not detected: chi2 = {stat:.1f} <= {critical:.1f} (dof {dof})"
 
@@ -218,7 +241,7 @@ def test_distribution_test_rejects_a_broken_tree_verifier(case, broken, monkeypa
 @pytest.mark.slow
 def test_typical_acceptance_is_detectably_not_the_target_distribution():
     """Medusa's typical acceptance is documented as LOSSY (its next token is the argmax): the test must see it."""
-    stat, critical, dof, _ = chi_square_of_tree_decoding("model", UNWARPED, 500, typical=True)
+    stat, critical, dof, _ = chi_square_of_tree_decoding("model", UNWARPED, 500, verifier=Typical())
     print(f"typical acceptance: chi2 {stat:.1f} > {critical:.1f} (dof {dof})")
     assert stat > critical, f"typical acceptance looks lossless: chi2 = {stat:.1f} <= {critical:.1f} (dof {dof})"
 
@@ -228,6 +251,64 @@ def test_tree_sampling_is_deterministic_in_the_generator_seed():
     runs = [tree_speculative_generate(target, drafter, MODEL_PROMPT, 10, temperature=1.0, generator=seeded(s))[0]
             for s in (7, 7, 8)]
     assert runs[0] == runs[1] != runs[2]
+
+
+class RerankedSampledDrafter(ModelDrafter):
+    """BROKEN on purpose: samples a node's children i.i.d. from q, then keeps only the best-scored ones, as EAGLE-2
+    reranks its top-k trees. The survivors are no longer draws from q, so the i.i.d. rule, which trusts tree.q, is
+    biased towards the tokens q favours."""
+
+    def propose_tree(self, context, features, warp, generator, keep=always):
+        return rerank_top_m(super().propose_tree(context, features, warp, generator, keep), 1)
+
+
+def toy_reranked_drafter():
+    return RerankedSampledDrafter(perturbed(toy_target(), seed=100, noise=0.2), depth=1, width=3, beam=1, size=3,
+                                  sampled=True)
+
+
+TOY["reranked"] = (toy_reranked_drafter, MODEL_PROMPT)
+
+
+@pytest.mark.slow
+def test_sampled_siblings_reproduce_the_target_distribution_and_a_reranked_sample_does_not():
+    """Every sample draws a fresh tree (each tree_speculative_generate call samples its own children), as the
+    i.i.d. rule is lossless only averaged over that drawing. Power check: the same test rejects trees whose sampled
+    children were pruned by score. (Verifying sampled siblings with the deterministic-sibling rule, q one-hot, is
+    NOT a power check: that rule is lossless for every fixed tree, so for any mixture of trees too; it only accepts
+    less. tests/test_verify.py's duplicate_sibling case shows it handles the repeats that sampling makes.)"""
+    stat, critical, dof, accept_counts = chi_square_of_tree_decoding("sampled", WARPED, N_TRUE)
+    print(f"sampled siblings: chi2 {stat:.1f} < {critical:.1f} (dof {dof}); accepted per call {accept_counts.tolist()}")
+    assert stat < critical, f"chi2 = {stat:.1f} >= {critical:.1f} (dof {dof})"
+    assert (accept_counts > 0).all()
+    stat, critical, dof, _ = chi_square_of_tree_decoding("reranked", WARPED, N_BROKEN_SAMPLED)
+    print(f"reranked sampled siblings: chi2 {stat:.1f} > {critical:.1f} (dof {dof})")
+    assert stat > critical, f"reranked sampled siblings not detected: chi2 = {stat:.1f} <= {critical:.1f}"
+
+
+def test_sampled_trees_record_q_keep_duplicates_and_draw_from_the_generator_only():
+    target, drafter = toy_target(), toy_sampled_drafter()
+    warp = specdec.warp_for(1.0, 0, 1.0)
+    trees = []
+    for seed in range(40):
+        drafter.reset()
+        torch.manual_seed(0)
+        rng_state = torch.get_rng_state()
+        with torch.inference_mode():
+            tree = drafter.propose_tree(MODEL_PROMPT, features_of(target, MODEL_PROMPT), warp, seeded(seed))
+        assert torch.equal(torch.get_rng_state(), rng_state)  # the global RNG was not touched
+        trees.append(tree)
+        kids = children(tree.parents)
+        assert len(tree) == 5 and len(kids[0]) == 2  # index order: the root's 2 children, then 2 grandchildren
+        draft_logits = drafter.model(torch.tensor([MODEL_PROMPT]))[0, -1]
+        assert torch.allclose(tree.q[0], warp(draft_logits), atol=1e-6)  # the root's children came from q[0]
+        for node, below in enumerate(kids):
+            if below:  # q of an expanded node: the draft's warped distribution after its root path
+                path = [tree.tokens[i] for i in path_to(tree, node)[1:]]
+                logits = drafter.model(torch.tensor([MODEL_PROMPT + path]))[0, -1]
+                assert torch.allclose(tree.q[node], warp(logits), atol=1e-5)
+    assert any(len({tree.tokens[c] for c in children(tree.parents)[0]}) == 1 for tree in trees)  # duplicates stay
+    assert len({tuple(tree.tokens) for tree in trees}) > 5  # the trees really are random
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +326,7 @@ class DecoyDrafter:
     def reset(self):
         self.contexts, self.features, self.trees = [], [], []
 
-    def propose_tree(self, context, features):
+    def propose_tree(self, context, features, warp, generator, keep):
         self.contexts.append(list(context))
         self.features.append(features.clone())
         ahead = self.right[len(context) - len(self.prompt):] + [0] * 4
@@ -351,7 +432,7 @@ class ChainDrafter:
     def reset(self):
         pass
 
-    def propose_tree(self, context, features):
+    def propose_tree(self, context, features, warp, generator, keep):
         tree, done = Tree.from_root(context[-1]), len(context) - len(self.prompt)
         for i, token in enumerate(self.right[done:done + self.length]):
             tree.add(i, token, -1.0 - i)
@@ -384,7 +465,7 @@ class WideDrafter:
     def reset(self):
         pass
 
-    def propose_tree(self, context, features):
+    def propose_tree(self, context, features, warp, generator, keep):
         tree, frontier = Tree.from_root(context[-1]), [0]
         for d in range(self.depth):
             frontier = [tree.add(node, t, -1.0) for node in frontier[:2] for t in range(self.width)]
@@ -435,7 +516,7 @@ def test_shipped_drafters_fill_the_last_three_positions_of_the_context(shipped, 
 def proposal_setup(shipped):
     enc, target = shipped
     draft = specdec.load_model(WEIGHTS / "draft", "cpu", torch.float32)
-    context = bench.heldout_prompts(enc, 1, context_tokens=64)[0]
+    context = function_prompts(enc, 1, context_tokens=64)[0]
     return target, draft, context
 
 
@@ -455,7 +536,7 @@ def propose(drafter, target, context, fresh=True):
     if fresh:
         drafter.reset()
     with torch.inference_mode():
-        return drafter.propose_tree(context, features_of(target, context))
+        return drafter.propose_tree(context, features_of(target, context), None, None)
 
 
 @pytest.mark.parametrize("shape", SHAPES.keys())
@@ -473,7 +554,7 @@ def test_tree_proposals_are_deterministic_well_formed_and_use_no_randomness(prop
     assert tree.tokens[0] == context[-1] and tree.parents[0] == -1
     assert all(0 <= p < i for i, p in enumerate(tree.parents) if i > 0)
     assert 1 < len(tree) <= size + 1 and max(depths(tree)) <= depth
-    for kids in children(tree):
+    for kids in children(tree.parents):
         assert len({tree.tokens[c] for c in kids}) == len(kids)  # top-k siblings: distinct tokens
         assert all(tree.scores[c] <= tree.scores[tree.parents[c]] for c in kids)  # log-probs add up
 

@@ -1,5 +1,5 @@
 """Tests for verify.py: exactness identities, Monte Carlo distribution tests with power checks, brute-force
-references for the greedy rules, and the lossy typical acceptance. p = target, q = draft (Leviathan et al.)."""
+references for the greedy rules. p = target, q = draft (Leviathan et al.). The lossy rules: tests/test_approximate.py."""
 
 import math
 
@@ -19,7 +19,6 @@ from verify import (
     speculative_sample,
     tree_greedy_verify,
     tree_speculative_sample,
-    typical_accept,
     warp_logits,
 )
 
@@ -329,28 +328,6 @@ def test_tree_speculative_sample_at_temperature_zero_is_tree_greedy(tree, seed):
     g = torch.Generator().manual_seed(seed)
     sampled = tree_speculative_sample(probs_from_logits(logits, 0.0), None, tokens, parents, g)
     assert sampled == tree_greedy_verify(logits, tokens, parents)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Typical acceptance (Medusa): lossy, but must follow its own rule.
-
-
-def test_typical_accept_takes_confident_path_and_returns_argmax():
-    probs = torch.full((4, 6), 0.01)
-    probs[0, 1], probs[1, 4], probs[2, 2], probs[3, 0] = 0.95, 0.95, 0.95, 0.95  # confident rows
-    tokens, parents = torch.tensor([5, 1, 4, 3]), torch.tensor([-1, 0, 1, 0])
-    assert typical_accept(probs, tokens, parents) == ([1, 2], 2)
-
-
-def test_typical_accept_rejects_improbable_token():
-    probs = torch.tensor([[0.001, 0.989, 0.01], [0.3, 0.3, 0.4]])
-    assert typical_accept(probs, torch.tensor([1, 0]), torch.tensor([-1, 0])) == ([], 1)
-
-
-def test_typical_accept_takes_longest_path_and_accepts_anything_plausible_when_flat():
-    probs = torch.full((5, 8), 1 / 8)  # flat: threshold 0.3 / 8 < 1 / 8, every token is acceptable (lossy)
-    tokens, parents = torch.tensor([0, 3, 5, 7, 7]), torch.tensor([-1, 0, 0, 2, 2])
-    assert typical_accept(probs, tokens, parents) == ([2, 3], 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class ScriptedDrafter:
     def reset(self):
         self.contexts = []
 
-    def propose(self, context, gamma, warp, generator):
+    def propose(self, context, gamma, warp, generator, keep=None):
         drafts = list(self.script(len(self.contexts), list(context)))[:gamma]
         self.contexts.append(list(context))
         return drafts, None
@@ -83,7 +83,7 @@ class MisreportingDrafter:
         pass
 
     @torch.inference_mode()
-    def propose(self, context, gamma, warp, generator):
+    def propose(self, context, gamma, warp, generator, keep=None):
         tokens, qs = [], []
         for _ in range(gamma):
             logits = self.model(torch.tensor([context + tokens]))[0, -1]
@@ -93,6 +93,25 @@ class MisreportingDrafter:
 
     def accept(self, n_accepted):
         pass
+
+
+# ---- verifiers ------------------------------------------------------------------------------------------------
+
+class BrokenRule:
+    """Wraps a BROKEN verification function as a verify.Verifier, so that a law test can run the loop with it:
+    chain_fn(p, q, draft_tokens, generator) -> (n, token), tree_fn(p, q, tokens, parents, generator) -> (path,
+    token), with the signatures of verify.speculative_sample and verify.tree_speculative_sample."""
+
+    lossy = False  # claims to be lossless: the law test must catch it
+
+    def __init__(self, chain_fn=None, tree_fn=None):
+        self.chain_fn, self.tree_fn = chain_fn, tree_fn
+
+    def chain(self, logits, p, q, drafts, generator):
+        return self.chain_fn(p, q, drafts, generator)
+
+    def tree(self, logits, p, tree, generator):
+        return self.tree_fn(p, tree.q, torch.tensor(tree.tokens), torch.tensor(tree.parents), generator)
 
 
 # ---- sampling -------------------------------------------------------------------------------------------------
@@ -123,8 +142,8 @@ def sample_speculative(target, drafter, prompt, n_tokens: int, n_samples: int, s
     """n_samples continuations [n_samples, n_tokens] from speculative_generate (pass eot=None: each then has
     exactly n_tokens, as the drafts of a step never exceed the budget), and the runs' summed Stats.
 
-    Deterministic in `seed`. The CHUNKS chunks run in forked worker processes when there is more than one core;
-    forking keeps any monkeypatch of specdec (a broken verifier) in the workers."""
+    Deterministic in `seed`. The CHUNKS chunks run in forked worker processes when there is more than one core.
+    `opts` go to speculative_generate (a broken verifier among them)."""
     chunks = [(target, drafter, prompt, n_tokens, n_samples // CHUNKS + (i < n_samples % CHUNKS), seed * 1000 + i,
                opts) for i in range(CHUNKS)]
     workers = min(CHUNKS, len(os.sched_getaffinity(0)))

@@ -1,0 +1,198 @@
+"""Draft-length control: how many tokens to draft before the target verifies (reading list, "Draft Length Control").
+
+A policy is consulted by the decoding loops at three points:
+  gamma                               the most tokens a chain may draft this step
+  keep_drafting(draft_logits, i)      asked by a chain drafter right after it drafted token i from draft_logits [V]
+                                      (its raw, unwarped logits): draft token i + 1 too? Stopping keeps token i.
+  keep_growing(frontier_logprobs, d)  asked by a dynamic tree drafter after growing level d: grow level d + 1?
+  update(drafted, accepted)           after each verification
+and reset() when a generation starts, so every run reproduces on its own. Policies that read the draft's
+distribution see its raw (temperature 1) logits: at temperature 0 the warped distribution is one-hot and says
+nothing about confidence. Prompt lookup has no distribution, so only gamma applies to it.
+"""
+import json
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+
+class DraftLength(Protocol):
+    gamma: int  # the most tokens a chain drafts this step
+
+    def reset(self) -> None: ...
+
+    def keep_drafting(self, draft_logits: Tensor, i: int) -> bool: ...
+
+    def keep_growing(self, frontier_logprobs: list[float], depth: int) -> bool: ...
+
+    def update(self, drafted: int, accepted: int) -> None: ...
+
+
+def entropy(logits: Tensor) -> float:
+    """H(softmax(logits)) in nats."""
+    return float(torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum())
+
+
+class FixedLength:
+    """gamma drafts every step (Leviathan et al. 2023; the survey's Algorithm 2); trees grow to the drafter's depth."""
+
+    def __init__(self, gamma: int):
+        self.gamma = gamma
+
+    def reset(self) -> None:
+        pass
+
+    def keep_drafting(self, draft_logits: Tensor, i: int) -> bool:
+        return True
+
+    def keep_growing(self, frontier_logprobs: list[float], depth: int) -> bool:
+        return True
+
+    def update(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+class Heuristic(FixedLength):
+    """transformers' assisted generation schedule "heuristic" (candidate_generator.py, update_candidate_strategy):
+    gamma + 2 after a step that accepted every draft, else gamma - 1, never below 1. Reset for every generation,
+    as its "heuristic_transient" variant does, so that runs reproduce."""
+
+    def __init__(self, gamma: int):
+        self.start = self.gamma = gamma
+
+    def reset(self) -> None:
+        self.gamma = self.start
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:  # nothing was drafted (no match, or the budget): nothing learned
+            return
+        self.gamma = self.gamma + 2 if accepted == drafted else max(1, self.gamma - 1)
+
+
+class Confidence(FixedLength):
+    """Stop drafting once the draft's top probability falls below `threshold` (BiLD's fallback, Kim et al. 2023;
+    transformers' assistant_confidence_threshold, default 0.4), at most gamma tokens. BiLD drops the token that
+    triggered the fallback; we keep it, since the target verifies it in the same call at no extra step."""
+
+    def __init__(self, gamma: int, threshold: float = 0.4):
+        self.gamma, self.threshold = gamma, threshold
+
+    def keep_drafting(self, draft_logits: Tensor, i: int) -> bool:
+        return float(torch.softmax(draft_logits.float(), dim=-1).max()) >= self.threshold
+
+
+class SVIP(FixedLength):
+    """SVIP (Zhang et al. 2024, "Draft Model Knows When to Stop"): the acceptance rate of a draft token is bounded
+    below by about 1 - sqrt(c * H(q)), H the draft's entropy in nats; drafting stops after a token whose bound falls
+    under 1 - threshold, i.e. when sqrt(c * H) > threshold. c = 0.15 and threshold 0.3 are the authors' defaults
+    (their code: Geralt-Targaryen/SVIP), so the stop is at H > 0.6 nats."""
+
+    def __init__(self, gamma: int, threshold: float = 0.3, c: float = 0.15):
+        self.gamma, self.threshold, self.c = gamma, threshold, c
+
+    def keep_drafting(self, draft_logits: Tensor, i: int) -> bool:
+        return math.sqrt(self.c * entropy(draft_logits)) <= self.threshold
+
+
+class DynamicDepth(FixedLength):
+    """Dynamic Depth Decoding (Brown et al. 2024) for EAGLE-2 trees: stop growing when the frontier's total path
+    probability, sum over the beam of exp(path log-prob), falls below `threshold`: the deeper nodes would rarely
+    be accepted. Chains are left alone."""
+
+    def __init__(self, threshold: float = 0.1):
+        self.gamma, self.threshold = 0, threshold
+
+    def keep_growing(self, frontier_logprobs: list[float], depth: int) -> bool:
+        return sum(math.exp(s) for s in frontier_logprobs) >= self.threshold
+
+
+# ---- DISCO: a learned stop rule -------------------------------------------------------------------------------
+
+DISCO_TOP = 10  # top-k draft probabilities among the classifier's inputs (DISCO's "top-10 draft confidences")
+
+
+def disco_features(draft_logits: Tensor, i: int) -> Tensor:
+    """[DISCO_TOP + 2]: the draft's top probabilities (sorted), its entropy and the token's index in the draft."""
+    probs = torch.softmax(draft_logits.float(), dim=-1)
+    top = probs.topk(min(DISCO_TOP, probs.numel())).values
+    top = torch.cat([top, top.new_zeros(DISCO_TOP - len(top))])
+    h = torch.special.entr(probs).sum()
+    return torch.cat([top, torch.stack([h, torch.tensor(float(i), device=h.device)])]).cpu()
+
+
+class DiscoClassifier(nn.Module):
+    """A small feed-forward net: features of a drafted token -> logit of P(the target accepts it). The inputs are
+    standardised with the training set's mean and std, kept as buffers so that they are saved with the weights."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(DISCO_TOP + 2, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.register_buffer("mean", torch.zeros(DISCO_TOP + 2))
+        self.register_buffer("std", torch.ones(DISCO_TOP + 2))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features [..., DISCO_TOP + 2] -> logits [...]"""
+        return self.net((features - self.mean) / self.std).squeeze(-1)
+
+    def save(self, path: str | Path, threshold: float) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps({"hidden": self.net[0].out_features, "threshold": threshold,
+                                                      "top": DISCO_TOP}, indent=2) + "\n")
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["DiscoClassifier", float]:
+        """(classifier, the stop threshold chosen by train.py disco)."""
+        path = Path(path)
+        cfg = json.loads((path / "config.json").read_text())
+        if cfg["top"] != DISCO_TOP:
+            raise ValueError(f"{path}: trained on the top {cfg['top']} probabilities, this code reads {DISCO_TOP}")
+        model = cls(cfg["hidden"])
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        return model.eval(), cfg["threshold"]
+
+
+class Disco(FixedLength):
+    """DISCO (Mamou et al. 2024, "Dynamic Speculation Lookahead"): after each drafted token a small classifier
+    predicts whether the target will accept it; drafting stops when that probability falls below `threshold`.
+    Trained by `train.py disco` on acceptance traces of training-split prompts."""
+
+    def __init__(self, gamma: int, classifier: DiscoClassifier, threshold: float):
+        self.gamma, self.classifier, self.threshold = gamma, classifier, threshold
+
+    @torch.inference_mode()
+    def keep_drafting(self, draft_logits: Tensor, i: int) -> bool:
+        return float(torch.sigmoid(self.classifier(disco_features(draft_logits, i)))) >= self.threshold
+
+
+class Recorder(FixedLength):
+    """Drafts a fixed gamma and records every step: the features of each drafted token [drafted, DISCO_TOP + 2]
+    and how many of them the target accepted. DISCO's training data (train.py disco)."""
+
+    def __init__(self, gamma: int):
+        self.gamma, self.steps, self.pending = gamma, [], []
+
+    def keep_drafting(self, draft_logits: Tensor, i: int) -> bool:
+        self.pending.append(disco_features(draft_logits, i))
+        return True
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if self.pending:
+            self.steps.append((torch.stack(self.pending[:drafted]), accepted))
+        self.pending = []
+
+    def labelled(self) -> tuple[Tensor, Tensor]:
+        """(features [M, DISCO_TOP + 2], accepted? [M]) of every drafted token the target compared: the drafts
+        after the first rejection were never compared, so they carry no label."""
+        features, labels = [], []
+        for step, accepted in self.steps:
+            compared = min(accepted + 1, len(step))
+            features.append(step[:compared])
+            labels += [1.0] * accepted + [0.0] * (compared - accepted)
+        return torch.cat(features), torch.tensor(labels)

@@ -1,0 +1,21 @@
+"""Fixtures shared by several test modules."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import specdec
+from tokenizer import load_tokenizer
+from train import function_prompts
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+@pytest.fixture(scope="session")
+def short_references():
+    """(tokenizer, shipped target, [(prompt, its greedy 24-token continuation)]): four held-out code prompts of
+    96 tokens and one short prompt. For the quick greedy-identity checks of each policy, rule and drafter."""
+    enc = load_tokenizer(WEIGHTS / "tokenizer.tiktoken")
+    target = specdec.load_model(WEIGHTS / "target", "cpu", torch.float32)
+    prompts = function_prompts(enc, 4, context_tokens=96) + [enc.encode_ordinary("def parse(s):")]
+    return enc, target, [(p, specdec.generate(target, p, 24, eot=enc.eot_token)) for p in prompts]
