@@ -9,6 +9,7 @@ cut just inside a function body, as an editor would send them.
     python bench.py --verify exact,typical,lenient -t 0.7      # ... the sampling ones
     python bench.py --draft-length fixed,heuristic,confidence,svip,disco,dynamic   # draft-length policies
     python bench.py --siblings                                 # deterministic vs sampled tree siblings, T 0.7 and 1
+    python bench.py --sweep-lookahead --prompts 8 -n 64        # Lookahead decoding's W, N, G on this machine
 """
 import argparse
 import sys
@@ -25,6 +26,9 @@ from specdec import (DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, Stats, UsageError, che
 from tokenizer import load_tokenizer
 from train import function_prompts
 from verify import Verifier
+
+
+LOOKAHEAD_SWEEP = [(1, 2, 1), (2, 2, 2), (3, 2, 3), (2, 3, 2), (3, 3, 3), (5, 3, 5), (3, 4, 3), (5, 4, 5), (7, 4, 7)]
 
 
 @dataclass
@@ -103,14 +107,17 @@ def speed_columns(m: Method, base: Method) -> str:
 
 
 def print_methods(methods: list[Method], n_prompts: int) -> None:
-    print("| Method | tau (tokens/call) | acceptance (theory) | tokens/s | speedup | draft ms/drafted token | verify ms/call |")
-    print("|---|---|---|---|---|---|---|")
+    print("| Method | tau (tokens/call) | acceptance (theory) | tokens/s | speedup | draft ms/drafted token | verify ms/call "
+          "| candidates + extra tokens per call |")
+    print("|---|---|---|---|---|---|---|---|")
     base = methods[0]
     for m in methods:
         s = m.stats
+        calls = max(1, s.target_calls)
         draft_ms = f"{1000 * s.draft_seconds / max(1, s.drafted):.2f}" if s.target_calls else "-"
         verify_ms = 1000 * (s.verify_seconds / s.target_calls if s.target_calls else m.seconds / m.tokens)
-        print(f"| {m.name} | {speed_columns(m, base)} | {draft_ms} | {verify_ms:.1f} |")
+        width = f"{s.drafted / calls:.1f} + {s.extra / calls:.1f}" if s.target_calls else "-"
+        print(f"| {m.name} | {speed_columns(m, base)} | {draft_ms} | {verify_ms:.1f} | {width} |")
     print_histograms(methods)
 
 
@@ -157,6 +164,7 @@ def print_siblings(methods: list[Method], n_prompts: int) -> None:
 def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, gamma: int, max_gamma: int,
          temperature: float, top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int,
          tree_width: int, drafter: str, verify: str | None, draft_length: str | None, siblings: bool,
+         sweep_lookahead: bool,
          topk_beta: int, topk_tau: float, bild_rollback: float, bild_fallback: float, lenience: float,
          typical_epsilon: float, typical_delta: float, confidence: float, svip_threshold: float,
          disco_threshold: float | None, ddd_threshold: float) -> None:
@@ -167,8 +175,8 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                tree_size, tree_depth, tree_width, seed)
     if prompts < 1:
         raise UsageError(f"--prompts must be at least 1, got {prompts}")
-    if sum(map(bool, (verify, draft_length, siblings))) > 1:
-        raise UsageError("--verify, --draft-length and --siblings are separate tables: run one at a time")
+    if sum(map(bool, (verify, draft_length, siblings, sweep_lookahead))) > 1:
+        raise UsageError("--verify, --draft-length, --siblings and --sweep-lookahead are separate tables: one at a time")
     dtype = torch.bfloat16 if bf16 else torch.float32
     weights = Path(weights)
     enc = load_checked("tokenizer", weights / "tokenizer.tiktoken", load_tokenizer)
@@ -203,6 +211,12 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
         methods += [policy(name, max_gamma, False) for name in ("confidence", "svip", "disco") if name in chosen]
         methods += [policy(name, gamma, True) for name in ("fixed", "dynamic") if name in chosen]
         printer = print_lengths
+    elif sweep_lookahead:  # Lookahead decoding's knobs (W, N, G): extra tokens cost time on a CPU
+        methods = [autoregressive] + [
+            Method(f"lookahead W {w}, N {n}, G {g}", make_drafter("lookahead", weights, target, dtype, tree_size,
+                                                                  tree_depth, tree_width, lookahead=(w, n, g)), True)
+            for w, n, g in LOOKAHEAD_SWEEP]
+        printer = print_methods
     elif siblings:  # SpecInfer/SpecTr: sampled tree children against top-k children, at T = 0.7 and 1.0
         methods = []
         for t in (0.7, 1.0):
@@ -220,7 +234,10 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                    Method("PLD tree (several matches)", drafter_named("pld"), True),
                    Method("Medusa (static tree)", drafter_named("medusa"), True),
                    Method("Blockwise (Medusa's heads, top-1 chain)", drafter_named("blockwise"), True),
-                   Method("EAGLE-2 (dynamic tree)", drafter_named("eagle"), True)]
+                   Method("EAGLE-2 (dynamic tree)", drafter_named("eagle"), True),
+                   Method("Jacobi (block 4)", drafter_named("jacobi"), True),
+                   Method("Lookahead (W 3, N 3, G 3)", drafter_named("lookahead"), True),
+                   Method("PaSS (4 lookahead embeddings)", drafter_named("pass"), True)]
         printer = print_methods
     todo = function_prompts(enc, prompts, heldout=True)
     measure(target, methods, todo, args, device)
@@ -261,6 +278,7 @@ if __name__ == "__main__":
     ap.add_argument("-l", "--draft-length", default=None, help="compare these draft-length policies (comma-"
                     f"separated: {', '.join(DRAFT_LENGTHS)})")
     ap.add_argument("--siblings", action="store_true", help="compare top-k and sampled tree siblings at T 0.7 and 1")
+    ap.add_argument("--sweep-lookahead", action="store_true", help="Lookahead decoding with several (W, N, G)")
     ap.add_argument("--topk-beta", type=int, default=5, help="topk rule: top beta")
     ap.add_argument("--topk-tau", type=float, default=3.0, help="topk rule: log-probability tolerance")
     ap.add_argument("--bild-rollback", type=float, default=5.0, help="bild rule: rollback threshold")

@@ -181,15 +181,18 @@ class Transformer(nn.Module):
         return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads,
                        max_len or cfg.max_position_embeddings, cfg.head_dim, w.dtype, w.device)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, return_hidden: bool = False):
+    def forward(self, tokens: torch.Tensor | None, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, return_hidden: bool = False,
+                inputs_embeds: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, V] (and the final normed hidden states [B, T, C] if return_hidden).
 
         With a cache, the new keys/values are appended after `cache.length` entries. `positions` [T] default to
         cache.length + 0..T-1; a token tree passes prefix_len + depth instead. `attn_mask` [T, cache.length + T]
-        (bool, True = may attend) defaults to causal.
+        (bool, True = may attend) defaults to causal. `inputs_embeds` [B, T, C] replace the tokens' embeddings
+        (tokens=None): some inputs are not tokens, e.g. PaSS's learned lookahead embeddings.
         """
-        x = run_blocks(self.layers, self.embed_tokens(tokens), self.rope_cos, self.rope_sin, cache, positions, attn_mask)
+        x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
+        x = run_blocks(self.layers, x, self.rope_cos, self.rope_sin, cache, positions, attn_mask)
         h = self.norm(x)
         logits = self.lm_head(h)
         return (logits, h) if return_hidden else logits

@@ -21,9 +21,11 @@ import torch
 from approximate import BiLD, Lenient, TopK, Typical
 from draft_length import SVIP, Confidence, Disco, DiscoClassifier, DraftLength, DynamicDepth, FixedLength, Heuristic
 from drafters import ChainDrafter, Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
+from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import Transformer
 from tokenizer import load_tokenizer
-from tree import Tree, depths, keep_indices, render_tree, subtree, tree_attention_mask, tree_positions
+from tree import (Tree, depths, keep_indices, render_call, render_tree, subtree, tree_attention_mask,
+                  tree_positions)
 from verify import Verifier, exact, expected_acceptance, probs_from_logits, sample_token
 
 OnTokens = Callable[[list[int], int], None]  # (new tokens, how many of them are accepted drafts)
@@ -40,21 +42,22 @@ class Stats:
     accept_counts: list[int] = field(default_factory=list)  # accept_counts[n]: steps that accepted n drafts
     expected_accepted: float = 0.0  # sum over compared positions of sum_x min(p(x), q(x))
     compared: int = 0  # draft positions compared with the target
+    extra: int = 0  # extra lookahead tokens in the target calls, not candidates (mask-predict drafters, §5.2)
 
     def record(self, drafted: int, accepted: int, compared: int, produced: int, draft_seconds: float,
-               verify_seconds: float, expected_accepted: float = 0.0) -> None:
+               verify_seconds: float, expected_accepted: float = 0.0, extra: int = 0) -> None:
         """Add one draft-and-verify step (one target call)."""
         self.target_calls, self.drafted, self.accepted = self.target_calls + 1, self.drafted + drafted, self.accepted + accepted
         self.compared, self.produced = self.compared + compared, self.produced + produced
         self.draft_seconds, self.verify_seconds = self.draft_seconds + draft_seconds, self.verify_seconds + verify_seconds
-        self.expected_accepted += expected_accepted
+        self.expected_accepted, self.extra = self.expected_accepted + expected_accepted, self.extra + extra
         self.accept_counts += [0] * (accepted + 1 - len(self.accept_counts))
         self.accept_counts[accepted] += 1
 
     def merge(self, other: "Stats") -> None:
         """Add another run's counts (bench.py sums over prompts)."""
         for name in ("target_calls", "drafted", "accepted", "compared", "produced", "draft_seconds",
-                     "verify_seconds", "expected_accepted"):
+                     "verify_seconds", "expected_accepted", "extra"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.accept_counts += [0] * (len(other.accept_counts) - len(self.accept_counts))
         for n, count in enumerate(other.accept_counts):
@@ -188,19 +191,21 @@ def tree_speculative_generate(target: Transformer, drafter: TreeDrafter, prompt_
         tree = drafter.propose_tree(context, features, warp, generator, length.keep_growing)  # 1. draft
         tree = trim_tree(tree, budget - 1, cache.max_len - cache.length)
         t1 = time.perf_counter()
-        prefix = cache.length
-        logits, hidden = target(torch.tensor([tree.tokens], device=device), cache, return_hidden=True,
-                                positions=tree_positions(tree, prefix, device), attn_mask=tree_attention_mask(
-                                    tree, prefix, device))  # 2. one call over the whole tree: [1, N, V]
-        path, token = verifier.tree(logits[0], warp(logits[0]), tree, generator)  # 3. verify (§6.3)
-        cache.keep(keep_indices(path, prefix, device))  # 4. move the accepted path's K/V into place
-        length.update(len(tree) - 1, len(path))
+        prefix, n = cache.length, len(tree)
+        logits, hidden = target(None, cache, tree_positions(tree, prefix, device), tree_attention_mask(
+            tree, prefix, device), return_hidden=True, inputs_embeds=call_embeds(target, tree))  # 2. one call
+        path, token = verifier.tree(logits[0, :n], warp(logits[0, :n]), tree, generator)  # 3. verify (§6.3)
+        cache.keep(keep_indices(path, prefix, device))  # 4. keep the accepted path's K/V: no extra token's
+        length.update(n - 1, len(path))
+        if tree.lookahead is not None:  # a mask-predict drafter reads the call's outputs (§5.2)
+            tree.lookahead.read(logits[0], path)
         features = torch.cat([features, hidden[0, [0] + path]])
         new = [tree.tokens[i] for i in path] + [token]
         finished = eot in new
         new = new[:new.index(eot)] if finished else new
-        stats.record(len(tree) - 1, len(path), min(len(path) + 1, max(depths(tree))), len(new), t1 - t0,
-                     time.perf_counter() - t1)  # compared: the depths tested along the accepted path
+        stats.record(n - 1, len(path), min(len(path) + 1, max(depths(tree))), len(new), t1 - t0,
+                     time.perf_counter() - t1,  # compared: the depths tested along the accepted path
+                     extra=len(tree.lookahead) if tree.lookahead is not None else 0)
         context, budget = context + new, budget - len(new)
         if on_tree:
             on_tree(tree, path)
@@ -213,14 +218,25 @@ def tree_speculative_generate(target: Transformer, drafter: TreeDrafter, prompt_
 
 def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
     """Keep nodes no deeper than max_depth (a step never yields more tokens than the budget) and at most max_nodes
-    in all (the target's cache must hold the whole tree). Index order keeps the result ancestor-closed."""
-    return subtree(tree, [i for i, d in enumerate(depths(tree)) if d <= max_depth][:max_nodes])
+    in all, extra lookahead tokens included (the target's cache must hold the whole call). Index order keeps the
+    result ancestor-closed. Extra tokens that would not fit beside the root are dropped (the drafter is then not
+    asked to read anything)."""
+    if tree.lookahead is not None and len(tree.lookahead) >= max_nodes:
+        tree = Tree(tree.tokens, tree.parents, tree.scores, tree.q)
+    room = max_nodes - (len(tree.lookahead) if tree.lookahead is not None else 0)
+    return subtree(tree, [i for i, d in enumerate(depths(tree)) if d <= max_depth][:room])
+
+
+def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
+    """[1, N + M, C]: the input of a tree call, the tree's tokens embedded, then any lookahead embeddings."""
+    embeds = target.embed_tokens(torch.tensor([tree.tokens], device=target.lm_head.weight.device))
+    return embeds if tree.lookahead is None else torch.cat([embeds, tree.lookahead.embeds[None]], dim=1)
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
-DRAFTERS = ("none", "draft", "pld", "medusa", "eagle", "blockwise")
-TREE_ONLY = ("medusa", "eagle", "blockwise")  # drafters that only draft trees (blockwise: a one-branch tree)
+DRAFTERS = ("none", "draft", "pld", "medusa", "eagle", "blockwise", "jacobi", "lookahead", "pass")
+TREE_ONLY = ("medusa", "eagle", "blockwise", "jacobi", "lookahead", "pass")  # drafters of trees only (some chains)
 DYNAMIC_TREES = ("draft", "eagle")  # drafters that grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
 VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
 DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "svip", "disco", "dynamic")
@@ -271,11 +287,12 @@ def load_model(path: Path, device: str, dtype: torch.dtype) -> Transformer:
 
 
 def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dtype, tree_size: int,
-                 tree_depth: int, tree_width: int, sampled_siblings: bool = False) -> Drafter | None:
+                 tree_depth: int, tree_width: int, sampled_siblings: bool = False, jacobi_block: int = 4,
+                 lookahead: tuple[int, int, int] = (3, 3, 3)) -> Drafter | None:
     device, shape = target.lm_head.weight.device, dict(width=tree_width, size=tree_size)
-    head = {"medusa": "medusa", "blockwise": "medusa", "eagle": "eagle"}.get(name)  # files under weights/
+    head = {"medusa": "medusa", "blockwise": "medusa", "eagle": "eagle", "pass": "pass"}.get(name)  # under weights/
     if head and not (weights / head / "model.safetensors").is_file():
-        raise UsageError(f"no {head} heads in {weights / head} (see train.py)")
+        raise UsageError(f"no {head} weights in {weights / head} (see train.py)")
     if name == "draft":
         draft = load_model(weights / "draft", device, dtype)
         if draft.config.vocab_size != target.config.vocab_size:
@@ -292,6 +309,12 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
     if name == "eagle":
         return EagleDrafter.from_pretrained(target, weights / "eagle", depth=tree_depth, beam=tree_width,
                                             sampled=sampled_siblings, **shape)
+    if name == "jacobi":
+        return JacobiDrafter(target, jacobi_block)
+    if name == "lookahead":
+        return LookaheadDrafter(target, *lookahead)
+    if name == "pass":
+        return PassDrafter.from_pretrained(target, weights / "pass")
     return None
 
 
@@ -384,10 +407,14 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
          tree_width: int, sampled_siblings: bool, verify: str, topk_beta: int, topk_tau: float, bild_rollback: float,
          bild_fallback: float, lenience: float, typical_epsilon: float, typical_delta: float, draft_length: str,
          confidence: float, svip_threshold: float, disco_threshold: float | None, ddd_threshold: float,
+         jacobi_block: int, lookahead_window: int, lookahead_ngram: int, lookahead_candidates: int,
          show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
+    refuse([(jacobi_block < 1, f"--jacobi-block must be at least 1, got {jacobi_block}"),
+            (lookahead_window < 1 or lookahead_ngram < 2 or lookahead_candidates < 0,
+             "--lookahead-window must be >= 1, --lookahead-ngram >= 2 and --lookahead-candidates >= 0")])
     use_tree = tree or drafter in TREE_ONLY
     if drafter == "none" and (verify != "exact" or draft_length != "fixed"):
         raise UsageError("--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing")
@@ -405,7 +432,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
     if tree_width > target.config.vocab_size:
         raise UsageError(f"--tree-width {tree_width} is larger than the vocabulary ({target.config.vocab_size})")
     draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
-        drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings))
+        drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings, jacobi_block,
+        (lookahead_window, lookahead_ngram, lookahead_candidates)))
     prompt_ids = enc.encode_ordinary(prompt)
     if len(prompt_ids) >= target.config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
@@ -437,6 +465,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
     for step, (t, path) in enumerate(trees):
         print(f"\nstep {step}: {len(t) - 1} drafted nodes, accepted {len(path)}\n"
               + render_tree(t, lambda i: enc.decode([i]), [0] + path))
+        if t.lookahead is not None:  # a mask-predict step: its extra tokens and the call's mask
+            print(render_call(t, lambda i: enc.decode([i])))
     if compare:
         t0 = time.perf_counter()
         baseline = generate(target, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -476,7 +506,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="directory with target/, draft/ and tokenizer.tiktoken")
     ap.add_argument("-d", "--drafter", default="draft", help="none (plain decoding), draft (small model), pld "
                     "(prompt lookup), medusa (Medusa heads, token tree), eagle (EAGLE head, EAGLE-2 dynamic tree), "
-                    "blockwise (Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain)")
+                    "blockwise (Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain), jacobi (Jacobi "
+                    "decoding), lookahead (Lookahead decoding), pass (PaSS: learned lookahead embeddings)")
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains); the most "
                     "for --draft-length confidence/svip/disco, the start for heuristic")
     ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")
@@ -510,7 +541,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "acceptance probability is below this (default: the trained one)")
     ap.add_argument("--ddd-threshold", type=float, default=0.1, help="dynamic: stop growing the tree when the "
                     "frontier's total path probability is below this")
-    ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked")
+    ap.add_argument("--jacobi-block", type=int, default=4, help="jacobi: guesses refined per call")
+    ap.add_argument("--lookahead-window", type=int, default=3, help="lookahead: window W (places per level)")
+    ap.add_argument("--lookahead-ngram", type=int, default=3, help="lookahead: n-gram size N (N - 1 levels)")
+    ap.add_argument("--lookahead-candidates", type=int, default=3, help="lookahead: G, pool n-grams verified per call")
+    ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked; "
+                    "for jacobi and lookahead also the call's extra tokens and its attention mask")
     ap.add_argument("-c", "--compare", action="store_true", help="also run plain decoding and print the speedup")
     ap.add_argument("--no-color", action="store_true", help="do not highlight accepted draft tokens")
     return ap.parse_args(argv)

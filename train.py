@@ -7,6 +7,7 @@
     python train.py medusa      # target -> weights/medusa/ (4 Medusa heads on the frozen target)
     python train.py eagle       # target -> weights/eagle/  (one EAGLE decoder layer on the frozen target)
     python train.py disco       # target + draft -> weights/disco/ (DISCO's stop classifier, draft_length.py)
+    python train.py pass        # target -> weights/pass/  (PaSS's lookahead embeddings, maskpredict.py)
 
 The default corpus is the Python standard library of the interpreter running this file (tests included,
 site-packages excluded), so anyone can rebuild the weights offline; `--data FILE` trains on any text file instead.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from draft_length import DiscoClassifier, Recorder
 from drafters import EagleHead, MedusaHeads, ModelDrafter, save_head
+from maskpredict import PassEmbeddings
 from model import ModelConfig, Transformer
 from specdec import speculative_generate
 from tokenizer import EOT, load_tokenizer, save_ranks, train_bpe
@@ -358,16 +360,39 @@ def train_disco(args) -> None:
     print(f"saved disco: threshold {best[0]:.2f} ({best[1]:.1f} tokens/s estimated; threshold 0 = fixed gamma)")
 
 
+def train_pass(args) -> None:
+    """PaSS (Monea et al. 2023): k lookahead embeddings appended after a context of the frozen target; the output
+    at embedding j must predict the token j + 1 places after the context's last token (embedding 1 stands where
+    the next token goes). Only the k embeddings are trained."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    train, val = load_splits(args)
+    target = frozen_target(args, device)
+    k, context, C = args.pass_tokens, args.pass_context, target.config.hidden_size
+    module = PassEmbeddings(k, C).to(device)
+    with torch.no_grad():  # start at the average token embedding: a plausible input for every place
+        module.embeds.copy_(target.embed_tokens.weight.mean(0).expand(k, C))
+
+    def loss_fn(x):  # x [B, context + k + 1]
+        inputs = torch.cat([target.embed_tokens(x[:, :context]), module.embeds.expand(len(x), k, C)], dim=1)
+        logits = target(None, inputs_embeds=inputs)[:, context:]  # [B, k, V]: the embeddings' outputs
+        return F.cross_entropy(logits.flatten(0, 1).float(), x[:, context + 1:].flatten())
+
+    train_loop(args, module, lambda g: random_windows(train, args.batch_size, context + k + 1, g, device), loss_fn,
+               fixed_windows(val, 40, context + k + 1, device), lambda: save_head(
+                   module, {"num_tokens": k, "hidden_size": C}, Path(args.weights) / "pass"))
+
+
 def main(stage: str, **args) -> None:
     args = argparse.Namespace(stage=stage, **args)
     stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
-              "medusa": train_medusa, "eagle": train_eagle, "disco": train_disco}
+              "medusa": train_medusa, "eagle": train_eagle, "disco": train_disco, "pass": train_pass}
     stages[stage](args)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["tokenizer", "data", "target", "draft", "medusa", "eagle", "disco"],
+    ap.add_argument("stage", choices=["tokenizer", "data", "target", "draft", "medusa", "eagle", "disco", "pass"],
                     help="what to build")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
     ap.add_argument("--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models")
@@ -399,4 +424,6 @@ if __name__ == "__main__":
     ap.add_argument("--disco-gamma", type=int, default=8, help="disco: drafts per step while tracing")
     ap.add_argument("--disco-hidden", type=int, default=32, help="disco: hidden width of the classifier")
     ap.add_argument("--disco-epochs", type=int, default=500, help="disco: full-batch Adam steps")
+    ap.add_argument("--pass-tokens", type=int, default=4, help="pass: lookahead embeddings (drafts per call)")
+    ap.add_argument("--pass-context", type=int, default=128, help="pass: context tokens before them in training")
     main(**vars(ap.parse_args()))

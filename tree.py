@@ -27,6 +27,7 @@ class Tree:
     # [N, V] or None. Row i: the draft distribution that node i's children were sampled from, i.i.d. (sampled
     # siblings, SpecInfer/SpecTr); None: deterministic siblings (top-k, tries), verified with a one-hot q.
     q: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    lookahead: "Lookahead | None" = field(default=None, compare=False, repr=False)  # extra tokens of the call
 
     def __post_init__(self) -> None:
         # Fail at construction, not three files later inside an attention mask.
@@ -50,6 +51,21 @@ class Tree:
         self.parents.append(parent)
         self.scores.append(score)
         return len(self) - 1
+
+
+@dataclass
+class Lookahead:
+    """Extra tokens that a mask-predict drafter (survey §5.2: Jacobi, Lookahead, PaSS) adds to the target call after
+    the tree's N nodes. They are evaluated only so that the drafter can read their outputs: never verified, and
+    never kept in the target's cache (the loop keeps only the root and the accepted path)."""
+    embeds: torch.Tensor  # [M, C] their input embeddings: the target's embeddings of tokens, or learned (PaSS)
+    depths: list[int]  # [M] each sits at the root's position + depth
+    sees: torch.Tensor  # bool [M, N + M]: the tree nodes and extra tokens each attends to; the prefix always
+    read: Callable[[torch.Tensor, list[int]], None]  # gets the call's logits [N + M, V] and the accepted path
+    tokens: list[int] | None = None  # their token ids, for showing a step (None: learned embeddings)
+
+    def __len__(self) -> int:
+        return len(self.depths)
 
 
 def depths(tree: Tree) -> list[int]:
@@ -211,7 +227,12 @@ def subtree(tree: Tree, keep: list[int]) -> Tree:
         raise ValueError("keep must contain the root and every ancestor of its nodes")
     parents = [-1] + [new_index[tree.parents[i]] for i in keep[1:]]  # order preserved, so parents < children
     q = tree.q[keep] if tree.q is not None else None
-    return Tree([tree.tokens[i] for i in keep], parents, [tree.scores[i] for i in keep], q)
+    lookahead = tree.lookahead
+    if lookahead is not None:  # the extra tokens' mask columns follow the kept nodes
+        columns = keep + list(range(len(tree), len(tree) + len(lookahead)))
+        lookahead = Lookahead(lookahead.embeds, lookahead.depths, lookahead.sees[:, columns], lookahead.read,
+                              lookahead.tokens)
+    return Tree([tree.tokens[i] for i in keep], parents, [tree.scores[i] for i in keep], q, lookahead)
 
 
 def rerank_top_m(tree: Tree, m: int) -> Tree:
@@ -228,24 +249,30 @@ def rerank_top_m(tree: Tree, m: int) -> Tree:
 
 
 def tree_attention_mask(tree: Tree, prefix_len: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Bool [N, prefix_len + N], True = may attend: every prefix slot, the node's ancestors and itself (§6.3).
+    """Bool [N + M, prefix_len + N + M], True = may attend: every prefix slot, the node's ancestors and itself (§6.3).
 
     Column prefix_len + j is tree node j, i.e. the tree is written to the cache right after the prefix. Siblings
-    and cousins are hidden, so each root path is scored as if it were the only continuation (SpecInfer).
+    and cousins are hidden, so each root path is scored as if it were the only continuation (SpecInfer). The M
+    extra tokens of tree.lookahead (none by default) follow: they see the prefix and what `sees` says; no tree
+    node ever sees them, so the candidates' logits are exactly those of the tree alone.
     """
-    n = len(tree)
-    anc = torch.zeros(n, n, dtype=torch.bool)  # [N, N] anc[i, j]: j is i or an ancestor of i
+    n, m = len(tree), len(tree.lookahead) if tree.lookahead is not None else 0
+    anc = torch.zeros(n + m, n + m, dtype=torch.bool)  # [N + M, N + M] anc[i, j]: j is i or an ancestor of i
     for i in range(n):
         if i > 0:
             anc[i] = anc[tree.parents[i]]  # parent's row is complete because parents[i] < i
         anc[i, i] = True
-    prefix = torch.ones(n, prefix_len, dtype=torch.bool)  # [N, prefix_len]
+    if m:
+        anc[n:] = tree.lookahead.sees
+    prefix = torch.ones(n + m, prefix_len, dtype=torch.bool)  # [N + M, prefix_len]
     return torch.cat([prefix, anc], dim=1).to(device)
 
 
 def tree_positions(tree: Tree, prefix_len: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Long [N]: prefix_len + depth. Siblings share a position: each branch is its own continuation of the prefix."""
-    return torch.tensor(depths(tree), dtype=torch.long, device=device) + prefix_len
+    """Long [N + M]: prefix_len + depth. Siblings share a position: each branch is its own continuation of the
+    prefix. The extra tokens of tree.lookahead follow, at prefix_len + their depths."""
+    extra = tree.lookahead.depths if tree.lookahead is not None else []
+    return torch.tensor(depths(tree) + extra, dtype=torch.long, device=device) + prefix_len
 
 
 def keep_indices(path: list[int], prefix_len: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -288,4 +315,20 @@ def render_tree(tree: Tree, decode: Callable[[int], str], accepted: Sequence[int
         lines.append(indent + ("└─ " if last else "├─ ") + label(node))
         below = indent + ("   " if last else "│  ")
         stack += [(c, below, c == kids[node][-1]) for c in reversed(kids[node])]
+    return "\n".join(lines)
+
+
+def render_call(tree: Tree, decode: Callable[[int], str]) -> str:
+    """One target call's layout beyond the prefix: the N tree nodes, then the M extra lookahead tokens, each row
+    with its depth and what it attends to (# = attends; the prefix, always visible, is not drawn)."""
+    n, mask = len(tree), tree_attention_mask(tree, 0)  # [N + M, N + M]
+    extra = tree.lookahead.tokens if tree.lookahead is not None and tree.lookahead.tokens is not None else []
+    labels = [f"node {i} {decode(t)!r}" for i, t in enumerate(tree.tokens)]
+    labels += [f"extra {j} {decode(t)!r}" for j, t in enumerate(extra)] or \
+        [f"extra {j} (embedding)" for j in range(len(mask) - n)]
+    depth = tree_positions(tree, 0).tolist()
+    width = max(len(label) for label in labels)
+    lines = [f"{'':{width}}  depth  " + "".join("N" if j < n else "x" for j in range(len(mask)))]
+    for i, (label, row) in enumerate(zip(labels, mask.tolist())):
+        lines.append(f"{label:{width}}  {depth[i]:5d}  " + "".join("#" if seen else "." for seen in row))
     return "\n".join(lines)

@@ -346,24 +346,24 @@ class CheckedTarget:
 
     def __init__(self, model, drafter: DecoyDrafter, n_new: int):
         self.model, self.drafter, self.config, self.lm_head = model, drafter, model.config, model.lm_head
-        self.n_new = n_new
+        self.embed_tokens, self.n_new = model.embed_tokens, n_new
         self.cache, self.checked = None, 0
 
     def new_cache(self):
         self.cache = self.model.new_cache()
         return self.cache
 
-    def __call__(self, tokens, cache, **kw):
+    def __call__(self, tokens, cache, *args, **kw):
         if not self.drafter.contexts:  # the prefill
-            return self.model(tokens, cache, **kw)
+            return self.model(tokens, cache, *args, **kw)
         context = self.drafter.contexts[-1]
-        assert cache.length == len(context) - 1 and tokens[0, 0].item() == context[-1]
-        fresh_hidden = self.model(torch.tensor([context[:-1]]), return_hidden=True)[1][0]
-        assert torch.allclose(self.drafter.features[-1], fresh_hidden, atol=ATOL, rtol=0)
-        logits, hidden = self.model(tokens, cache, **kw)
         budget = self.n_new - (len(context) - len(self.drafter.prompt))
         tree = trim_tree(self.drafter.trees[-1], budget - 1, cache.max_len - cache.length)  # what the loop verifies
-        assert tokens[0].tolist() == tree.tokens
+        assert torch.equal(kw["inputs_embeds"], self.model.embed_tokens(torch.tensor([tree.tokens])))
+        assert cache.length == len(context) - 1 and tree.tokens[0] == context[-1]
+        fresh_hidden = self.model(torch.tensor([context[:-1]]), return_hidden=True)[1][0]
+        assert torch.allclose(self.drafter.features[-1], fresh_hidden, atol=ATOL, rtol=0)
+        logits, hidden = self.model(tokens, cache, *args, **kw)
         for node in range(len(tree)):
             path = [tree.tokens[i] for i in path_to(tree, node)[1:]]
             fresh = self.model(torch.tensor([context + path]))[0, -1]
