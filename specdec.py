@@ -22,6 +22,7 @@ from approximate import BiLD, Lenient, TopK, Typical
 from draft_length import SVIP, Confidence, Disco, DiscoClassifier, DraftLength, DynamicDepth, FixedLength, Heuristic
 from drafters import ChainDrafter, Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
 from model import Transformer
+from retrieval import RestDrafter, SamDrafter, SuffixDrafter
 from tokenizer import load_tokenizer
 from tree import Tree, depths, keep_indices, render_tree, subtree, tree_attention_mask, tree_positions
 from verify import Verifier, exact, expected_acceptance, probs_from_logits, sample_token
@@ -219,8 +220,10 @@ def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
-DRAFTERS = ("none", "draft", "pld", "medusa", "eagle", "blockwise")
-TREE_ONLY = ("medusa", "eagle", "blockwise")  # drafters that only draft trees (blockwise: a one-branch tree)
+DRAFTERS = ("none", "draft", "pld", "medusa", "eagle", "blockwise", "rest", "suffix", "sam")
+# drafters that only draft trees (blockwise and sam: a one-branch tree)
+TREE_ONLY = ("medusa", "eagle", "blockwise", "rest", "suffix", "sam")
+DATA_DIR = Path(__file__).resolve().parent / "data"  # train.py's default: train.bin and the retrieval datastore
 DYNAMIC_TREES = ("draft", "eagle")  # drafters that grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
 VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
 DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "svip", "disco", "dynamic")
@@ -271,8 +274,12 @@ def load_model(path: Path, device: str, dtype: torch.dtype) -> Transformer:
 
 
 def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dtype, tree_size: int,
-                 tree_depth: int, tree_width: int, sampled_siblings: bool = False) -> Drafter | None:
+                 tree_depth: int, tree_width: int, sampled_siblings: bool = False, data_dir: Path = DATA_DIR,
+                 suffix_alpha: float = 2.0) -> Drafter | None:
     device, shape = target.lm_head.weight.device, dict(width=tree_width, size=tree_size)
+    index = {"rest": "datastore.npy", "sam": "sam.npz"}.get(name)  # files under data_dir
+    if index and not ((data_dir / "train.bin").is_file() and (data_dir / index).is_file()):
+        raise UsageError(f"no retrieval datastore in {data_dir}: run python train.py data && python train.py datastore")
     head = {"medusa": "medusa", "blockwise": "medusa", "eagle": "eagle"}.get(name)  # files under weights/
     if head and not (weights / head / "model.safetensors").is_file():
         raise UsageError(f"no {head} heads in {weights / head} (see train.py)")
@@ -289,6 +296,12 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
     if name == "blockwise":  # Blockwise Parallel Decoding (Stern et al. 2018) = Medusa's heads, top-1 each: a chain
         heads = MedusaDrafter.from_pretrained(target, weights / "medusa", width=1, size=1).heads
         return MedusaDrafter(target, heads, width=1, size=len(heads.linears))
+    if name == "rest":
+        return RestDrafter.load(data_dir, depth=tree_depth, size=tree_size)
+    if name == "suffix":
+        return SuffixDrafter(depth=tree_depth, size=tree_size, alpha=suffix_alpha)
+    if name == "sam":
+        return SamDrafter.load(data_dir, depth=tree_depth, size=tree_size)
     if name == "eagle":
         return EagleDrafter.from_pretrained(target, weights / "eagle", depth=tree_depth, beam=tree_width,
                                             sampled=sampled_siblings, **shape)
@@ -384,11 +397,13 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
          tree_width: int, sampled_siblings: bool, verify: str, topk_beta: int, topk_tau: float, bild_rollback: float,
          bild_fallback: float, lenience: float, typical_epsilon: float, typical_delta: float, draft_length: str,
          confidence: float, svip_threshold: float, disco_threshold: float | None, ddd_threshold: float,
-         show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
+         suffix_alpha: float, show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
     use_tree = tree or drafter in TREE_ONLY
+    if not suffix_alpha > 0:
+        raise UsageError(f"--suffix-alpha must be > 0, got {suffix_alpha}")
     if drafter == "none" and (verify != "exact" or draft_length != "fixed"):
         raise UsageError("--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing")
     if sampled_siblings and not (temperature > 0 and use_tree and drafter in DYNAMIC_TREES):
@@ -405,7 +420,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
     if tree_width > target.config.vocab_size:
         raise UsageError(f"--tree-width {tree_width} is larger than the vocabulary ({target.config.vocab_size})")
     draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
-        drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings))
+        drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings,
+        suffix_alpha=suffix_alpha))
     prompt_ids = enc.encode_ordinary(prompt)
     if len(prompt_ids) >= target.config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
@@ -476,7 +492,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="directory with target/, draft/ and tokenizer.tiktoken")
     ap.add_argument("-d", "--drafter", default="draft", help="none (plain decoding), draft (small model), pld "
                     "(prompt lookup), medusa (Medusa heads, token tree), eagle (EAGLE head, EAGLE-2 dynamic tree), "
-                    "blockwise (Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain)")
+                    "blockwise (Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain); retrieval, no model: rest "
+                    "(REST: suffix array of the training split, frequency trie), suffix (SuffixDecoding: suffix tries "
+                    "of this prompt and earlier outputs), sam (SAM Decoding: suffix automata, one chain); rest and sam "
+                    "need python train.py data && python train.py datastore")
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains); the most "
                     "for --draft-length confidence/svip/disco, the start for heuristic")
     ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")
@@ -510,6 +529,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "acceptance probability is below this (default: the trained one)")
     ap.add_argument("--ddd-threshold", type=float, default=0.1, help="dynamic: stop growing the tree when the "
                     "frontier's total path probability is below this")
+    ap.add_argument("--suffix-alpha", type=float, default=2.0, help="suffix: at most alpha x match length "
+                    "drafted nodes (SuffixDecoding's MAX_SPEC), and never more than --tree-size")
     ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked")
     ap.add_argument("-c", "--compare", action="store_true", help="also run plain decoding and print the speedup")
     ap.add_argument("--no-color", action="store_true", help="do not highlight accepted draft tokens")
