@@ -21,7 +21,7 @@ import torch
 
 from draft_length import DraftLength
 from drafters import Drafter
-from specdec import (DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, Stats, UsageError, check_args, decode, load_checked,
+from specdec import (DATA_DIR, DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, Stats, UsageError, check_args, decode, load_checked,
                      load_model, make_draft_length, make_drafter, make_verifier)
 from tokenizer import load_tokenizer
 from train import function_prompts
@@ -237,7 +237,14 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                    Method("EAGLE-2 (dynamic tree)", drafter_named("eagle"), True),
                    Method("Jacobi (block 4)", drafter_named("jacobi"), True),
                    Method("Lookahead (W 3, N 3, G 3)", drafter_named("lookahead"), True),
-                   Method("PaSS (4 lookahead embeddings)", drafter_named("pass"), True)]
+                   Method("PaSS (4 lookahead embeddings)", drafter_named("pass"), True),
+                   Method("SuffixDecoding (suffix tries, learns across prompts)", drafter_named("suffix"), True)]
+        if (DATA_DIR / "datastore.npy").is_file() and (DATA_DIR / "sam.npz").is_file():
+            methods += [Method("REST (suffix array of train split)", drafter_named("rest"), True),
+                        Method("SAM Decoding (suffix automata)", drafter_named("sam"), True)]
+        else:
+            print(f"note: no retrieval datastore in {DATA_DIR}, so no REST and SAM rows "
+                  "(python train.py data && python train.py datastore)")
         printer = print_methods
     todo = function_prompts(enc, prompts, heldout=True)
     measure(target, methods, todo, args, device)

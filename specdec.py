@@ -23,6 +23,7 @@ from draft_length import SVIP, Confidence, Disco, DiscoClassifier, DraftLength, 
 from drafters import ChainDrafter, Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
 from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import Transformer
+from retrieval import RestDrafter, SamDrafter, SuffixDrafter
 from tokenizer import load_tokenizer
 from tree import (Tree, depths, keep_indices, render_call, render_tree, subtree, tree_attention_mask,
                   tree_positions)
@@ -235,8 +236,11 @@ def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
-DRAFTERS = ("none", "draft", "pld", "medusa", "eagle", "blockwise", "jacobi", "lookahead", "pass")
-TREE_ONLY = ("medusa", "eagle", "blockwise", "jacobi", "lookahead", "pass")  # drafters of trees only (some chains)
+DRAFTERS = ("none", "draft", "pld", "medusa", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix",
+            "sam")
+# drafters that only draft trees (blockwise, jacobi, pass and sam: one-branch trees)
+TREE_ONLY = ("medusa", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix", "sam")
+DATA_DIR = Path(__file__).resolve().parent / "data"  # train.py's default: train.bin and the retrieval datastore
 DYNAMIC_TREES = ("draft", "eagle")  # drafters that grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
 VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
 DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "svip", "disco", "dynamic")
@@ -288,8 +292,12 @@ def load_model(path: Path, device: str, dtype: torch.dtype) -> Transformer:
 
 def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dtype, tree_size: int,
                  tree_depth: int, tree_width: int, sampled_siblings: bool = False, jacobi_block: int = 4,
-                 lookahead: tuple[int, int, int] = (3, 3, 3)) -> Drafter | None:
+                 lookahead: tuple[int, int, int] = (3, 3, 3), data_dir: Path = DATA_DIR,
+                 suffix_alpha: float = 2.0) -> Drafter | None:
     device, shape = target.lm_head.weight.device, dict(width=tree_width, size=tree_size)
+    index = {"rest": "datastore.npy", "sam": "sam.npz"}.get(name)  # files under data_dir
+    if index and not ((data_dir / "train.bin").is_file() and (data_dir / index).is_file()):
+        raise UsageError(f"no retrieval datastore in {data_dir}: run python train.py data && python train.py datastore")
     head = {"medusa": "medusa", "blockwise": "medusa", "eagle": "eagle", "pass": "pass"}.get(name)  # under weights/
     if head and not (weights / head / "model.safetensors").is_file():
         raise UsageError(f"no {head} weights in {weights / head} (see train.py)")
@@ -306,6 +314,12 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
     if name == "blockwise":  # Blockwise Parallel Decoding (Stern et al. 2018) = Medusa's heads, top-1 each: a chain
         heads = MedusaDrafter.from_pretrained(target, weights / "medusa", width=1, size=1).heads
         return MedusaDrafter(target, heads, width=1, size=len(heads.linears))
+    if name == "rest":
+        return RestDrafter.load(data_dir, depth=tree_depth, size=tree_size)
+    if name == "suffix":
+        return SuffixDrafter(depth=tree_depth, size=tree_size, alpha=suffix_alpha)
+    if name == "sam":
+        return SamDrafter.load(data_dir, depth=tree_depth, size=tree_size)
     if name == "eagle":
         return EagleDrafter.from_pretrained(target, weights / "eagle", depth=tree_depth, beam=tree_width,
                                             sampled=sampled_siblings, **shape)
@@ -408,7 +422,7 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
          bild_fallback: float, lenience: float, typical_epsilon: float, typical_delta: float, draft_length: str,
          confidence: float, svip_threshold: float, disco_threshold: float | None, ddd_threshold: float,
          jacobi_block: int, lookahead_window: int, lookahead_ngram: int, lookahead_candidates: int,
-         show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
+         suffix_alpha: float, show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
@@ -416,6 +430,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
             (lookahead_window < 1 or lookahead_ngram < 2 or lookahead_candidates < 0,
              "--lookahead-window must be >= 1, --lookahead-ngram >= 2 and --lookahead-candidates >= 0")])
     use_tree = tree or drafter in TREE_ONLY
+    if not suffix_alpha > 0:
+        raise UsageError(f"--suffix-alpha must be > 0, got {suffix_alpha}")
     if drafter == "none" and (verify != "exact" or draft_length != "fixed"):
         raise UsageError("--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing")
     if sampled_siblings and not (temperature > 0 and use_tree and drafter in DYNAMIC_TREES):
@@ -433,7 +449,7 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
         raise UsageError(f"--tree-width {tree_width} is larger than the vocabulary ({target.config.vocab_size})")
     draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
         drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings, jacobi_block,
-        (lookahead_window, lookahead_ngram, lookahead_candidates)))
+        (lookahead_window, lookahead_ngram, lookahead_candidates), suffix_alpha=suffix_alpha))
     prompt_ids = enc.encode_ordinary(prompt)
     if len(prompt_ids) >= target.config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
@@ -507,7 +523,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-d", "--drafter", default="draft", help="none (plain decoding), draft (small model), pld "
                     "(prompt lookup), medusa (Medusa heads, token tree), eagle (EAGLE head, EAGLE-2 dynamic tree), "
                     "blockwise (Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain), jacobi (Jacobi "
-                    "decoding), lookahead (Lookahead decoding), pass (PaSS: learned lookahead embeddings)")
+                    "decoding), lookahead (Lookahead decoding), pass (PaSS: learned lookahead embeddings); retrieval, "
+                    "no model: rest (REST: suffix array of the training split, frequency trie), suffix "
+                    "(SuffixDecoding: suffix tries of this prompt and earlier outputs), sam (SAM Decoding: suffix "
+                    "automata, one chain); rest and sam need python train.py data && python train.py datastore")
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains); the most "
                     "for --draft-length confidence/svip/disco, the start for heuristic")
     ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")
@@ -545,6 +564,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lookahead-window", type=int, default=3, help="lookahead: window W (places per level)")
     ap.add_argument("--lookahead-ngram", type=int, default=3, help="lookahead: n-gram size N (N - 1 levels)")
     ap.add_argument("--lookahead-candidates", type=int, default=3, help="lookahead: G, pool n-grams verified per call")
+    ap.add_argument("--suffix-alpha", type=float, default=2.0, help="suffix: at most alpha x match length "
+                    "drafted nodes (SuffixDecoding's MAX_SPEC), and never more than --tree-size")
     ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked; "
                     "for jacobi and lookahead also the call's extra tokens and its attention mask")
     ap.add_argument("-c", "--compare", action="store_true", help="also run plain decoding and print the speedup")

@@ -2,6 +2,7 @@
 
     python train.py tokenizer   # corpus -> weights/tokenizer.tiktoken (byte-level BPE, 4096 tokens)
     python train.py data        # corpus -> data/train.bin, data/val.bin (uint16 token ids)
+    python train.py datastore   # train.bin -> data/datastore.npy, data/sam.npz (REST's and SAM Decoding's indexes)
     python train.py target      # data -> weights/target/  (LLaMA, ~16M parameters)
     python train.py draft       # data -> weights/draft/   (LLaMA, ~1.6M parameters, same tokenizer)
     python train.py medusa      # target -> weights/medusa/ (4 Medusa heads on the frozen target)
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import retrieval
 from draft_length import DiscoClassifier, Recorder
 from drafters import EagleHead, MedusaHeads, ModelDrafter, save_head
 from maskpredict import PassEmbeddings
@@ -102,6 +104,12 @@ def build_data(args) -> None:
         ids = [t for doc in docs for t in enc.encode_ordinary(doc) + [enc.eot_token]]
         np.array(ids, dtype=np.uint16).tofile(Path(args.data_dir) / f"{split}.bin")
         print(f"{split}: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB, {len(ids) / 1e6:.2f}M tokens")
+
+
+def build_datastore(args) -> None:
+    if not (Path(args.data_dir) / "train.bin").is_file():
+        raise SystemExit(f"no {Path(args.data_dir) / 'train.bin'}: run python train.py data first")
+    retrieval.build_datastore(Path(args.data_dir))
 
 
 def random_windows(data: np.ndarray, batch_size: int, length: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -386,14 +394,16 @@ def train_pass(args) -> None:
 def main(stage: str, **args) -> None:
     args = argparse.Namespace(stage=stage, **args)
     stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
-              "medusa": train_medusa, "eagle": train_eagle, "disco": train_disco, "pass": train_pass}
+              "datastore": build_datastore, "medusa": train_medusa, "eagle": train_eagle, "disco": train_disco,
+              "pass": train_pass}
     stages[stage](args)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["tokenizer", "data", "target", "draft", "medusa", "eagle", "disco", "pass"],
-                    help="what to build")
+    ap.add_argument("stage", choices=["tokenizer", "data", "datastore", "target", "draft", "medusa", "eagle", "disco",
+                                      "pass"], help="what to build (datastore: the retrieval indexes of -d rest and -d "
+                    "sam, after data)")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
     ap.add_argument("--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models")
     ap.add_argument("--data-dir", default=str(HERE / "data"), help="where the tokenized corpus is written and read")
