@@ -368,26 +368,46 @@ def train_disco(args) -> None:
     print(f"saved disco: threshold {best[0]:.2f} ({best[1]:.1f} tokens/s estimated; threshold 0 = fixed gamma)")
 
 
+def pass_layout(context: int, k: int, cuts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [context + len(cuts) k] and attention mask (bool, square) for training PaSS on several cut points of
+    one window at once: block b holds the k embeddings placed after token cuts[b], seeing tokens 0..cuts[b] and the
+    embeddings of its own block before it, at positions cuts[b] + 1 .. cuts[b] + k."""
+    n = context + len(cuts) * k
+    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+    mask[:context, :context] = torch.ones(context, context, dtype=torch.bool, device=device).tril()
+    positions = torch.cat([torch.arange(context, device=device)] + [torch.arange(c + 1, c + 1 + k, device=device)
+                                                                    for c in cuts])
+    for b, c in enumerate(cuts):
+        rows = slice(context + b * k, context + (b + 1) * k)
+        mask[rows, :c + 1] = True
+        mask[rows, rows] = torch.ones(k, k, dtype=torch.bool, device=device).tril()
+    return positions, mask
+
+
 def train_pass(args) -> None:
     """PaSS (Monea et al. 2023): k lookahead embeddings appended after a context of the frozen target; the output
     at embedding j must predict the token j + 1 places after the context's last token (embedding 1 stands where
-    the next token goes). Only the k embeddings are trained."""
+    the next token goes). Only the k embeddings are trained. Each window is cut at --pass-cuts evenly spaced
+    places at once (pass_layout), so one forward trains on many contexts."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads or torch.get_num_threads())
     train, val = load_splits(args)
     target = frozen_target(args, device)
     k, context, C = args.pass_tokens, args.pass_context, target.config.hidden_size
+    cuts = [int(c) for c in np.linspace(context // 4, context - k - 2, args.pass_cuts)]  # last token of each context
+    positions, mask = pass_layout(context, k, cuts, device)
+    labels = torch.tensor([c + 1 + j for c in cuts for j in range(1, k + 1)], device=device)  # window index of each target
     module = PassEmbeddings(k, C).to(device)
     with torch.no_grad():  # start at the average token embedding: a plausible input for every place
         module.embeds.copy_(target.embed_tokens.weight.mean(0).expand(k, C))
 
-    def loss_fn(x):  # x [B, context + k + 1]
-        inputs = torch.cat([target.embed_tokens(x[:, :context]), module.embeds.expand(len(x), k, C)], dim=1)
-        logits = target(None, inputs_embeds=inputs)[:, context:]  # [B, k, V]: the embeddings' outputs
-        return F.cross_entropy(logits.flatten(0, 1).float(), x[:, context + 1:].flatten())
+    def loss_fn(x):  # x [B, context]
+        inputs = torch.cat([target.embed_tokens(x), module.embeds.repeat(len(cuts), 1).expand(len(x), -1, C)], dim=1)
+        logits = target(None, positions=positions, attn_mask=mask, inputs_embeds=inputs)[:, context:]  # [B, cuts k, V]
+        return F.cross_entropy(logits.flatten(0, 1).float(), x[:, labels].flatten())
 
-    train_loop(args, module, lambda g: random_windows(train, args.batch_size, context + k + 1, g, device), loss_fn,
-               fixed_windows(val, 40, context + k + 1, device), lambda: save_head(
+    train_loop(args, module, lambda g: random_windows(train, args.batch_size, context, g, device), loss_fn,
+               fixed_windows(val, 40, context, device), lambda: save_head(
                    module, {"num_tokens": k, "hidden_size": C}, Path(args.weights) / "pass"))
 
 
@@ -435,5 +455,6 @@ if __name__ == "__main__":
     ap.add_argument("--disco-hidden", type=int, default=32, help="disco: hidden width of the classifier")
     ap.add_argument("--disco-epochs", type=int, default=500, help="disco: full-batch Adam steps")
     ap.add_argument("--pass-tokens", type=int, default=4, help="pass: lookahead embeddings (drafts per call)")
-    ap.add_argument("--pass-context", type=int, default=128, help="pass: context tokens before them in training")
+    ap.add_argument("--pass-context", type=int, default=128, help="pass: training window in tokens")
+    ap.add_argument("--pass-cuts", type=int, default=16, help="pass: contexts cut from each window, trained at once")
     main(**vars(ap.parse_args()))

@@ -11,6 +11,16 @@ from train import function_prompts
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Toy-sized matmuls and batch-1 forwards run fastest on one thread, and several threads crawl when other jobs
+    share the CPU. A module asks for it with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def short_references():
     """(tokenizer, shipped target, [(prompt, its greedy 24-token continuation)]): four held-out code prompts of

@@ -28,6 +28,9 @@ RUNS = {  # name: the arguments of `python specdec.py`
     "drafter draft": ["-p", PROMPT, "-n", "16", "-d", "draft", "--compare"],
     "drafter pld": ["-p", PROMPT, "-n", "16", "-d", "pld", "--compare"],
     "drafter blockwise": ["-p", PROMPT, "-n", "16", "-d", "blockwise", "--compare"],
+    "drafter jacobi": ["-p", "class Stack:", "-n", "16", "-d", "jacobi", "--compare"],
+    "drafter lookahead": ["-p", "class Stack:", "-n", "16", "-d", "lookahead", "--compare"],
+    "drafter pass": ["-p", "class Stack:", "-n", "16", "-d", "pass", "--compare"],
     "draft length svip": ["-p", PROMPT, "-n", "16", "-l", "svip", "--compare"],
     "lossy topk": ["-p", PROMPT, "-n", "16", "-v", "topk", "--compare"],
     "seed 1": SAMPLING + ["-s", "1"],
@@ -62,6 +65,8 @@ BAD_INPUTS = {
     "dynamic depth on a chain": ["-p", PROMPT, "-l", "dynamic"],
     "svip without a draft distribution": ["-p", PROMPT, "-d", "pld", "-l", "svip"],
     "chain policy on a tree": ["-p", PROMPT, "-d", "eagle", "-l", "heuristic"],
+    "lookahead n-gram of one": ["-p", PROMPT, "-d", "lookahead", "--lookahead-ngram", "1"],
+    "jacobi block 0": ["-p", PROMPT, "-d", "jacobi", "--jacobi-block", "0"],
     "sampled siblings at temperature 0": ["-p", PROMPT, "-d", "eagle", "--sampled-siblings"],
     "verification without a drafter": ["-p", PROMPT, "-d", "none", "-v", "topk"],
     "missing prompt": ["-n", "3"],
@@ -131,11 +136,11 @@ def test_bare_command_prints_the_continuation_then_the_stats(cli):
 
 
 @pytest.mark.parametrize("run", ["drafter none", "drafter draft", "drafter pld", "drafter blockwise",
-                                 "draft length svip"])
+                                 "drafter jacobi", "drafter lookahead", "drafter pass", "draft length svip"])
 def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, run):
     r = cli[run]
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(PROMPT) and STATS.search(r.stdout)
+    assert r.stdout.startswith(RUNS[run][1]) and STATS.search(r.stdout)
     assert re.search(r"speedup \d+\.\d+x; output identical to the speculative one", r.stdout), r.stdout
     assert "LOSSY" not in r.stdout
 

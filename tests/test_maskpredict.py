@@ -16,18 +16,14 @@ from specdec import call_embeds, generate, tree_speculative_generate
 from tests.reference import reference_logits
 from tests.test_tree_decoding import sample_tree_decoding
 from tests.toy import chi_square, chi_square_critical, exact_joint, toy_model
+from train import pass_layout
 from tree import Lookahead, Tree, path_to, tree_attention_mask, tree_positions
 
 no_deadline = settings(deadline=None, max_examples=40)
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def noop_read(logits, path):
@@ -181,6 +177,21 @@ def test_pass_appends_its_embeddings_causally_after_the_chain_and_keeps_drafts_o
     with torch.inference_mode():
         out, _ = tree_speculative_generate(target, drafter, [1, 2, 3], 20, temperature=0)
     assert out == generate(target, [1, 2, 3], 20)
+
+
+def test_pass_training_layout_equals_one_forward_per_cut():
+    """train.py pass trains on several cuts of a window in one forward: each block's outputs must equal a forward
+    of the tokens up to its cut followed by the embeddings alone."""
+    target, (T, k, cuts) = toy_model(seed=3, max_len=64), (20, 3, [4, 9, 15])
+    positions, mask = pass_layout(T, k, cuts, "cpu")
+    tokens = torch.randint(0, 6, (1, T), generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(k, target.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        out = target(None, positions=positions, attn_mask=mask, inputs_embeds=torch.cat(
+            [target.embed_tokens(tokens), embeds.repeat(len(cuts), 1)[None]], dim=1))[0, T:]
+        for b, c in enumerate(cuts):
+            alone = target(None, inputs_embeds=torch.cat([target.embed_tokens(tokens[:, :c + 1]), embeds[None]], 1))[0]
+            assert torch.allclose(out[b * k:(b + 1) * k], alone[c + 1:], atol=ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

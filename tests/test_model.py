@@ -14,13 +14,7 @@ WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy-sized matmuls run fastest on one thread, and several threads crawl when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_config(tie=False):
