@@ -471,7 +471,8 @@ if __name__ == "__main__":
                     help="pinned package list (name==version lines; a '# heldout' line starts the held-out ones)")
     ap.add_argument("--corpus-dir", default=str(HERE / "data" / "corpus"),
                     help="where `corpus` puts the downloads and the extracted .py files")
-    ap.add_argument("--eval-bytes", type=int, default=300_000, help="eval: UTF-8 bytes scored per held-out set")
+    ap.add_argument("--eval-bytes", type=int, default=100_000,
+                    help="eval: about this many UTF-8 bytes scored per held-out set, in evenly spaced windows")
     ap.add_argument("--eval-stride", type=int, default=512,
                     help="eval: tokens a window advances, less than the context (each window scores only its last "
                          "stride tokens, so each token has at least context - stride tokens before it)")
