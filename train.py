@@ -9,13 +9,18 @@
     python train.py eagle       # target -> weights/eagle/  (one EAGLE decoder layer on the frozen target)
     python train.py disco       # target + draft -> weights/disco/ (DISCO's stop classifier, draft_length.py)
     python train.py pass        # target -> weights/pass/  (PaSS's lookahead embeddings, maskpredict.py)
+    python train.py corpus      # corpus_packages.txt -> data/corpus/ (the wider corpus for the next run, corpus.py)
+    python train.py eval        # bits per byte of the target and the draft on held-out packages and stdlib files
 
 The default corpus is the Python standard library of the interpreter running this file (tests included,
-site-packages excluded), so anyone can rebuild the weights offline; `--data FILE` trains on any text file instead.
+site-packages excluded), so anyone can rebuild the weights offline; `--data FILE` trains on any text file instead,
+and `--corpus packages` on the standard library plus the packages of corpus_packages.txt (after `train.py corpus`).
 """
 import argparse
 import hashlib
 import math
+import platform
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import corpus
 import retrieval
 from draft_length import DiscoClassifier, Recorder
 from drafters import EagleHead, MedusaHeads, ModelDrafter, save_head
@@ -55,14 +61,29 @@ def is_heldout(rel_path: str) -> bool:
     return int(hashlib.md5(rel_path.encode()).hexdigest(), 16) % 20 == 0
 
 
-def corpus_documents(split: str, data_file: str | None = None) -> list[str]:
-    """The documents of `split` ('train' or 'val'): each stdlib file preceded by a `# file:` line."""
+def corpus_documents(split: str, data_file: str | None = None, args=None) -> list[str]:
+    """The documents of `split` ('train' or 'val'): each stdlib file preceded by a `# file:` line. With
+    `--corpus packages`, training adds the training packages' files; validation stays the held-out stdlib files."""
     if data_file:  # any text file: its last 5% is the validation split
         text = Path(data_file).read_text(errors="replace")
         cut = int(len(text) * 0.95)
         return [text[:cut]] if split == "train" else [text[cut:]]
+    if args is not None and args.corpus == "packages":
+        groups = package_splits(args)
+        return [corpus.document_text(d) for d in groups["train" if split == "train" else "stdlib"]]
     return [f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace")
             for rel, path in stdlib_files() if is_heldout(rel) == (split == "val")]
+
+
+def stdlib_documents() -> tuple[list[corpus.Document], list[corpus.Document]]:
+    """(training, held-out) standard-library files, split by `is_heldout`."""
+    docs = [corpus.Document("stdlib", rel, path.read_bytes()) for rel, path in stdlib_files()]
+    return [d for d in docs if not is_heldout(d.path)], [d for d in docs if is_heldout(d.path)]
+
+
+def package_splits(args) -> dict[str, list[corpus.Document]]:
+    """corpus.split_documents on this interpreter's standard library and the packages of --packages."""
+    return corpus.split_documents(*stdlib_documents(), corpus.read_packages(args.packages), Path(args.corpus_dir))
 
 
 def function_prompts(enc, n: int, context_tokens: int = 384, heldout: bool = True) -> list[list[int]]:
@@ -90,7 +111,7 @@ def function_prompts(enc, n: int, context_tokens: int = 384, heldout: bool = Tru
 
 def build_tokenizer(args) -> None:
     t0 = time.time()
-    ranks = train_bpe(corpus_documents("train", args.data), vocab_size=args.vocab_size)
+    ranks = train_bpe(corpus_documents("train", args.data, args), vocab_size=args.vocab_size)
     Path(args.weights).mkdir(parents=True, exist_ok=True)
     save_ranks(ranks, Path(args.weights) / "tokenizer.tiktoken")
     print(f"tokenizer: {len(ranks)} ranks + {EOT} in {time.time() - t0:.0f}s")
@@ -100,7 +121,7 @@ def build_data(args) -> None:
     enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        docs = corpus_documents(split, args.data)
+        docs = corpus_documents(split, args.data, args)
         ids = [t for doc in docs for t in enc.encode_ordinary(doc) + [enc.eot_token]]
         np.array(ids, dtype=np.uint16).tofile(Path(args.data_dir) / f"{split}.bin")
         print(f"{split}: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB, {len(ids) / 1e6:.2f}M tokens")
@@ -110,6 +131,69 @@ def build_datastore(args) -> None:
     if not (Path(args.data_dir) / "train.bin").is_file():
         raise SystemExit(f"no {Path(args.data_dir) / 'train.bin'}: run python train.py data first")
     retrieval.build_datastore(Path(args.data_dir))
+
+
+def build_corpus(args) -> None:
+    """Fetch and extract every package of --packages, then print the table of weights/README.md: files, MB and
+    tokens (current tokenizer) of each package after deduplication, by split."""
+    packages = corpus.read_packages(args.packages)
+    corpus.fetch_corpus(packages, Path(args.corpus_dir))
+    groups = package_splits(args)
+    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
+    extracted = {p.name: sorted((Path(args.corpus_dir) / "packages" / f"{p.name}-{p.version}").rglob("*.py"))
+                 for p in packages}
+    stdlib_counts = dict(zip(("train", "held out"), map(len, stdlib_documents())))
+    versions = {p.name: p.version for p in packages} | {"stdlib": platform.python_version()}
+    print("| package | version | split | .py files (before dedupe) | files kept | MB kept | tokens kept |")
+    print("|---|---|---|---|---|---|---|")
+    totals = {}
+    for split, docs in groups.items():
+        by_package: dict[str, list[corpus.Document]] = {}
+        for doc in docs:
+            by_package.setdefault(doc.group, []).append(doc)
+        for name, pkg_docs in by_package.items():
+            texts = [corpus.document_text(d) for d in pkg_docs]
+            n_bytes = sum(len(t.encode()) for t in texts)
+            n_tokens = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=1))) + len(texts)  # + <|endoftext|>
+            label = "train" if split == "train" else "held out"
+            n_extracted = len(extracted[name]) if name in extracted else stdlib_counts[label]
+            print(f"| {name} | {versions[name]} | {label} | {n_extracted} | {len(pkg_docs)} | {n_bytes / 1e6:.1f} | "
+                  f"{n_tokens / 1e6:.2f}M |", flush=True)
+            totals[label] = [a + b for a, b in zip(totals.get(label, [0, 0, 0]), (len(pkg_docs), n_bytes, n_tokens))]
+    for label, (files, n_bytes, n_tokens) in totals.items():
+        print(f"| **total {label}** | | | | {files} | {n_bytes / 1e6:.1f} | {n_tokens / 1e6:.2f}M |")
+
+
+def evaluate(args) -> None:
+    """Bits per byte of the target and the draft on each held-out package and on the held-out stdlib files: each set
+    is one token stream (files in path order), scored in windows of the model's context that advance by
+    --eval-stride, on evenly spaced windows holding about --eval-bytes (corpus.bits_per_byte)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
+    models = {name: Transformer.from_pretrained(Path(args.weights) / name) for name in ("target", "draft")}
+    contexts = {name: eval_context(args, m) for name, m in models.items()}
+    if not 0 < args.eval_stride < min(contexts.values()):
+        raise corpus.CorpusError(f"--eval-stride must be in 1..{min(contexts.values()) - 1}, got {args.eval_stride}")
+    groups = package_splits(args)
+    print(f"evenly spaced windows of {contexts} tokens, scoring the last {args.eval_stride} of each", flush=True)
+    print(f"| held-out set | files | MB | bytes scored | {' | '.join(f'{m} bits/byte' for m in models)} | seconds |")
+    print("|---|---|---|---|" + "---|" * len(models) + "---|")
+    for name, docs in groups.items():
+        if name == "train":
+            continue
+        t0, texts = time.time(), [corpus.document_text(d) for d in docs]
+        scores = [corpus.bits_per_byte(m, enc, texts, contexts[key], args.eval_stride, args.eval_bytes)
+                  for key, m in models.items()]
+        print(f"| {name} | {len(docs)} | {sum(len(t.encode()) for t in texts) / 1e6:.1f} | {scores[0][1]:,} | "
+              + " | ".join(f"{s:.3f}" for s, _ in scores) + f" | {time.time() - t0:.0f} |", flush=True)
+
+
+def eval_context(args, model: Transformer) -> int:
+    """--eval-context, or the model's whole context; never more, since RoPE tables stop there."""
+    limit = model.config.max_position_embeddings
+    if args.eval_context > limit:
+        raise corpus.CorpusError(f"--eval-context {args.eval_context} exceeds the model's context ({limit})")
+    return args.eval_context or limit
 
 
 def random_windows(data: np.ndarray, batch_size: int, length: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -413,20 +497,39 @@ def train_pass(args) -> None:
 
 def main(stage: str, **args) -> None:
     args = argparse.Namespace(stage=stage, **args)
+    if args.data_dir is None:  # the wider corpus gets its own token files, so the stdlib ones stay as they were
+        args.data_dir = str(HERE / "data" / ("packages" if args.corpus == "packages" else ""))
     stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
               "datastore": build_datastore, "medusa": train_medusa, "eagle": train_eagle, "disco": train_disco,
-              "pass": train_pass}
-    stages[stage](args)
+              "pass": train_pass, "corpus": build_corpus, "eval": evaluate}
+    try:
+        stages[stage](args)
+    except corpus.CorpusError as e:
+        sys.exit(f"train.py {stage}: {e}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["tokenizer", "data", "datastore", "target", "draft", "medusa", "eagle", "disco",
-                                      "pass"], help="what to build (datastore: the retrieval indexes of -d rest and -d "
-                    "sam, after data)")
+                                      "pass", "corpus", "eval"], help="what to build (datastore: the retrieval indexes "
+                    "of -d rest and -d sam, after data)")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
     ap.add_argument("--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models")
-    ap.add_argument("--data-dir", default=str(HERE / "data"), help="where the tokenized corpus is written and read")
+    ap.add_argument("--data-dir", default=None,
+                    help="where the tokenized corpus is written and read (default: data/, or data/packages/ with "
+                         "--corpus packages)")
+    ap.add_argument("--corpus", choices=["stdlib", "packages"], default="stdlib",
+                    help="stdlib: the standard library (the shipped weights); packages: plus corpus_packages.txt")
+    ap.add_argument("--packages", default=str(HERE / "corpus_packages.txt"),
+                    help="pinned package list (name==version lines; a '# heldout' line starts the held-out ones)")
+    ap.add_argument("--corpus-dir", default=str(HERE / "data" / "corpus"),
+                    help="where `corpus` puts the downloads and the extracted .py files")
+    ap.add_argument("--eval-bytes", type=int, default=100_000,
+                    help="eval: about this many UTF-8 bytes scored per held-out set, in evenly spaced windows")
+    ap.add_argument("--eval-stride", type=int, default=512,
+                    help="eval: tokens a window advances, less than the context (each window scores only its last "
+                         "stride tokens, so each token has at least context - stride tokens before it)")
+    ap.add_argument("--eval-context", type=int, default=0, help="eval: window length in tokens (0 = model's context)")
     ap.add_argument("--checkpoints", default=str(HERE / "checkpoints"), help="where training checkpoints go")
     ap.add_argument("--distill", default=None, help="train on this model's soft labels (a trained target dir)")
     ap.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint")
