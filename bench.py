@@ -106,7 +106,7 @@ def speed_columns(m: Method, base: Method) -> str:
     return f"{s.tau:.2f} | {s.acceptance_rate:.2f}{theory} | {rate:.1f} | {rate / base_rate:.2f}x"
 
 
-def print_methods(methods: list[Method], n_prompts: int) -> None:
+def print_methods(methods: list[Method], n_prompts: int, temperature: float) -> None:
     print("| Method | tau (tokens/call) | acceptance (theory) | tokens/s | speedup | draft ms/drafted token | verify ms/call "
           "| candidates + extra tokens per call |")
     print("|---|---|---|---|---|---|---|---|")
@@ -127,19 +127,20 @@ def print_histograms(methods: list[Method]) -> None:
             print(f"{m.name}: accepted drafts per call {dict(enumerate(m.stats.accept_counts))}")
 
 
-def print_verifiers(methods: list[Method], n_prompts: int) -> None:
+def print_verifiers(methods: list[Method], n_prompts: int, temperature: float) -> None:
     print("| Rule | lossy | tau (tokens/call) | acceptance (lossless theory) | tokens/s | speedup | agreement with "
           "target greedy | target NLL/token | outputs identical to autoregressive |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = methods[0]
     for m in methods:
         lossy = "-" if m.verifier is None else ("**LOSSY**" if m.verifier.lossy else "no")
+        identical = f"{m.identical}/{n_prompts}" if temperature == 0 else "n/a (sampling)"
         print(f"| {m.name} | {lossy} | {speed_columns(m, base)} | {m.agree / max(1, m.tokens):.3f} | "
-              f"{m.nll / max(1, m.tokens):.3f} | {m.identical}/{n_prompts} |")
+              f"{m.nll / max(1, m.tokens):.3f} | {identical} |")
     print_histograms(methods)
 
 
-def print_lengths(methods: list[Method], n_prompts: int) -> None:
+def print_lengths(methods: list[Method], n_prompts: int, temperature: float) -> None:
     print("| Policy | drafter | tau (tokens/call) | acceptance (theory) | tokens/s | speedup | drafted/call | "
           "wasted drafts/call | draft ms/call | verify ms/call |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -151,7 +152,7 @@ def print_lengths(methods: list[Method], n_prompts: int) -> None:
     print_histograms(methods[1:])
 
 
-def print_siblings(methods: list[Method], n_prompts: int) -> None:
+def print_siblings(methods: list[Method], n_prompts: int, temperature: float) -> None:
     print("| Drafter | siblings | temperature | tau (tokens/call) | acceptance | tokens/s | speedup |")
     print("|---|---|---|---|---|---|---|")
     bases = {m.temperature: m for m in methods if m.drafter is None}
@@ -251,7 +252,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     print(f"\n{len(todo)} held-out prompts, {max_new_tokens} new tokens max, gamma {gamma}, temperature "
           f"{'0.7 and 1.0' if siblings else temperature}, device {device}, {'bf16' if bf16 else 'fp32'}; trees: "
           f"{tree_size} nodes, depth {tree_depth}, width {tree_width}\n")
-    printer(methods, len(todo))
+    printer(methods, len(todo), temperature)
 
 
 def names(value: str, known: tuple, flag: str) -> list[str]:
