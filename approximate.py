@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from tree import Tree
-from verify import speculative_sample, tree_speculative_sample, tree_tensors
+from verify import SpeculativeSampling, tree_tensors
 
 
 def chain_tree(drafts: Tensor, q: Tensor | None) -> Tree:
@@ -89,11 +89,12 @@ class TopK(RelaxedRule):
         self.beta, self.tau = beta, tau
 
     def acceptable(self, logits: Tensor, p: Tensor, tokens: Tensor) -> Tensor:
+        mine = logits.gather(-1, tokens[:, None])  # [M, 1]; ranks on the raw logits, exactly as argmax does
+        index = torch.arange(logits.shape[-1], device=logits.device)
+        ahead = (logits > mine) | ((logits == mine) & (index < tokens[:, None]))  # tokens ranked before x
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [M, V]
-        mine = logprobs.gather(-1, tokens[:, None])  # [M, 1]
-        index = torch.arange(logprobs.shape[-1], device=logits.device)
-        ahead = (logprobs > mine) | ((logprobs == mine) & (index < tokens[:, None]))  # tokens ranked before x
-        return (ahead.sum(dim=-1) < self.beta) & (mine[:, 0] >= logprobs.max(dim=-1).values - self.tau)
+        gap = logprobs.max(dim=-1).values - logprobs.gather(-1, tokens[:, None])[:, 0]
+        return (ahead.sum(dim=-1) < self.beta) & (gap <= self.tau)
 
 
 class BiLD(RelaxedRule):
@@ -113,11 +114,12 @@ class BiLD(RelaxedRule):
         return (tokens == logits.argmax(dim=-1)) | (distance <= self.rollback)
 
 
-class Lenient:
+class Lenient(SpeculativeSampling):
     """Lenient speculative sampling (Leviathan et al. 2023 App. A.5; DistillSpec's lenience, Zhou et al. 2023).
     LOSSY for lenience < 1. A draft x ~ q is accepted with probability min(1, p(x) / (l q(x))), so more drafts
     stand; after a rejection the token comes from the usual residual norm(max(0, p - q)) (the complement of the
-    accepted mass min(q, p / l) with DistillSpec's f(p) = p / l). l = 1 is exact speculative sampling."""
+    accepted mass min(q, p / l) with DistillSpec's f(p) = p / l). l = 1 is exact speculative sampling: the same
+    chain and tree walks as verify.SpeculativeSampling, with the lenience passed down."""
 
     lossy = True
 
@@ -125,9 +127,3 @@ class Lenient:
         if not 0 < lenience <= 1 or math.isnan(lenience):
             raise ValueError(f"lenience must be in (0, 1], got {lenience}")
         self.lenience = lenience
-
-    def chain(self, logits, p, q, drafts, generator):
-        return speculative_sample(p, q, drafts, generator, self.lenience)
-
-    def tree(self, logits, p, tree, generator):
-        return tree_speculative_sample(p, tree.q, *tree_tensors(tree, p.device), generator, self.lenience)

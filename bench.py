@@ -21,8 +21,8 @@ import torch
 
 from draft_length import DraftLength
 from drafters import Drafter
-from specdec import (DATA_DIR, DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, Stats, UsageError, check_args, decode, load_checked,
-                     load_model, make_draft_length, make_drafter, make_verifier)
+from specdec import (DATA_DIR, DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, OneLineParser, Stats, UsageError, check_args, decode,
+                     load_checked, load_model, make_draft_length, make_drafter, make_verifier, refuse)
 from tokenizer import load_tokenizer
 from train import function_prompts
 from verify import Verifier
@@ -174,10 +174,11 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args("bench", max_new_tokens, temperature, top_k, top_p, min(gamma, max_gamma), drafter, device,
                tree_size, tree_depth, tree_width, seed)
-    if prompts < 1:
-        raise UsageError(f"--prompts must be at least 1, got {prompts}")
-    if sum(map(bool, (verify, draft_length, siblings, sweep_lookahead))) > 1:
-        raise UsageError("--verify, --draft-length, --siblings and --sweep-lookahead are separate tables: one at a time")
+    refuse([(prompts < 1, f"--prompts must be at least 1, got {prompts}"),
+            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead))) > 1,
+             "--verify, --draft-length, --siblings and --sweep-lookahead are separate tables: one at a time"),
+            (bool(verify) and drafter == "none", "--verify needs a drafter whose drafts the rules verify"),
+            (not 0 <= bild_fallback <= 1, f"--bild-fallback must be in [0, 1], got {bild_fallback}")])
     dtype = torch.bfloat16 if bf16 else torch.float32
     weights = Path(weights)
     enc = load_checked("tokenizer", weights / "tokenizer.tiktoken", load_tokenizer)
@@ -194,7 +195,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
             Method(rule, drafter_named(drafter), use_tree, make_verifier(
                 rule, temperature, topk_beta, topk_tau, bild_rollback, lenience, typical_epsilon, typical_delta),
                    make_draft_length("confidence", gamma, use_tree, drafter, weights, bild_fallback, svip_threshold,
-                                     disco_threshold, ddd_threshold) if rule == "bild" and not use_tree else None)
+                                     disco_threshold, ddd_threshold) if rule == "bild" and not use_tree and drafter != "pld" else None)
             for rule in names(verify, VERIFIERS, "--verify")]
         printer = print_verifiers
     elif draft_length:  # chain policies on the draft model; fixed and dynamic depth on EAGLE-2 trees
@@ -264,7 +265,7 @@ def names(value: str, known: tuple, flag: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-w", "--weights", default=str(Path(__file__).parent / "weights"), help="weights directory")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--prompts", type=int, default=20, help="number of held-out prompts")

@@ -1,6 +1,6 @@
 """Draft-length control: how many tokens to draft before the target verifies (reading list, "Draft Length Control").
 
-A policy is consulted by the decoding loops at three points:
+A policy is consulted by the decoding loops and drafters at four points:
   gamma                               the most tokens a chain may draft this step
   keep_drafting(draft_logits, i)      asked by a chain drafter right after it drafted token i from draft_logits [V]
                                       (its raw, unwarped logits): draft token i + 1 too? Stopping keeps token i.

@@ -82,6 +82,8 @@ def grow_tree(root: int, root_logits: Tensor, expand: Callable[[Tree, list[int]]
     With sample = (warp, generator), children are instead drawn i.i.d. from q = warp(logits) (SpecInfer; SpecTr),
     duplicates kept, and tree.q records each node's q. The final cut then keeps nodes in index order, never by
     score: dropping a node for its own sampled value would bias the i.i.d. siblings the verifier relies on."""
+    if sample is not None and sample[1] is None:  # never the global RNG (peer-pitfalls)
+        raise ValueError("sampled siblings need an explicit torch.Generator")
     tree, frontier, logits = Tree.from_root(root), [0], root_logits[None]  # logits [F, V]
     q_rows = {}  # node -> the distribution its children were drawn from (sampled siblings only)
     for d in range(depth):

@@ -4,7 +4,7 @@
     LookaheadDrafter   Lookahead decoding (Fu et al. 2024; survey §5.2, §6.3)
     PassDrafter        PaSS, parallel speculative sampling with learned lookahead embeddings (Monea et al. 2023)
 
-Both are tree drafters whose proposals carry a tree.Lookahead: the loop runs its extra tokens in the same target
+All three are tree drafters whose proposals carry a tree.Lookahead: the loop runs its extra tokens in the same target
 call as the candidates, verifies only the candidates, and hands the call's logits back through Lookahead.read.
 Their candidates are deterministic (argmax guesses, pool n-grams), so under sampling the one-hot multi-draft rule
 applies and decoding stays lossless (peer-pitfalls: retrieval and mask-predict drafters are deterministic).
@@ -150,6 +150,9 @@ class PassDrafter:
     @classmethod
     def from_pretrained(cls, target: Transformer, path: str | Path) -> "PassDrafter":
         cfg, state = load_head(path)
+        if cfg["hidden_size"] != target.config.hidden_size:
+            raise ValueError(f"{path}: embeddings of width {cfg['hidden_size']}, the target's is "
+                             f"{target.config.hidden_size}")
         module = PassEmbeddings(cfg["num_tokens"], cfg["hidden_size"])
         module.load_state_dict(state)
         w = target.lm_head.weight

@@ -99,7 +99,7 @@ class SuffixDrafter:
         self.depth, self.size, self.alpha, self.max_match = depth, size, alpha, max_match
         self.history = SuffixTrie(max_match + depth)  # earlier outputs: kept across reset(), so it learns
         self.current = SuffixTrie(max_match + depth)
-        self.seen, self.prompt_len, self.output = 0, 0, []
+        self.seen, self.prompt_len, self.output = 0, None, []  # as reset() leaves them
 
     def reset(self) -> None:
         # The previous request's output joins the history (its last step's tokens, never drafted from, are lost).

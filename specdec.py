@@ -220,12 +220,12 @@ def tree_speculative_generate(target: Transformer, drafter: TreeDrafter, prompt_
 def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
     """Keep nodes no deeper than max_depth (a step never yields more tokens than the budget) and at most max_nodes
     in all, extra lookahead tokens included (the target's cache must hold the whole call). Index order keeps the
-    result ancestor-closed. Extra tokens that would not fit beside the root are dropped (the drafter is then not
-    asked to read anything)."""
-    if tree.lookahead is not None and len(tree.lookahead) >= max_nodes:
+    result ancestor-closed. Extra tokens were laid out for the whole tree: if a node must go, or they do not fit,
+    they are dropped (near the end of the budget or the context; the drafter is then not asked to read)."""
+    keep = [i for i, d in enumerate(depths(tree)) if d <= max_depth][:max_nodes]
+    if tree.lookahead is not None and (len(keep) < len(tree) or len(tree) + len(tree.lookahead) > max_nodes):
         tree = Tree(tree.tokens, tree.parents, tree.scores, tree.q)
-    room = max_nodes - (len(tree.lookahead) if tree.lookahead is not None else 0)
-    return subtree(tree, [i for i, d in enumerate(depths(tree)) if d <= max_depth][:room])
+    return subtree(tree, keep)
 
 
 def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
@@ -426,27 +426,30 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
+    use_tree = tree or drafter in TREE_ONLY
     refuse([(jacobi_block < 1, f"--jacobi-block must be at least 1, got {jacobi_block}"),
             (lookahead_window < 1 or lookahead_ngram < 2 or lookahead_candidates < 0,
-             "--lookahead-window must be >= 1, --lookahead-ngram >= 2 and --lookahead-candidates >= 0")])
-    use_tree = tree or drafter in TREE_ONLY
-    if not suffix_alpha > 0:
-        raise UsageError(f"--suffix-alpha must be > 0, got {suffix_alpha}")
-    if drafter == "none" and (verify != "exact" or draft_length != "fixed"):
-        raise UsageError("--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing")
-    if sampled_siblings and not (temperature > 0 and use_tree and drafter in DYNAMIC_TREES):
-        raise UsageError("--sampled-siblings samples tree children at -t > 0: use -d eagle or -d draft --tree")
+             "--lookahead-window must be >= 1, --lookahead-ngram >= 2 and --lookahead-candidates >= 0"),
+            (not 0 < suffix_alpha < math.inf, f"--suffix-alpha must be a finite number > 0, got {suffix_alpha}"),
+            (not 0 <= bild_fallback <= 1, f"--bild-fallback must be in [0, 1], got {bild_fallback}"),
+            (drafter == "none" and (verify != "exact" or draft_length != "fixed"),
+             "--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing"),
+            (sampled_siblings and not (temperature > 0 and use_tree and drafter in DYNAMIC_TREES),
+             "--sampled-siblings samples tree children at -t > 0: use -d eagle or -d draft --tree")])
     verifier = make_verifier(verify, temperature, topk_beta, topk_tau, bild_rollback, lenience, typical_epsilon,
                              typical_delta)
     weights, dtype = Path(weights), torch.bfloat16 if bf16 else torch.float32
-    if verify == "bild" and draft_length == "fixed" and not use_tree:  # BiLD = fallback (drafting) + rollback
+    if verify == "bild" and draft_length == "fixed" and not use_tree and drafter != "pld":  # fallback + rollback
         draft_length, confidence = "confidence", bild_fallback
     length = make_draft_length(draft_length, gamma, use_tree, drafter, weights, confidence, svip_threshold,
                                disco_threshold, ddd_threshold)
     enc = load_checked("tokenizer", weights / "tokenizer.tiktoken", load_tokenizer)
     target = load_model(weights / "target", device, dtype)
-    if tree_width > target.config.vocab_size:
-        raise UsageError(f"--tree-width {tree_width} is larger than the vocabulary ({target.config.vocab_size})")
+    context = target.config.max_position_embeddings
+    refuse([(tree_width > target.config.vocab_size,
+             f"--tree-width {tree_width} is larger than the vocabulary ({target.config.vocab_size})"),
+            (jacobi_block >= context or lookahead_window * (lookahead_ngram - 1) >= context,
+             f"--jacobi-block and the lookahead window (W x (N - 1) tokens) must fit the context of {context}")])
     draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
         drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings, jacobi_block,
         (lookahead_window, lookahead_ngram, lookahead_candidates), suffix_alpha=suffix_alpha))
@@ -530,8 +533,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains); the most "
                     "for --draft-length confidence/svip/disco, the start for heuristic")
     ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")
-    ap.add_argument("--tree-size", type=int, default=12, help="drafted nodes per tree (EAGLE-2's m)")
-    ap.add_argument("--tree-depth", type=int, default=6, help="deepest tree level (dynamic trees, pld)")
+    ap.add_argument("--tree-size", type=int, default=12, help="drafted nodes per tree (EAGLE-2's m; every tree "
+                    "drafter)")
+    ap.add_argument("--tree-depth", type=int, default=6, help="deepest tree level (draft and eagle trees, pld, rest, "
+                    "suffix; sam's chain length)")
     ap.add_argument("--tree-width", type=int, default=2, help="children tried per node, and nodes expanded per level")
     ap.add_argument("--sampled-siblings", action="store_true", help="at -t > 0, draft and eagle trees sample each "
                     "node's children i.i.d. from the draft (SpecInfer, SpecTr) instead of taking its top-k; lossless")
@@ -567,7 +572,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--suffix-alpha", type=float, default=2.0, help="suffix: at most alpha x match length "
                     "drafted nodes (SuffixDecoding's MAX_SPEC), and never more than --tree-size")
     ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked; "
-                    "for jacobi and lookahead also the call's extra tokens and its attention mask")
+                    "for jacobi, lookahead and pass also the call's extra tokens and its attention mask")
     ap.add_argument("-c", "--compare", action="store_true", help="also run plain decoding and print the speedup")
     ap.add_argument("--no-color", action="store_true", help="do not highlight accepted draft tokens")
     return ap.parse_args(argv)

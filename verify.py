@@ -253,15 +253,18 @@ class Greedy:
 
 class SpeculativeSampling:
     """§6.2 speculative sampling (Leviathan et al. 2023; Chen et al. 2023) and, on trees, §6.3 multi-draft
-    recursive rejection sampling (SpecInfer; SpecTr). Lossless at every temperature."""
+    recursive rejection sampling (SpecInfer; SpecTr). Lossless at every temperature (approximate.Lenient sets a
+    lenience < 1 and is not)."""
 
     lossy = False
+    lenience = 1.0
 
-    def chain(self, logits, p, q, drafts, generator):
-        return speculative_sample(p, q, drafts, generator)
+    def chain(self, logits: Tensor, p: Tensor, q: Tensor | None, drafts: Tensor,
+              generator: torch.Generator | None) -> tuple[int, int]:
+        return speculative_sample(p, q, drafts, generator, self.lenience)
 
-    def tree(self, logits, p, tree, generator):
-        return tree_speculative_sample(p, tree.q, *tree_tensors(tree, p.device), generator)
+    def tree(self, logits: Tensor, p: Tensor, tree: Tree, generator: torch.Generator | None) -> tuple[list[int], int]:
+        return tree_speculative_sample(p, tree.q, *tree_tensors(tree, p.device), generator, self.lenience)
 
 
 def exact(temperature: float) -> Verifier:

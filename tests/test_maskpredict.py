@@ -179,6 +179,22 @@ def test_pass_appends_its_embeddings_causally_after_the_chain_and_keeps_drafts_o
     assert out == generate(target, [1, 2, 3], 20)
 
 
+@pytest.mark.parametrize("name", ["jacobi", "lookahead", "pass"])
+def test_mask_predict_drafters_run_to_the_end_of_the_context(name):
+    """Near the end of the budget or the context the loop trims the tree; extra tokens laid out for the whole tree
+    must then go, not run past the position table."""
+    target = toy_model(seed=2)  # 16 positions
+    drafters = {"jacobi": lambda: JacobiDrafter(target, block=4),
+                "lookahead": lambda: LookaheadDrafter(target, window=3, ngram=3, candidates=3),
+                "pass": lambda: PassDrafter(target, torch.randn(4, target.config.hidden_size,
+                                                                generator=torch.Generator().manual_seed(0)))}
+    for n_prompt in range(1, 15):
+        prompt = ([1, 2, 3, 1, 2] * 3)[:n_prompt]
+        with torch.inference_mode():
+            out, _ = tree_speculative_generate(target, drafters[name](), prompt, 16, temperature=0)
+        assert out == generate(target, prompt, 16)
+
+
 def test_pass_training_layout_equals_one_forward_per_cut():
     """train.py pass trains on several cuts of a window in one forward: each block's outputs must equal a forward
     of the tokens up to its cut followed by the embeddings alone."""
