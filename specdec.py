@@ -223,9 +223,8 @@ def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
     result ancestor-closed. Extra tokens were laid out for the whole tree: if a node must go, or they do not fit,
     they are dropped (near the end of the budget or the context; the drafter is then not asked to read)."""
     keep = [i for i, d in enumerate(depths(tree)) if d <= max_depth][:max_nodes]
-    if tree.lookahead is not None and (len(keep) < len(tree) or len(tree) + len(tree.lookahead) > max_nodes):
-        tree = Tree(tree.tokens, tree.parents, tree.scores, tree.q)
-    return subtree(tree, keep)
+    extra = len(tree.lookahead) if tree.lookahead is not None else 0
+    return tree if len(keep) == len(tree) and len(tree) + extra <= max_nodes else subtree(tree, keep)
 
 
 def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:

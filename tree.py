@@ -220,19 +220,15 @@ def top_m_nodes(tree: Tree, m: int) -> list[int]:
 
 
 def subtree(tree: Tree, keep: list[int]) -> Tree:
-    """The nodes `keep` (must contain the root and be ancestor-closed), reindexed in their original order."""
+    """The nodes `keep` (must contain the root and be ancestor-closed), reindexed in their original order. Extra
+    lookahead tokens are not carried over: they were laid out for the whole tree."""
     keep = sorted(keep)
     new_index = {old: new for new, old in enumerate(keep)}
     if keep[:1] != [0] or any(tree.parents[i] not in new_index for i in keep[1:]):
         raise ValueError("keep must contain the root and every ancestor of its nodes")
     parents = [-1] + [new_index[tree.parents[i]] for i in keep[1:]]  # order preserved, so parents < children
     q = tree.q[keep] if tree.q is not None else None
-    lookahead = tree.lookahead
-    if lookahead is not None:  # the extra tokens' mask columns follow the kept nodes
-        columns = keep + list(range(len(tree), len(tree) + len(lookahead)))
-        lookahead = Lookahead(lookahead.embeds, lookahead.depths, lookahead.sees[:, columns], lookahead.read,
-                              lookahead.tokens)
-    return Tree([tree.tokens[i] for i in keep], parents, [tree.scores[i] for i in keep], q, lookahead)
+    return Tree([tree.tokens[i] for i in keep], parents, [tree.scores[i] for i in keep], q)
 
 
 def rerank_top_m(tree: Tree, m: int) -> Tree:
