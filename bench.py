@@ -235,6 +235,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                    Method("SpS tree (draft model, EAGLE-2 tree)", drafter_named("draft"), True),
                    Method("PLD tree (several matches)", drafter_named("pld"), True),
                    Method("Medusa (static tree)", drafter_named("medusa"), True),
+                   Method("Hydra (dynamic tree)", drafter_named("hydra"), True),
                    Method("Blockwise (Medusa's heads, top-1 chain)", drafter_named("blockwise"), True),
                    Method("EAGLE-2 (dynamic tree)", drafter_named("eagle"), True),
                    Method("Jacobi (block 4)", drafter_named("jacobi"), True),

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from drafters import KeepGrowing, Warp, always, load_head
+from drafters import KeepGrowing, Warp, always
+from heads import load_head
 from model import Transformer
 from tree import Lookahead, Tree, tree_from_sequences
 
@@ -47,7 +48,8 @@ class JacobiDrafter:
         for i, token in enumerate(guesses):
             tree.add(i, token, 0.0)  # a chain: node i + 1 is guess i
         device = self.target.lm_head.weight.device  # no extra tokens: Jacobi reads the candidates' own outputs
-        tree.lookahead = Lookahead(torch.zeros(0, self.target.config.hidden_size, device=device), [],
+        tree.lookahead = Lookahead(torch.zeros(0, self.target.config.hidden_size, device=device,
+                                               dtype=self.target.lm_head.weight.dtype), [],
                                    torch.zeros(0, len(tree), dtype=torch.bool), self.read, [])
         return tree
 

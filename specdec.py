@@ -20,7 +20,8 @@ import torch
 
 from approximate import BiLD, Lenient, TopK, Typical
 from draft_length import SVIP, Confidence, Disco, DiscoClassifier, DraftLength, DynamicDepth, FixedLength, Heuristic
-from drafters import ChainDrafter, Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
+from drafters import ChainDrafter, Drafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
+from heads import EagleDrafter, HydraDrafter, MedusaDrafter
 from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import Transformer
 from retrieval import RestDrafter, SamDrafter, SuffixDrafter
@@ -235,12 +236,12 @@ def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
-DRAFTERS = ("none", "draft", "pld", "medusa", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix",
-            "sam")
+DRAFTERS = ("none", "draft", "pld", "medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest",
+            "suffix", "sam")
 # drafters that only draft trees (blockwise, jacobi, pass and sam: one-branch trees)
-TREE_ONLY = ("medusa", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix", "sam")
+TREE_ONLY = ("medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix", "sam")
 DATA_DIR = Path(__file__).resolve().parent / "data"  # train.py's default: train.bin and the retrieval datastore
-DYNAMIC_TREES = ("draft", "eagle")  # drafters that grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
+DYNAMIC_TREES = ("draft", "hydra", "eagle")  # drafters that grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
 VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
 DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "svip", "disco", "dynamic")
 MIN_TEMPERATURE = 1e-3  # logits / T must stay finite in float32 (fp32 max 3.4e38; logits here are < 1e3)
@@ -297,7 +298,7 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
     index = {"rest": "datastore.npy", "sam": "sam.npz"}.get(name)  # files under data_dir
     if index and not ((data_dir / "train.bin").is_file() and (data_dir / index).is_file()):
         raise UsageError(f"no retrieval datastore in {data_dir}: run python train.py data && python train.py datastore")
-    head = {"medusa": "medusa", "blockwise": "medusa", "eagle": "eagle", "pass": "pass"}.get(name)  # under weights/
+    head = {"medusa": "medusa", "blockwise": "medusa", "hydra": "hydra", "eagle": "eagle", "pass": "pass"}.get(name)  # under weights/
     if head and not (weights / head / "model.safetensors").is_file():
         raise UsageError(f"no {head} weights in {weights / head} (see train.py)")
     if name == "draft":
@@ -319,6 +320,9 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
         return SuffixDrafter(depth=tree_depth, size=tree_size, alpha=suffix_alpha)
     if name == "sam":
         return SamDrafter.load(data_dir, depth=tree_depth, size=tree_size)
+    if name == "hydra":
+        return HydraDrafter.from_pretrained(target, weights / "hydra", beam=tree_width, sampled=sampled_siblings,
+                                            **shape)
     if name == "eagle":
         return EagleDrafter.from_pretrained(target, weights / "eagle", depth=tree_depth, beam=tree_width,
                                             sampled=sampled_siblings, **shape)
@@ -523,7 +527,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-w", "--weights", default=str(Path(__file__).parent / "weights"),
                     help="directory with target/, draft/ and tokenizer.tiktoken")
     ap.add_argument("-d", "--drafter", default="draft", help="none (plain decoding), draft (small model), pld "
-                    "(prompt lookup), medusa (Medusa heads, token tree), eagle (EAGLE head, EAGLE-2 dynamic tree), "
+                    "(prompt lookup), medusa (Medusa heads, token tree), hydra (Hydra's sequentially dependent heads, dynamic "
+                    "tree), eagle (EAGLE head, EAGLE-2 dynamic tree), "
                     "blockwise (Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain), jacobi (Jacobi "
                     "decoding), lookahead (Lookahead decoding), pass (PaSS: learned lookahead embeddings); retrieval, "
                     "no model: rest (REST: suffix array of the training split, frequency trie), suffix "

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 import corpus
 import retrieval
 from draft_length import DiscoClassifier, Recorder
-from drafters import EagleHead, MedusaHeads, ModelDrafter, save_head
+from drafters import ModelDrafter
+from heads import EagleHead, HydraHeads, MedusaHeads, save_head
 from maskpredict import PassEmbeddings
 from model import ModelConfig, Transformer
 from specdec import speculative_generate
@@ -40,7 +41,7 @@ from tokenizer import EOT, load_tokenizer, save_ranks, train_bpe
 
 HERE = Path(__file__).resolve().parent  # default locations are next to this file, wherever it is run from
 MODEL_SIZES = {
-    "target": ModelConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+    "target": ModelConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6,
                           num_key_value_heads=2),
     "draft": ModelConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=2, num_attention_heads=3,
                          num_key_value_heads=1, tie_word_embeddings=True),
@@ -327,29 +328,43 @@ def self_distilled_text(target: Transformer, train: np.ndarray, args, device) ->
     return torch.cat(out)
 
 
-def train_medusa(args) -> None:
-    """Medusa-1 (Cai et al. 2024): K heads on the frozen target's last hidden state h_t; head k (1-based) learns
-    token t+1+k, k places after the LM head's own next token; head k's loss is weighted 0.8^(k-1) as in the paper."""
+def train_heads(args) -> None:
+    """Medusa-1 (Cai et al. 2024) or Hydra (Ankner et al. 2024) heads on the frozen target's last hidden state h_t,
+    trained on the target's self-distilled text. Head k (1-based) learns token t+1+k, k places after the LM head's
+    own next token, with loss weight 0.8^(k-1) as in the Medusa paper; a Hydra head also reads the embeddings of the
+    true tokens t+1 .. t+k before it (teacher forcing)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train, val = load_splits(args)
     target = frozen_target(args, device)
     data = self_distilled_text(target, train, args, device)
     print(f"self-distilled {data.shape[0]} sequences of {data.shape[1]} tokens")
-    heads = MedusaHeads(target.config.hidden_size, args.medusa_heads).to(device)
+    K, C = args.medusa_heads, target.config.hidden_size
+    heads = (MedusaHeads if args.stage == "medusa" else HydraHeads)(C, K).to(device)
+
+    def medusa_logits(x, h):  # head k's guesses of x[:, k + 1:], k = 1..K: [B, T - k - 1, V] each
+        logits = heads(h, target.lm_head)  # [K, B, T, V]
+        return [logits[k - 1, :, :-k - 1] for k in range(1, K + 1)]
+
+    def hydra_logits(x, h):
+        e, out = target.embed_tokens(x), []  # e [B, T, C]
+        for k in range(1, K + 1):
+            n = x.shape[1] - k - 1
+            path = torch.stack([e[:, 1 + j:1 + j + n] for j in range(k)], dim=2)  # [B, n, k, C]: tokens t+1 .. t+k
+            out.append(heads(k, h[:, :n], path, target.lm_head))
+        return out
 
     def loss_fn(x):
         with torch.no_grad():
             _, h = target(x, return_hidden=True)
-        logits = heads(h, target.lm_head).float()  # [K, B, T, V]
-        return sum(0.8 ** k * F.cross_entropy(logits[k, :, :-k - 2].flatten(0, 1), x[:, k + 2:].flatten())
-                   for k in range(args.medusa_heads))
+        logits = (medusa_logits if args.stage == "medusa" else hydra_logits)(x, h)
+        return sum(0.8 ** (k - 1) * F.cross_entropy(y.flatten(0, 1).float(), x[:, k + 1:].flatten())
+                   for k, y in enumerate(logits, start=1))
 
     def next_batch(g):
         return data[torch.randint(0, len(data), (args.batch_size,), generator=g).to(device)]
 
     train_loop(args, heads, next_batch, loss_fn, fixed_windows(val, 80, data.shape[1], device),
-               lambda: save_head(heads, {"hidden_size": target.config.hidden_size, "num_heads": args.medusa_heads},
-                                 Path(args.weights) / "medusa"))
+               lambda: save_head(heads, {"hidden_size": C, "num_heads": K}, Path(args.weights) / args.stage))
 
 
 def train_eagle(args) -> None:
@@ -500,7 +515,7 @@ def main(stage: str, **args) -> None:
     if args.data_dir is None:  # the wider corpus gets its own token files, so the stdlib ones stay as they were
         args.data_dir = str(HERE / "data" / ("packages" if args.corpus == "packages" else ""))
     stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
-              "datastore": build_datastore, "medusa": train_medusa, "eagle": train_eagle, "disco": train_disco,
+              "datastore": build_datastore, "medusa": train_heads, "hydra": train_heads, "eagle": train_eagle, "disco": train_disco,
               "pass": train_pass, "corpus": build_corpus, "eval": evaluate}
     try:
         stages[stage](args)
@@ -510,7 +525,7 @@ def main(stage: str, **args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["tokenizer", "data", "datastore", "target", "draft", "medusa", "eagle", "disco",
+    ap.add_argument("stage", choices=["tokenizer", "data", "datastore", "target", "draft", "medusa", "hydra", "eagle", "disco",
                                       "pass", "corpus", "eval"], help="what to build (datastore: the retrieval indexes "
                     "of -d rest and -d sam, after data)")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
@@ -542,8 +557,8 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     ap.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch sampling")
-    ap.add_argument("--medusa-heads", type=int, default=4, help="Medusa heads (tokens guessed ahead)")
-    ap.add_argument("--distill-sequences", type=int, default=2048, help="self-distilled sequences for Medusa")
+    ap.add_argument("--medusa-heads", type=int, default=4, help="Medusa or Hydra heads (tokens guessed ahead)")
+    ap.add_argument("--distill-sequences", type=int, default=2048, help="self-distilled sequences for Medusa and Hydra")
     ap.add_argument("--distill-batch", type=int, default=512, help="sequences generated at once")
     ap.add_argument("--distill-prompt", type=int, default=64, help="corpus tokens that start each sequence")
     ap.add_argument("--distill-new", type=int, default=256, help="tokens the target generates after them")

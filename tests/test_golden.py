@@ -6,20 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafters import EagleDrafter, ModelDrafter
+from drafters import ModelDrafter
+from heads import EagleDrafter
 from specdec import generate, load_model, speculative_generate, tree_speculative_generate
 from tokenizer import load_tokenizer
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 GOLDEN = {
-    ("target", "def fibonacci(n):"): [10, 258, 436, 1130, 321, 288, 3006, 268, 747, 660, 323, 105, 304, 305, 3006,
-                                      268, 747, 660, 323, 105, 304, 305, 3006, 268],
-    ("target", "class Stack:"): [10, 276, 309, 525, 800, 591, 265, 44, 496, 489, 44, 1034, 1209, 285, 10, 326, 273, 46,
-                                 1209, 277, 2998, 10, 326, 273],
-    ("draft", "def fibonacci(n):"): [10, 258, 382, 288, 3006, 268, 747, 660, 571, 1137, 41, 279, 534, 288, 3006, 268,
-                                     747, 660, 571, 1137, 285, 10, 258, 382],
-    ("draft", "class Stack:"): [10, 258, 309, 525, 800, 591, 265, 44, 496, 489, 285, 10, 259, 273, 521, 471, 313, 277,
-                                1105, 10, 259, 273, 521, 471],
+    ("target", "def fibonacci(n):"): [10, 258, 436, 10, 258, 2432, 320, 1362, 331, 288, 3006, 268, 747, 660, 323,
+                                      3406, 458, 331, 288, 3006, 268, 747, 660, 323],
+    ("target", "class Stack:"): [10, 258, 436, 10, 258, 456, 398, 355, 271, 359, 398, 355, 271, 359, 398, 355, 271,
+                                 359, 398, 355, 271, 359, 398, 355],
+    ("draft", "def fibonacci(n):"): [10, 258, 436, 10, 258, 801, 1013, 362, 331, 1367, 458, 2988, 115, 458, 331, 1367,
+                                     458, 2988, 115, 46, 279, 258, 527, 281],
+    ("draft", "class Stack:"): [10, 258, 436, 10, 258, 456, 114, 799, 58, 10, 259, 456, 114, 799, 58, 10, 276, 456,
+                                114, 799, 58, 10, 326, 456],
 }
 
 

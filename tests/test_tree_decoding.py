@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import specdec
-from drafters import EagleDrafter, EagleHead, ModelDrafter, PromptLookupDrafter, always
+from drafters import ModelDrafter, PromptLookupDrafter, always
+from heads import EagleDrafter, EagleHead, HydraDrafter
 from model import KVCache
 from specdec import generate, trim_tree, tree_speculative_generate
 from tests.toy import chi_square, chi_square_critical, exact_joint, perturbed, toy_model
@@ -68,7 +69,7 @@ def greedy_references(shipped):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES.keys())
-@pytest.mark.parametrize("name", ["draft", "pld", "medusa", "eagle"])
+@pytest.mark.parametrize("name", ["draft", "pld", "medusa", "hydra", "eagle"])
 def test_greedy_tree_decoding_equals_autoregressive_on_shipped_weights(shipped, greedy_references, name, shape):
     enc, target = shipped
     drafter = shipped_drafter(name, target, **SHAPES[shape])
@@ -493,7 +494,7 @@ def three_from_the_end(shipped):
     return prompt, generate(target, prompt, 10, temperature=0)
 
 
-@pytest.mark.parametrize("name", ["draft", "pld", "medusa", "eagle"])
+@pytest.mark.parametrize("name", ["draft", "pld", "medusa", "hydra", "eagle"])
 def test_shipped_drafters_fill_the_last_three_positions_of_the_context(shipped, three_from_the_end, name):
     enc, target = shipped
     prompt, expected = three_from_the_end
@@ -517,6 +518,23 @@ def proposal_setup(shipped):
 def features_of(target, context):
     with torch.inference_mode():
         return target(torch.tensor([context[:-1]]), return_hidden=True)[1][0]
+
+
+def test_hydra_scores_each_node_by_its_own_head_reading_its_own_path(proposal_setup):
+    """Hydra (Ankner et al. 2024): a node at depth k was drafted by head k from h_t and the embeddings of the k tokens
+    on its path from the root; its score is its parent's plus that head's log-probability of it."""
+    target, _, context = proposal_setup
+    drafter = HydraDrafter.from_pretrained(target, WEIGHTS / "hydra", width=3, beam=3, size=12)
+    features = features_of(target, context)
+    with torch.inference_mode():
+        tree = drafter.propose_tree(context, features, None, None)
+        assert len(tree) > 4 and tree.tokens[0] == context[-1]
+        for node in range(1, len(tree)):
+            path = [tree.tokens[a] for a in path_to(tree, node)]  # root .. node
+            embeds = target.embed_tokens(torch.tensor(path[:-1]))  # [k, C]
+            logits = drafter.heads(len(path) - 1, features[-1], embeds, target.lm_head)
+            expected = tree.scores[tree.parents[node]] + torch.log_softmax(logits.float(), -1)[path[-1]].item()
+            assert tree.scores[node] == pytest.approx(expected, abs=1e-4)
 
 
 def make_proposer(kind, target, draft, shape):
