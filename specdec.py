@@ -241,7 +241,7 @@ DRAFTERS = ("none", "draft", "pld", "medusa", "hydra", "eagle", "blockwise", "ja
 # drafters that only draft trees (blockwise, jacobi, pass and sam: one-branch trees)
 TREE_ONLY = ("medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix", "sam")
 DATA_DIR = Path(__file__).resolve().parent / "data"  # train.py's default: train.bin and the retrieval datastore
-DYNAMIC_TREES = ("draft", "hydra", "eagle")  # drafters that grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
+DYNAMIC_TREES = ("draft", "hydra", "eagle")  # they grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
 VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
 DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "svip", "disco", "dynamic")
 MIN_TEMPERATURE = 1e-3  # logits / T must stay finite in float32 (fp32 max 3.4e38; logits here are < 1e3)
@@ -298,7 +298,8 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
     index = {"rest": "datastore.npy", "sam": "sam.npz"}.get(name)  # files under data_dir
     if index and not ((data_dir / "train.bin").is_file() and (data_dir / index).is_file()):
         raise UsageError(f"no retrieval datastore in {data_dir}: run python train.py data && python train.py datastore")
-    head = {"medusa": "medusa", "blockwise": "medusa", "hydra": "hydra", "eagle": "eagle", "pass": "pass"}.get(name)  # under weights/
+    head = {"medusa": "medusa", "blockwise": "medusa", "hydra": "hydra", "eagle": "eagle",  # under weights/
+            "pass": "pass"}.get(name)
     if head and not (weights / head / "model.safetensors").is_file():
         raise UsageError(f"no {head} weights in {weights / head} (see train.py)")
     if name == "draft":
@@ -527,8 +528,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-w", "--weights", default=str(Path(__file__).parent / "weights"),
                     help="directory with target/, draft/ and tokenizer.tiktoken")
     ap.add_argument("-d", "--drafter", default="draft", help="none (plain decoding), draft (small model), pld "
-                    "(prompt lookup), medusa (Medusa heads, token tree), hydra (Hydra's sequentially dependent heads, dynamic "
-                    "tree), eagle (EAGLE head, EAGLE-2 dynamic tree), "
+                    "(prompt lookup), medusa (Medusa heads, token tree), hydra (Hydra's sequentially dependent heads, "
+                    "dynamic tree), eagle (EAGLE head, EAGLE-2 dynamic tree), "
                     "blockwise (Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain), jacobi (Jacobi "
                     "decoding), lookahead (Lookahead decoding), pass (PaSS: learned lookahead embeddings); retrieval, "
                     "no model: rest (REST: suffix array of the training split, frequency trie), suffix "

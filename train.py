@@ -515,8 +515,8 @@ def main(stage: str, **args) -> None:
     if args.data_dir is None:  # the wider corpus gets its own token files, so the stdlib ones stay as they were
         args.data_dir = str(HERE / "data" / ("packages" if args.corpus == "packages" else ""))
     stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
-              "datastore": build_datastore, "medusa": train_heads, "hydra": train_heads, "eagle": train_eagle, "disco": train_disco,
-              "pass": train_pass, "corpus": build_corpus, "eval": evaluate}
+              "datastore": build_datastore, "medusa": train_heads, "hydra": train_heads, "eagle": train_eagle,
+              "disco": train_disco, "pass": train_pass, "corpus": build_corpus, "eval": evaluate}
     try:
         stages[stage](args)
     except corpus.CorpusError as e:
@@ -525,8 +525,8 @@ def main(stage: str, **args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["tokenizer", "data", "datastore", "target", "draft", "medusa", "hydra", "eagle", "disco",
-                                      "pass", "corpus", "eval"], help="what to build (datastore: the retrieval indexes "
+    ap.add_argument("stage", choices=["tokenizer", "data", "datastore", "target", "draft", "medusa", "hydra", "eagle",
+                                      "disco", "pass", "corpus", "eval"], help="what to build (datastore: the retrieval indexes "
                     "of -d rest and -d sam, after data)")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
     ap.add_argument("--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models")
