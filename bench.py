@@ -10,6 +10,7 @@ cut just inside a function body, as an editor would send them.
     python bench.py --draft-length fixed,heuristic,confidence,svip,disco,dynamic   # draft-length policies
     python bench.py --siblings                                 # deterministic vs sampled tree siblings, T 0.7 and 1
     python bench.py --sweep-lookahead --prompts 8 -n 64        # Lookahead decoding's W, N, G on this machine
+    python bench.py --sweep-exit --prompts 8 -n 64             # LayerSkip's early exit at every exit layer E
 """
 import argparse
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from draft_length import DraftLength
+from draft_length import Adaptive, DraftLength
 from drafters import Drafter
 from specdec import (DATA_DIR, DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, OneLineParser, Stats, UsageError, check_args, decode,
                      load_checked, load_model, make_draft_length, make_drafter, make_verifier, refuse)
@@ -165,7 +166,7 @@ def print_siblings(methods: list[Method], n_prompts: int, temperature: float) ->
 def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, gamma: int, max_gamma: int,
          temperature: float, top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int,
          tree_width: int, drafter: str, verify: str | None, draft_length: str | None, siblings: bool,
-         sweep_lookahead: bool,
+         sweep_lookahead: bool, sweep_exit: bool,
          topk_beta: int, topk_tau: float, bild_rollback: float, bild_fallback: float, lenience: float,
          typical_epsilon: float, typical_delta: float, confidence: float, svip_threshold: float,
          disco_threshold: float | None, ddd_threshold: float) -> None:
@@ -175,8 +176,9 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     check_args("bench", max_new_tokens, temperature, top_k, top_p, min(gamma, max_gamma), drafter, device,
                tree_size, tree_depth, tree_width, seed)
     refuse([(prompts < 1, f"--prompts must be at least 1, got {prompts}"),
-            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead))) > 1,
-             "--verify, --draft-length, --siblings and --sweep-lookahead are separate tables: one at a time"),
+            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit))) > 1,
+             "--verify, --draft-length, --siblings, --sweep-lookahead and --sweep-exit are separate tables: one at a "
+             "time"),
             (bool(verify) and drafter == "none", "--verify needs a drafter whose drafts the rules verify"),
             (not 0 <= bild_fallback <= 1, f"--bild-fallback must be in [0, 1], got {bild_fallback}")])
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -184,9 +186,9 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     enc = load_checked("tokenizer", weights / "tokenizer.tiktoken", load_tokenizer)
     target = load_model(weights / "target", device, dtype)
 
-    def drafter_named(name: str, sampled: bool = False) -> Drafter:
+    def drafter_named(name: str, sampled: bool = False, exit_layer: int = 8) -> Drafter:
         return load_checked(f"{name} drafter", weights, lambda _: make_drafter(
-            name, weights, target, dtype, tree_size, tree_depth, tree_width, sampled))
+            name, weights, target, dtype, tree_size, tree_depth, tree_width, sampled, exit_layer=exit_layer))
 
     autoregressive = Method("Autoregressive", None)
     if verify:  # one drafter, every rule: speed against quality
@@ -219,6 +221,10 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                                                                   tree_depth, tree_width, lookahead=(w, n, g)), True)
             for w, n, g in LOOKAHEAD_SWEEP]
         printer = print_methods
+    elif sweep_exit:  # LayerSkip's early exit at every exit layer: acceptance against draft cost
+        methods = [autoregressive] + [Method(f"early exit E {e}", drafter_named("earlyexit", exit_layer=e))
+                                      for e in range(1, target.config.num_hidden_layers)]
+        printer = print_methods
     elif siblings:  # SpecInfer/SpecTr: sampled tree children against top-k children, at T = 0.7 and 1.0
         methods = []
         for t in (0.7, 1.0):
@@ -241,7 +247,12 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                    Method("Jacobi (block 4)", drafter_named("jacobi"), True),
                    Method("Lookahead (W 3, N 3, G 3)", drafter_named("lookahead"), True),
                    Method("PaSS (4 lookahead embeddings)", drafter_named("pass"), True),
-                   Method("SuffixDecoding (suffix tries, learns across prompts)", drafter_named("suffix"), True)]
+                   Method("SuffixDecoding (suffix tries, learns across prompts)", drafter_named("suffix"), True),
+                   Method("Draft & Verify (sublayers skipped, adaptive stop)", drafter_named("layerskip"),
+                          length=Adaptive(max_gamma)),
+                   Method("LayerSkip early exit (E 8, shared cache)", drafter_named("earlyexit")),
+                   Method("DEL (exit layer and length chosen per step)", drafter_named("del")),
+                   Method("ML-SpecQD (int8 self-draft)", drafter_named("quant"))]
         if (DATA_DIR / "datastore.npy").is_file() and (DATA_DIR / "sam.npz").is_file():
             methods += [Method("REST (suffix array of train split)", drafter_named("rest"), True),
                         Method("SAM Decoding (suffix automata)", drafter_named("sam"), True)]
@@ -289,6 +300,7 @@ if __name__ == "__main__":
                     f"separated: {', '.join(DRAFT_LENGTHS)})")
     ap.add_argument("--siblings", action="store_true", help="compare top-k and sampled tree siblings at T 0.7 and 1")
     ap.add_argument("--sweep-lookahead", action="store_true", help="Lookahead decoding with several (W, N, G)")
+    ap.add_argument("--sweep-exit", action="store_true", help="LayerSkip's early exit at every exit layer E")
     ap.add_argument("--topk-beta", type=int, default=5, help="topk rule: top beta")
     ap.add_argument("--topk-tau", type=float, default=3.0, help="topk rule: log-probability tolerance")
     ap.add_argument("--bild-rollback", type=float, default=5.0, help="bild rule: rollback threshold")

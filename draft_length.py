@@ -86,6 +86,34 @@ class Confidence(FixedLength):
         return float(torch.softmax(draft_logits.float(), dim=-1).max()) >= self.threshold
 
 
+class Adaptive(Confidence):
+    """Draft & Verify's adaptive draft-exiting (Zhang et al. 2023, §3.3): stop after a draft token whose top
+    probability is below a threshold that follows the measured acceptance rate. After each step the acceptance
+    rate's moving average r <- b1 r + (1 - b1) accepted / drafted is compared with a target rate: below it, aim
+    the threshold `step` higher (stop sooner); above it, `step` lower, unless the whole gamma was drafted; the
+    threshold then moves part way there, t <- b2 t + (1 - b2) aim. Defaults: the authors' code (b1 0.5, target
+    0.9, step 0.01, b2 0.9; a first threshold of 0.8 at -t 0)."""
+
+    def __init__(self, gamma: int, threshold: float = 0.8, target_rate: float = 0.9, step: float = 0.01,
+                 b1: float = 0.5, b2: float = 0.9):
+        self.gamma, self.start, self.target_rate, self.step = gamma, threshold, target_rate, step
+        self.b1, self.b2 = b1, b2
+        self.reset()
+
+    def reset(self) -> None:
+        self.threshold, self.rate = self.start, 0.0
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.rate = self.b1 * self.rate + (1 - self.b1) * accepted / drafted
+        if self.rate < self.target_rate:
+            aim = self.threshold + self.step
+        else:
+            aim = self.threshold if drafted == self.gamma else self.threshold - self.step
+        self.threshold = self.b2 * self.threshold + (1 - self.b2) * aim
+
+
 class SVIP(FixedLength):
     """SVIP (Zhang et al. 2024, "Draft Model Knows When to Stop"): the acceptance rate of a draft token is bounded
     below by about 1 - sqrt(c * H(q)), H the draft's entropy in nats; drafting stops after a token whose bound falls

@@ -120,11 +120,13 @@ def tree_step_inputs(tree: Tree, nodes: list[int], slot: dict[int, int], committ
 
 class ModelDrafter:
     """An independent small LM of the same family, with its own KV cache (SpS: Leviathan et al. 2023, Chen et al.
-    2023; survey §5.1 "independent drafting"). Its trees grow as EAGLE-2's do, from the draft LM's log-probs."""
+    2023; survey §5.1 "independent drafting"). Its trees grow as EAGLE-2's do, from the draft LM's log-probs.
+    The model may be the target itself made cheaper (survey §5.2, selfdraft.py): with sublayers in `skip`
+    (Draft & Verify) or with quantized weights (ML-SpecQD); its cache is its own either way."""
 
     def __init__(self, model: Transformer, depth: int = 5, width: int = 4, beam: int = 4, size: int = 24,
-                 sampled: bool = False):
-        self.model = model
+                 sampled: bool = False, skip: frozenset[str] = frozenset()):
+        self.model, self.skip = model, skip
         self.depth, self.width, self.beam, self.size, self.sampled = depth, width, beam, size, sampled
         self.cache, self.start = None, 0
 
@@ -137,7 +139,7 @@ class ModelDrafter:
         # Catch up on the context this cache has not seen: the whole prompt at first, then the target's correction
         # or bonus token, and after a full accept also our own last draft, which was never fed (peer-pitfalls).
         new = torch.tensor([context[self.cache.length:]], device=device)
-        logits = self.model(new, self.cache)[0, -1]
+        logits = self.model(new, self.cache, skip=self.skip)[0, -1]
         self.start = len(context)
         tokens, qs = [], []
         for i in range(gamma):
@@ -146,7 +148,7 @@ class ModelDrafter:
             qs.append(q)
             if not keep(logits, i) or i == gamma - 1:  # the policy sees every drafted token, the last one too
                 break
-            logits = self.model(torch.tensor([[tokens[-1]]], device=device), self.cache)[0, -1]
+            logits = self.model(torch.tensor([[tokens[-1]]], device=device), self.cache, skip=self.skip)[0, -1]
         return tokens, torch.stack(qs) if qs else None
 
     def accept(self, n_accepted: int) -> None:
@@ -157,14 +159,15 @@ class ModelDrafter:
                      keep: KeepGrowing = always) -> Tree:
         device = self.model.lm_head.weight.device
         self.cache.truncate(min(self.cache.length, self.start, len(context) - 1))  # drop the last tree; refeed the root
-        root_logits = self.model(torch.tensor([context[self.cache.length:]], device=device), self.cache)[0, -1]
+        root_logits = self.model(torch.tensor([context[self.cache.length:]], device=device), self.cache,
+                                 skip=self.skip)[0, -1]
         self.start, slot = len(context), {0: len(context) - 1}
         depth = min(self.depth, (self.cache.max_len - self.start) // self.beam)  # room in our own cache
 
         def expand(tree: Tree, nodes: list[int]) -> Tensor:
             positions, mask = tree_step_inputs(tree, nodes, slot, self.start, self.start - 1, device)
             tokens = torch.tensor([[tree.tokens[n] for n in nodes]], device=device)
-            return self.model(tokens, self.cache, positions=positions, attn_mask=mask)[0]
+            return self.model(tokens, self.cache, positions=positions, attn_mask=mask, skip=self.skip)[0]
 
         return grow_tree(context[-1], root_logits, expand, depth, self.width, self.beam, self.size, keep,
                          (warp, generator) if self.sampled else None)

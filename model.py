@@ -157,9 +157,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer, cache, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, layer, cache, mask, skip_attn: bool = False, skip_mlp: bool = False):
+        # A skipped sublayer adds nothing to the residual stream (Draft & Verify's self-draft; its cache layer
+        # is then left unwritten, so that cache must be the draft's own)
+        if not skip_attn:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
+        if not skip_mlp:
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
 
 
 class Transformer(nn.Module):
@@ -183,19 +188,30 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor | None, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, return_hidden: bool = False,
-                inputs_embeds: torch.Tensor | None = None):
+                inputs_embeds: torch.Tensor | None = None, layers: range | None = None,
+                skip: frozenset[str] = frozenset()):
         """tokens [B, T] -> logits [B, T, V] (and the final normed hidden states [B, T, C] if return_hidden).
 
         With a cache, the new keys/values are appended after `cache.length` entries. `positions` [T] default to
         cache.length + 0..T-1; a token tree passes prefix_len + depth instead. `attn_mask` [T, cache.length + T]
         (bool, True = may attend) defaults to causal. `inputs_embeds` [B, T, C] replace the tokens' embeddings
-        (tokens=None): some inputs are not tokens, e.g. PaSS's learned lookahead embeddings.
+        (tokens=None): some inputs are not tokens, e.g. PaSS's learned lookahead embeddings. `layers` and `skip`
+        run part of the model (see blocks): range(E) reads the residual stream after block E-1 out through the
+        final norm and LM head, an early exit (LayerSkip).
         """
         x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
-        x = run_blocks(self.layers, x, self.rope_cos, self.rope_sin, cache, positions, attn_mask)
+        x = self.blocks(x, cache, positions, attn_mask, layers, skip)
         h = self.norm(x)
         logits = self.lm_head(h)
         return (logits, h) if return_hidden else logits
+
+    def blocks(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None, layers: range | None = None,
+               skip: frozenset[str] = frozenset()) -> torch.Tensor:
+        """The residual stream x [B, T, C] through the blocks in `layers` (default: all), minus the sublayers named
+        in `skip` ("3.attn", "3.mlp": Draft & Verify's self-draft). Self-drafting by early exit runs range(E) to
+        draft and range(E, L) on the saved residual stream to finish verifying (survey §5.2)."""
+        return run_blocks(self.layers, x, self.rope_cos, self.rope_sin, cache, positions, attn_mask, layers, skip)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> "Transformer":
@@ -226,8 +242,11 @@ class Transformer(nn.Module):
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
-               cache: KVCache | None, positions: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """x [B, T, C] through decoder blocks; shared by Transformer and the one-layer EAGLE head (drafters.py)."""
+               cache: KVCache | None, positions: torch.Tensor | None, attn_mask: torch.Tensor | None,
+               layers: range | None = None, skip: frozenset[str] = frozenset()) -> torch.Tensor:
+    """x [B, T, C] through decoder blocks `layers` (default all); shared by Transformer and the one-layer EAGLE head
+    (heads.py). The cache's length then counts these T tokens as written, though only `layers` wrote them: the
+    caller that runs a partial range writes the other layers' slots later (self-drafting by early exit, §5.2)."""
     T, past = x.shape[1], cache.length if cache is not None else 0
     if cache is not None and past + T > cache.max_len:
         raise ValueError(f"KV cache overflow: {past + T} > max_len {cache.max_len}")
@@ -238,8 +257,8 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope_cos: torch.Tensor, r
     if attn_mask is None and cache is not None and T > 1:
         attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
     cos, sin = rope_cos[positions], rope_sin[positions]
-    for i, block in enumerate(blocks):
-        x = block(x, cos, sin, i, cache, attn_mask)
+    for i in layers if layers is not None else range(len(blocks)):
+        x = blocks[i](x, cos, sin, i, cache, attn_mask, f"{i}.attn" in skip, f"{i}.mlp" in skip)
     if cache is not None:
         cache.length = past + T
     return x

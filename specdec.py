@@ -19,12 +19,14 @@ from typing import Callable
 import torch
 
 from approximate import BiLD, Lenient, TopK, Typical
-from draft_length import SVIP, Confidence, Disco, DiscoClassifier, DraftLength, DynamicDepth, FixedLength, Heuristic
+from draft_length import (SVIP, Adaptive, Confidence, Disco, DiscoClassifier, DraftLength, DynamicDepth, FixedLength,
+                          Heuristic)
 from drafters import ChainDrafter, Drafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
 from heads import EagleDrafter, HydraDrafter, MedusaDrafter
 from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import Transformer
 from retrieval import RestDrafter, SamDrafter, SuffixDrafter
+from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized
 from tokenizer import load_tokenizer
 from tree import (Tree, depths, keep_indices, render_call, render_tree, subtree, tree_attention_mask,
                   tree_positions)
@@ -130,6 +132,9 @@ def speculative_generate(target: Transformer, drafter: ChainDrafter, prompt_ids:
     context = list(prompt_ids)
     drafter.reset()
     length.reset()
+    # Self-drafting by early exit (§5.2, LayerSkip) drafts into the target's own cache and finishes the verify call
+    # from the layer it exited at; every other drafter leaves the target's call alone.
+    forward = drafter.attach(target, cache) if hasattr(drafter, "attach") else target
     if len(context) > 1:
         target(torch.tensor([context[:-1]], device=device), cache)  # prefill
     budget = min(max_new_tokens, cache.max_len - len(context))
@@ -138,7 +143,7 @@ def speculative_generate(target: Transformer, drafter: ChainDrafter, prompt_ids:
         drafts, q = drafter.propose(context, min(length.gamma, budget - 1), warp, generator,
                                     length.keep_drafting)  # 1. draft
         t1 = time.perf_counter()
-        logits = target(torch.tensor([context[-1:] + drafts], device=device), cache)[0]  # 2. one call: [γ+1, V]
+        logits = forward(torch.tensor([context[-1:] + drafts], device=device), cache)[0]  # 2. one call: [γ+1, V]
         p, draft_tokens = warp(logits), torch.tensor(drafts, dtype=torch.long, device=device)
         n, token = verifier.chain(logits, p, q, draft_tokens, generator)  # 3. verify (§6)
         cache.truncate(len(context) + n)  # 4. roll back past the rejected drafts
@@ -237,13 +242,14 @@ def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
 # ---- command line ---------------------------------------------------------------------------------------------
 
 DRAFTERS = ("none", "draft", "pld", "medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest",
-            "suffix", "sam")
+            "suffix", "sam", "layerskip", "earlyexit", "del", "quant")
 # drafters that only draft trees (blockwise, jacobi, pass and sam: one-branch trees)
 TREE_ONLY = ("medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix", "sam")
 DATA_DIR = Path(__file__).resolve().parent / "data"  # train.py's default: train.bin and the retrieval datastore
-DYNAMIC_TREES = ("draft", "hydra", "eagle")  # they grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
+DYNAMIC_TREES = ("draft", "hydra", "eagle", "layerskip", "quant")  # they grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
 VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
-DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "svip", "disco", "dynamic")
+DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "adaptive", "svip", "disco", "dynamic")
+CHAIN_ONLY = ("earlyexit", "del")  # they share the target's cache slot by slot: chains only
 MIN_TEMPERATURE = 1e-3  # logits / T must stay finite in float32 (fp32 max 3.4e38; logits here are < 1e3)
 
 
@@ -293,8 +299,26 @@ def load_model(path: Path, device: str, dtype: torch.dtype) -> Transformer:
 def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dtype, tree_size: int,
                  tree_depth: int, tree_width: int, sampled_siblings: bool = False, jacobi_block: int = 4,
                  lookahead: tuple[int, int, int] = (3, 3, 3), data_dir: Path = DATA_DIR,
-                 suffix_alpha: float = 2.0) -> Drafter | None:
+                 suffix_alpha: float = 2.0, exit_layer: int = 8, quant_bits: int = 8) -> Drafter | None:
     device, shape = target.lm_head.weight.device, dict(width=tree_width, size=tree_size)
+    L = target.config.num_hidden_layers
+    refuse([(name in ("earlyexit", "del") and not 1 <= exit_layer < L,
+             f"--exit-layer must be in [1, {L - 1}] for this {L}-layer target, got {exit_layer}"),
+            (name == "quant" and quant_bits not in (4, 8), f"--quant-bits must be 8 or 4, got {quant_bits}"),
+            (name == "quant" and quant_bits == 8 and (device.type != "cpu" or dtype != torch.float32),
+             "--quant-bits 8 uses torch's CPU int8 kernels: run it on the CPU in float32, or use --quant-bits 4"),
+            (name == "layerskip" and not (weights / "layerskip.json").is_file(),
+             f"no skip set in {weights / 'layerskip.json'}: run python train.py layerskip")])
+    if name == "layerskip":  # Draft & Verify: the target minus a searched set of sublayers, with its own cache
+        return ModelDrafter(target, depth=tree_depth, beam=tree_width, sampled=sampled_siblings,
+                            skip=load_skip_set(weights / "layerskip.json"), **shape)
+    if name == "earlyexit":
+        return EarlyExitDrafter(target, exit_layer)
+    if name == "del":
+        return DynamicExitDrafter(target, exit_layer)
+    if name == "quant":
+        return ModelDrafter(quantized(target, quant_bits), depth=tree_depth, beam=tree_width,
+                            sampled=sampled_siblings, **shape)
     index = {"rest": "datastore.npy", "sam": "sam.npz"}.get(name)  # files under data_dir
     if index and not ((data_dir / "train.bin").is_file() and (data_dir / index).is_file()):
         raise UsageError(f"no retrieval datastore in {data_dir}: run python train.py data && python train.py datastore")
@@ -368,7 +392,7 @@ def make_draft_length(name: str, gamma: int, use_tree: bool, drafter: str, weigh
              f"--draft-length {name} sets the length of draft chains: tree drafters take fixed or dynamic"),
             (name == "dynamic" and not (use_tree and drafter in DYNAMIC_TREES),
              "--draft-length dynamic (Dynamic Depth Decoding) grows EAGLE-2 trees: use -d eagle or -d draft --tree"),
-            (name in ("confidence", "svip", "disco") and drafter == "pld",
+            (name in ("confidence", "adaptive", "svip", "disco") and drafter == "pld",
              f"--draft-length {name} reads the draft's distribution, and prompt lookup has none"),
             (not 0 <= confidence <= 1, f"--confidence must be in [0, 1], got {confidence}"),
             (not svip_threshold >= 0, f"--svip-threshold must be >= 0, got {svip_threshold}"),
@@ -377,6 +401,8 @@ def make_draft_length(name: str, gamma: int, use_tree: bool, drafter: str, weigh
             (not 0 <= ddd_threshold <= 1, f"--ddd-threshold must be in [0, 1], got {ddd_threshold}")])
     if name == "heuristic":
         return Heuristic(gamma)
+    if name == "adaptive":
+        return Adaptive(gamma)
     if name == "confidence":
         return Confidence(gamma, confidence)
     if name == "svip":
@@ -423,19 +449,22 @@ class Printer:
 def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
          device: str | None, weights: str, drafter: str, gamma: int, tree: bool, tree_size: int, tree_depth: int,
          tree_width: int, sampled_siblings: bool, verify: str, topk_beta: int, topk_tau: float, bild_rollback: float,
-         bild_fallback: float, lenience: float, typical_epsilon: float, typical_delta: float, draft_length: str,
+         bild_fallback: float, lenience: float, typical_epsilon: float, typical_delta: float, draft_length: str | None,
          confidence: float, svip_threshold: float, disco_threshold: float | None, ddd_threshold: float,
          jacobi_block: int, lookahead_window: int, lookahead_ngram: int, lookahead_candidates: int,
-         suffix_alpha: float, show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
+         suffix_alpha: float, exit_layer: int, quant_bits: int, show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
     use_tree = tree or drafter in TREE_ONLY
+    explicit_length, draft_length = draft_length, draft_length or ("adaptive" if drafter == "layerskip" and not use_tree
+                                                             else "fixed")
     refuse([(jacobi_block < 1, f"--jacobi-block must be at least 1, got {jacobi_block}"),
             (lookahead_window < 1 or lookahead_ngram < 2 or lookahead_candidates < 0,
              "--lookahead-window must be >= 1, --lookahead-ngram >= 2 and --lookahead-candidates >= 0"),
             (not 0 < suffix_alpha < math.inf, f"--suffix-alpha must be a finite number > 0, got {suffix_alpha}"),
             (not 0 <= bild_fallback <= 1, f"--bild-fallback must be in [0, 1], got {bild_fallback}"),
+            (drafter in CHAIN_ONLY and tree, f"-d {drafter} drafts chains only (it shares the target's cache)"),
             (drafter == "none" and (verify != "exact" or draft_length != "fixed"),
              "--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing"),
             (sampled_siblings and not (temperature > 0 and use_tree and drafter in DYNAMIC_TREES),
@@ -443,7 +472,7 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
     verifier = make_verifier(verify, temperature, topk_beta, topk_tau, bild_rollback, lenience, typical_epsilon,
                              typical_delta)
     weights, dtype = Path(weights), torch.bfloat16 if bf16 else torch.float32
-    if verify == "bild" and draft_length == "fixed" and not use_tree and drafter != "pld":  # fallback + rollback
+    if verify == "bild" and not explicit_length and not use_tree and drafter != "pld":  # fallback + rollback
         draft_length, confidence = "confidence", bild_fallback
     length = make_draft_length(draft_length, gamma, use_tree, drafter, weights, confidence, svip_threshold,
                                disco_threshold, ddd_threshold)
@@ -456,7 +485,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
              f"--jacobi-block and the lookahead window (W x (N - 1) tokens) must fit the context of {context}")])
     draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
         drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings, jacobi_block,
-        (lookahead_window, lookahead_ngram, lookahead_candidates), suffix_alpha=suffix_alpha))
+        (lookahead_window, lookahead_ngram, lookahead_candidates), suffix_alpha=suffix_alpha, exit_layer=exit_layer,
+        quant_bits=quant_bits))
     prompt_ids = enc.encode_ordinary(prompt)
     if len(prompt_ids) >= target.config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
@@ -534,7 +564,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "decoding), lookahead (Lookahead decoding), pass (PaSS: learned lookahead embeddings); retrieval, "
                     "no model: rest (REST: suffix array of the training split, frequency trie), suffix "
                     "(SuffixDecoding: suffix tries of this prompt and earlier outputs), sam (SAM Decoding: suffix "
-                    "automata, one chain); rest and sam need python train.py data && python train.py datastore")
+                    "automata, one chain); rest and sam need python train.py data && python train.py datastore; "
+                    "self-drafting (the target made cheaper): layerskip (Draft & Verify: sublayers skipped), "
+                    "earlyexit (LayerSkip: the first --exit-layer blocks, one shared cache), del (DEL: the exit layer "
+                    "and draft length chosen every step), quant (ML-SpecQD: the target's weights quantized)")
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains); the most "
                     "for --draft-length confidence/svip/disco, the start for heuristic")
     ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")
@@ -560,9 +593,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--typical-epsilon", type=float, default=0.09, help="typical (LOSSY): Medusa's "
                     "posterior_threshold")
     ap.add_argument("--typical-delta", type=float, default=0.3, help="typical (LOSSY): Medusa's posterior_alpha")
-    ap.add_argument("-l", "--draft-length", default="fixed", help="draft-length policy: fixed (gamma), heuristic "
-                    "(transformers: +2 after a full accept, -1 otherwise), confidence, svip, disco (chains); "
-                    "dynamic (Dynamic Depth Decoding, EAGLE-2 trees); all lossless")
+    ap.add_argument("-l", "--draft-length", default=None, help="draft-length policy: fixed (gamma; the default), "
+                    "heuristic (transformers: +2 after a full accept, -1 otherwise), confidence, adaptive (Draft & "
+                    "Verify's threshold that follows the acceptance rate; the default of layerskip), svip, disco "
+                    "(chains); dynamic (Dynamic Depth Decoding, EAGLE-2 trees); all lossless")
     ap.add_argument("--confidence", type=float, default=0.4, help="confidence: stop after a draft token whose top "
                     "probability is below this")
     ap.add_argument("--svip-threshold", type=float, default=0.3, help="svip: stop when sqrt(0.15 H(draft)) exceeds this")
@@ -570,6 +604,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "acceptance probability is below this (default: the trained one)")
     ap.add_argument("--ddd-threshold", type=float, default=0.1, help="dynamic: stop growing the tree when the "
                     "frontier's total path probability is below this")
+    ap.add_argument("--exit-layer", type=int, default=8, help="earlyexit: draft with this many blocks of the "
+                    "target (LayerSkip's E); del: the first step's E")
+    ap.add_argument("--quant-bits", type=int, default=8, help="quant: 8 (int8 matmuls, CPU) or 4 (int4 weights, "
+                    "dequantized: shows acceptance, not speed)")
     ap.add_argument("--jacobi-block", type=int, default=4, help="jacobi: guesses refined per call")
     ap.add_argument("--lookahead-window", type=int, default=3, help="lookahead: window W (places per level)")
     ap.add_argument("--lookahead-ngram", type=int, default=3, help="lookahead: n-gram size N (N - 1 levels)")

@@ -9,6 +9,7 @@
     python train.py eagle       # target -> weights/eagle/  (one EAGLE decoder layer on the frozen target)
     python train.py disco       # target + draft -> weights/disco/ (DISCO's stop classifier, draft_length.py)
     python train.py pass        # target -> weights/pass/  (PaSS's lookahead embeddings, maskpredict.py)
+    python train.py layerskip   # target -> weights/layerskip.json (Draft & Verify's skip set, selfdraft.py)
     python train.py corpus      # corpus_packages.txt -> data/corpus/ (the wider corpus for the next run, corpus.py)
     python train.py eval        # bits per byte of the target and the draft on held-out packages and stdlib files
 
@@ -35,8 +36,9 @@ from draft_length import DiscoClassifier, Recorder
 from drafters import ModelDrafter
 from heads import EagleHead, HydraHeads, MedusaHeads, save_head
 from maskpredict import PassEmbeddings
+from selfdraft import save_skip_set, search_skip_set
 from model import ModelConfig, Transformer
-from specdec import speculative_generate
+from specdec import generate, speculative_generate
 from tokenizer import EOT, load_tokenizer, save_ranks, train_bpe
 
 HERE = Path(__file__).resolve().parent  # default locations are next to this file, wherever it is run from
@@ -510,13 +512,30 @@ def train_pass(args) -> None:
                    module, {"num_tokens": k, "hidden_size": C}, Path(args.weights) / "pass"))
 
 
+def search_layerskip(args) -> None:
+    """Draft & Verify's skip set (Zhang et al. 2023), searched on training-split prompts only: the target's greedy
+    continuations of them, and which sublayers can go while the skipped model still predicts those tokens."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
+    target = Transformer.from_pretrained(Path(args.weights) / "target")
+    t0 = time.time()
+    prompts = function_prompts(enc, args.layerskip_prompts, args.layerskip_context, heldout=False)
+    sequences = [(p, generate(target, p, args.layerskip_new)) for p in prompts]
+    skip, curve = search_skip_set(target, sequences, args.layerskip_max)
+    command = "python train.py layerskip " + " ".join(sys.argv[2:])
+    save_skip_set(Path(args.weights) / "layerskip.json", skip, curve, command.strip())
+    print(f"{len(prompts)} prompts x {args.layerskip_new} tokens, {time.time() - t0:.0f}s: skipping {len(skip)} "
+          f"sublayers -> {Path(args.weights) / 'layerskip.json'}")
+
+
 def main(stage: str, **args) -> None:
     args = argparse.Namespace(stage=stage, **args)
     if args.data_dir is None:  # the wider corpus gets its own token files, so the stdlib ones stay as they were
         args.data_dir = str(HERE / "data" / ("packages" if args.corpus == "packages" else ""))
     stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
               "datastore": build_datastore, "medusa": train_heads, "hydra": train_heads, "eagle": train_eagle,
-              "disco": train_disco, "pass": train_pass, "corpus": build_corpus, "eval": evaluate}
+              "disco": train_disco, "pass": train_pass, "corpus": build_corpus, "eval": evaluate,
+              "layerskip": search_layerskip}
     try:
         stages[stage](args)
     except corpus.CorpusError as e:
@@ -526,7 +545,7 @@ def main(stage: str, **args) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["tokenizer", "data", "datastore", "target", "draft", "medusa", "hydra", "eagle",
-                                      "disco", "pass", "corpus", "eval"], help="what to build (datastore: the retrieval indexes "
+                                      "disco", "pass", "layerskip", "corpus", "eval"], help="what to build (datastore: the retrieval indexes "
                     "of -d rest and -d sam, after data)")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
     ap.add_argument("--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models")
@@ -575,4 +594,8 @@ if __name__ == "__main__":
     ap.add_argument("--pass-tokens", type=int, default=4, help="pass: lookahead embeddings (drafts per call)")
     ap.add_argument("--pass-context", type=int, default=128, help="pass: training window in tokens")
     ap.add_argument("--pass-cuts", type=int, default=16, help="pass: contexts cut from each window, trained at once")
+    ap.add_argument("--layerskip-prompts", type=int, default=8, help="layerskip: training-split prompts searched on")
+    ap.add_argument("--layerskip-context", type=int, default=128, help="layerskip: prompt tokens")
+    ap.add_argument("--layerskip-new", type=int, default=32, help="layerskip: target tokens generated per prompt")
+    ap.add_argument("--layerskip-max", type=int, default=12, help="layerskip: most sublayers skipped (the curve's end)")
     main(**vars(ap.parse_args()))

@@ -39,11 +39,13 @@ def _weights(model_or_state):
     return out
 
 
-def reference_logits(model, tokens, positions=None, mask=None, config=None, state=None):
+def reference_logits(model, tokens, positions=None, mask=None, config=None, state=None, exit_layer=None, skip=()):
     """tokens [B, T] -> logits [B, T, V], recomputed from scratch.
 
     positions [T] default to 0..T-1; mask [T, T] (bool, True = may attend) defaults to causal.
     `config`/`state` override `model.config`/`model.state_dict()` (for hand-made checkpoints, pass model=None).
+    exit_layer E reads the residual stream after layer E-1 out through the final norm and head (early exit);
+    `skip` names sublayers ("3.attn", "3.mlp") whose output is not added (a layer-skipping self-draft).
     """
     cfg = config if config is not None else model.config
     w = _weights(state if state is not None else model)
@@ -57,7 +59,7 @@ def reference_logits(model, tokens, positions=None, mask=None, config=None, stat
         mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
 
     x = w["model.embed_tokens.weight"][tokens]  # [B, T, C]
-    for i in range(cfg.num_hidden_layers):
+    for i in range(cfg.num_hidden_layers if exit_layer is None else exit_layer):
         p = f"model.layers.{i}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         q = (h @ w[p + "self_attn.q_proj.weight"].T).view(B, T, H, D).transpose(1, 2)
@@ -70,11 +72,11 @@ def reference_logits(model, tokens, positions=None, mask=None, config=None, stat
         scores = scores.masked_fill(~mask, float("-inf"))
         attn = torch.softmax(scores, dim=-1) @ v  # [B, H, T, D]
         attn = attn.transpose(1, 2).reshape(B, T, H * D)
-        x = x + attn @ w[p + "self_attn.o_proj.weight"].T
+        x = x + (0 if f"{i}.attn" in skip else attn @ w[p + "self_attn.o_proj.weight"].T)
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gate = h @ w[p + "mlp.gate_proj.weight"].T
         up = h @ w[p + "mlp.up_proj.weight"].T
-        x = x + (gate * torch.sigmoid(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+        x = x + (0 if f"{i}.mlp" in skip else (gate * torch.sigmoid(gate) * up) @ w[p + "mlp.down_proj.weight"].T)
     x = rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps)
     head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
     return x @ head.T

@@ -13,11 +13,11 @@ from verify import probs_from_logits, sample_token
 
 # ---- models ---------------------------------------------------------------------------------------------------
 
-def toy_model(seed: int, vocab_size: int = 6, max_len: int = 16, std: float = 0.5) -> Transformer:
-    """A 1-layer fp32 model whose every weight (norms included) is drawn N(0, std^2): peaked next-token
-    distributions that depend on the whole context."""
+def toy_model(seed: int, vocab_size: int = 6, max_len: int = 16, std: float = 0.5, layers: int = 1) -> Transformer:
+    """A 1-layer (or `layers`-layer) fp32 model whose every weight (norms included) is drawn N(0, std^2): peaked
+    next-token distributions that depend on the whole context."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    cfg = ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
                       num_key_value_heads=1, vocab_size=vocab_size, max_position_embeddings=max_len)
     model = Transformer(cfg)
     with torch.no_grad():
