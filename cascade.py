@@ -32,7 +32,9 @@ class CascadeDrafter:
         self.model, self.lookup, self.horizontal = model, lookup or PromptLookupDrafter(), horizontal
         self.cache, self.start = None, 0
         self.draft_calls = self.inner_drafted = self.inner_accepted = 0  # the vertical cascade at work
-        self.sources: list[str] = []  # per token of the last proposal: "model" or "lookup" (the horizontal tail)
+        # Per token of the last proposal: "model" (sampled by the draft model), "cascade" (proposed by prompt lookup
+        # and accepted by the draft model) or "lookup" (the horizontal tail, never seen by the draft model).
+        self.sources: list[str] = []
 
     def reset(self) -> None:
         self.cache, self.start = self.model.new_cache(), 0
@@ -45,7 +47,7 @@ class CascadeDrafter:
         # draft's warped q. One-hot p at temperature 0 makes the two agree, so a generator changes nothing there.
         inner: Verifier = Greedy() if generator is None else SpeculativeSampling()
         n_model = min(gamma, self.horizontal) if self.horizontal else gamma  # horizontal: the model's positions
-        tokens, qs, stopped = [], [], False
+        tokens, qs, self.sources, stopped = [], [], [], False
         self.start = len(context)
         while len(tokens) < n_model and not stopped:
             seq = context + tokens
@@ -61,14 +63,14 @@ class CascadeDrafter:
             self.inner_accepted += n
             # Each of the n + 1 new tokens is distributed as q's row at its position given the tokens before it
             # (lossless inner rule): exactly the distribution the target's verifier must be told.
-            for y, q_i, row in zip(ys[:n] + [token], q, logits):
+            for j, (y, q_i, row) in enumerate(zip(ys[:n] + [token], q, logits)):
                 tokens.append(y)
                 qs.append(q_i)
+                self.sources.append("cascade" if j < n else "model")
                 if not keep(row, len(tokens) - 1):  # a draft-length policy sees every token, in order, as in SpS
                     self.cache.truncate(min(self.cache.length, self.start + len(tokens) - 1))  # holds tokens[:-1]
                     stopped = True
                     break
-        self.sources = ["model"] * len(tokens)
         if self.horizontal and not stopped and len(tokens) < gamma:
             # Horizontal cascade: later positions, which are less likely to be accepted anyway, from prompt lookup
             # alone (no draft call). Deterministic: their q rows are one-hot (peer-pitfalls).
