@@ -241,7 +241,14 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                    Method("Jacobi (block 4)", drafter_named("jacobi"), True),
                    Method("Lookahead (W 3, N 3, G 3)", drafter_named("lookahead"), True),
                    Method("PaSS (4 lookahead embeddings)", drafter_named("pass"), True),
-                   Method("SuffixDecoding (suffix tries, learns across prompts)", drafter_named("suffix"), True)]
+                   Method("SuffixDecoding (suffix tries, learns across prompts)", drafter_named("suffix"), True),
+                   Method("CS Drafting (vertical: PLD under the draft model)", drafter_named("cascade")),
+                   Method(f"CS Drafting (vertical + horizontal: PLD after {max(1, gamma // 2)} model tokens)",
+                          make_drafter("cascade", weights, target, dtype, tree_size, tree_depth, tree_width,
+                                       cascade_horizontal=max(1, gamma // 2))),
+                   Method("Collective tree (SpecInfer: draft model + PLD"
+                          + (" + REST)" if (DATA_DIR / "datastore.npy").is_file() else ")"),
+                          drafter_named("collective"), True)]
         if (DATA_DIR / "datastore.npy").is_file() and (DATA_DIR / "sam.npz").is_file():
             methods += [Method("REST (suffix array of train split)", drafter_named("rest"), True),
                         Method("SAM Decoding (suffix automata)", drafter_named("sam"), True)]
