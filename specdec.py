@@ -313,12 +313,13 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
         if name == "cascade":  # prompt lookup under the draft model (vertical), and after it (horizontal)
             return CascadeDrafter(draft, PromptLookupDrafter(), cascade_horizontal)
         if name == "collective":  # the draft model's top-k tree, prompt lookup and, with a datastore, REST
-            have_rest = (data_dir / "train.bin").is_file() and (data_dir / "datastore.npy").is_file()
-            if not have_rest:
+            rest = None
+            if (data_dir / "train.bin").is_file() and (data_dir / "datastore.npy").is_file():
+                rest = RestDrafter.load(data_dir, depth=tree_depth, size=tree_size)
+            else:
                 note_without_rest(data_dir)
             return CollectiveDrafter(ModelDrafter(draft, depth=tree_depth, beam=tree_width, **shape),
-                                     PromptLookupDrafter(depth=tree_depth, matches=tree_width),
-                                     RestDrafter.load(data_dir, depth=tree_depth, size=tree_size) if have_rest else None,
+                                     PromptLookupDrafter(depth=tree_depth, matches=tree_width), rest,
                                      size=tree_size, depth=tree_depth)
         return ModelDrafter(draft, depth=tree_depth, beam=tree_width, sampled=sampled_siblings, **shape)
     if name == "pld":

@@ -38,7 +38,7 @@ def few(refs):
 @pytest.mark.parametrize("horizontal, gamma", [(0, 4), (2, 5)], ids=["vertical", "horizontal-2"])
 def test_greedy_cascade_equals_autoregressive_on_shipped_weights(short_references, shipped_draft, horizontal, gamma):
     enc, target, refs = short_references
-    drafter, sources = CascadeDrafter(shipped_draft, PromptLookupDrafter(), horizontal), []
+    drafter = CascadeDrafter(shipped_draft, PromptLookupDrafter(), horizontal)
     for i, (prompt, expected) in enumerate(few(refs)):
         out, stats = speculative_generate(target, drafter, prompt, 24, gamma=gamma, temperature=0, eot=enc.eot_token)
         assert out == expected, f"prompt {i}"  # whole lists: lengths included
