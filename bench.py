@@ -252,7 +252,14 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                           length=Adaptive(max_gamma)),
                    Method("LayerSkip early exit (E 8, shared cache)", drafter_named("earlyexit")),
                    Method("DEL (exit layer and length chosen per step)", drafter_named("del")),
-                   Method("ML-SpecQD (int8 self-draft)", drafter_named("quant"))]
+                   Method("ML-SpecQD (int8 self-draft)", drafter_named("quant")),
+                   Method("CS Drafting (vertical: PLD under the draft model)", drafter_named("cascade")),
+                   Method(f"CS Drafting (vertical + horizontal: PLD after {max(1, gamma // 2)} model tokens)",
+                          make_drafter("cascade", weights, target, dtype, tree_size, tree_depth, tree_width,
+                                       cascade_horizontal=max(1, gamma // 2))),
+                   Method("Collective tree (SpecInfer: draft model + PLD"
+                          + (" + REST)" if (DATA_DIR / "datastore.npy").is_file() else ")"),
+                          drafter_named("collective"), True)]
         if (DATA_DIR / "datastore.npy").is_file() and (DATA_DIR / "sam.npz").is_file():
             methods += [Method("REST (suffix array of train split)", drafter_named("rest"), True),
                         Method("SAM Decoding (suffix automata)", drafter_named("sam"), True)]

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from approximate import BiLD, Lenient, TopK, Typical
+from cascade import CascadeDrafter, CollectiveDrafter, note_without_rest
 from draft_length import (SVIP, Adaptive, Confidence, Disco, DiscoClassifier, DraftLength, DynamicDepth, FixedLength,
                           Heuristic)
 from drafters import ChainDrafter, Drafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
@@ -242,14 +243,15 @@ def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
 # ---- command line ---------------------------------------------------------------------------------------------
 
 DRAFTERS = ("none", "draft", "pld", "medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest",
-            "suffix", "sam", "layerskip", "earlyexit", "del", "quant")
+            "suffix", "sam", "cascade", "collective", "layerskip", "earlyexit", "del", "quant")
 # drafters that only draft trees (blockwise, jacobi, pass and sam: one-branch trees)
-TREE_ONLY = ("medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix", "sam")
+TREE_ONLY = ("medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix", "sam",
+             "collective")
 DATA_DIR = Path(__file__).resolve().parent / "data"  # train.py's default: train.bin and the retrieval datastore
-DYNAMIC_TREES = ("draft", "hydra", "eagle", "layerskip", "quant")  # they grow EAGLE-2 trees: sampled siblings, Dynamic Depth Decoding
+DYNAMIC_TREES = ("draft", "hydra", "eagle", "layerskip", "quant")  # EAGLE-2 trees: sampled siblings, DDD
 VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
 DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "adaptive", "svip", "disco", "dynamic")
-CHAIN_ONLY = ("earlyexit", "del")  # they share the target's cache slot by slot: chains only
+CHAIN_ONLY = ("cascade", "earlyexit", "del")  # no propose_tree (the early exits share the target's cache by slot)
 MIN_TEMPERATURE = 1e-3  # logits / T must stay finite in float32 (fp32 max 3.4e38; logits here are < 1e3)
 
 
@@ -299,7 +301,8 @@ def load_model(path: Path, device: str, dtype: torch.dtype) -> Transformer:
 def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dtype, tree_size: int,
                  tree_depth: int, tree_width: int, sampled_siblings: bool = False, jacobi_block: int = 4,
                  lookahead: tuple[int, int, int] = (3, 3, 3), data_dir: Path = DATA_DIR,
-                 suffix_alpha: float = 2.0, exit_layer: int = 8, quant_bits: int = 8) -> Drafter | None:
+                 suffix_alpha: float = 2.0, cascade_horizontal: int = 0, exit_layer: int = 8,
+                 quant_bits: int = 8) -> Drafter | None:
     device, shape = target.lm_head.weight.device, dict(width=tree_width, size=tree_size)
     L = target.config.num_hidden_layers
     refuse([(name in ("earlyexit", "del") and not 1 <= exit_layer < L,
@@ -326,11 +329,22 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
             "pass": "pass"}.get(name)
     if head and not (weights / head / "model.safetensors").is_file():
         raise UsageError(f"no {head} weights in {weights / head} (see train.py)")
-    if name == "draft":
+    if name in ("draft", "cascade", "collective"):
         draft = load_model(weights / "draft", device, dtype)
         if draft.config.vocab_size != target.config.vocab_size:
             raise UsageError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
                              f"({target.config.vocab_size}): they must share a tokenizer")
+        if name == "cascade":  # prompt lookup under the draft model (vertical), and after it (horizontal)
+            return CascadeDrafter(draft, PromptLookupDrafter(), cascade_horizontal)
+        if name == "collective":  # the draft model's top-k tree, prompt lookup and, with a datastore, REST
+            rest = None
+            if (data_dir / "train.bin").is_file() and (data_dir / "datastore.npy").is_file():
+                rest = RestDrafter.load(data_dir, depth=tree_depth, size=tree_size)
+            else:
+                note_without_rest(data_dir)
+            return CollectiveDrafter(ModelDrafter(draft, depth=tree_depth, beam=tree_width, **shape),
+                                     PromptLookupDrafter(depth=tree_depth, matches=tree_width), rest,
+                                     size=tree_size, depth=tree_depth)
         return ModelDrafter(draft, depth=tree_depth, beam=tree_width, sampled=sampled_siblings, **shape)
     if name == "pld":
         return PromptLookupDrafter(depth=tree_depth, matches=tree_width)
@@ -452,7 +466,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
          bild_fallback: float, lenience: float, typical_epsilon: float, typical_delta: float, draft_length: str | None,
          confidence: float, svip_threshold: float, disco_threshold: float | None, ddd_threshold: float,
          jacobi_block: int, lookahead_window: int, lookahead_ngram: int, lookahead_candidates: int,
-         suffix_alpha: float, exit_layer: int, quant_bits: int, show_tree: bool, compare: bool, no_color: bool, bf16: bool) -> None:
+         suffix_alpha: float, cascade_horizontal: int, exit_layer: int, quant_bits: int, show_tree: bool,
+         compare: bool, no_color: bool, bf16: bool) -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
@@ -463,8 +478,10 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
             (lookahead_window < 1 or lookahead_ngram < 2 or lookahead_candidates < 0,
              "--lookahead-window must be >= 1, --lookahead-ngram >= 2 and --lookahead-candidates >= 0"),
             (not 0 < suffix_alpha < math.inf, f"--suffix-alpha must be a finite number > 0, got {suffix_alpha}"),
+            (cascade_horizontal < 0, f"--cascade-horizontal must be >= 0 (0 = off), got {cascade_horizontal}"),
+            (cascade_horizontal > 0 and drafter != "cascade", "--cascade-horizontal is an option of -d cascade"),
+            (tree and drafter in CHAIN_ONLY, f"-d {drafter} drafts chains: drop --tree"),
             (not 0 <= bild_fallback <= 1, f"--bild-fallback must be in [0, 1], got {bild_fallback}"),
-            (drafter in CHAIN_ONLY and tree, f"-d {drafter} drafts chains only (it shares the target's cache)"),
             (drafter == "none" and (verify != "exact" or draft_length != "fixed"),
              "--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing"),
             (sampled_siblings and not (temperature > 0 and use_tree and drafter in DYNAMIC_TREES),
@@ -485,8 +502,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
              f"--jacobi-block and the lookahead window (W x (N - 1) tokens) must fit the context of {context}")])
     draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
         drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings, jacobi_block,
-        (lookahead_window, lookahead_ngram, lookahead_candidates), suffix_alpha=suffix_alpha, exit_layer=exit_layer,
-        quant_bits=quant_bits))
+        (lookahead_window, lookahead_ngram, lookahead_candidates), suffix_alpha=suffix_alpha,
+        cascade_horizontal=cascade_horizontal, exit_layer=exit_layer, quant_bits=quant_bits))
     prompt_ids = enc.encode_ordinary(prompt)
     if len(prompt_ids) >= target.config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
@@ -567,7 +584,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "automata, one chain); rest and sam need python train.py data && python train.py datastore; "
                     "self-drafting (the target made cheaper): layerskip (Draft & Verify: sublayers skipped), "
                     "earlyexit (LayerSkip: the first --exit-layer blocks, one shared cache), del (DEL: the exit layer "
-                    "and draft length chosen every step), quant (ML-SpecQD: the target's weights quantized)")
+                    "and draft length chosen every step), quant (ML-SpecQD: the target's weights quantized); "
+                    "cascade (Cascade Speculative Drafting: prompt lookup drafts for the draft model, which verifies "
+                    "it losslessly), collective (SpecInfer: the draft model's tree, prompt lookup and REST if its "
+                    "datastore exists, merged into one tree)")
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains); the most "
                     "for --draft-length confidence/svip/disco, the start for heuristic")
     ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")
@@ -614,6 +634,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lookahead-candidates", type=int, default=3, help="lookahead: G, pool n-grams verified per call")
     ap.add_argument("--suffix-alpha", type=float, default=2.0, help="suffix: at most alpha x match length "
                     "drafted nodes (SuffixDecoding's MAX_SPEC), and never more than --tree-size")
+    ap.add_argument("--cascade-horizontal", type=int, default=0, help="cascade: the draft model drafts the first h "
+                    "positions of each chain (itself sped up by prompt lookup), prompt lookup alone the rest "
+                    "(horizontal cascade; 0 = off: the draft model drafts all gamma)")
     ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked; "
                     "for jacobi, lookahead and pass also the call's extra tokens and its attention mask")
     ap.add_argument("-c", "--compare", action="store_true", help="also run plain decoding and print the speedup")

@@ -31,6 +31,8 @@ RUNS = {  # name: the arguments of `python specdec.py`
     "drafter jacobi": ["-p", "class Stack:", "-n", "16", "-d", "jacobi", "--compare"],
     "drafter lookahead": ["-p", "class Stack:", "-n", "16", "-d", "lookahead", "--compare"],
     "drafter pass": ["-p", "class Stack:", "-n", "16", "-d", "pass", "--compare"],
+    "drafter cascade": ["-p", "def parse(s):", "-n", "16", "-d", "cascade", "--cascade-horizontal", "3", "--compare"],
+    "drafter collective": ["-p", "def parse(s):", "-n", "16", "-d", "collective", "--compare"],
     "draft length svip": ["-p", PROMPT, "-n", "16", "-l", "svip", "--compare"],
     "lossy topk": ["-p", PROMPT, "-n", "16", "-v", "topk", "--compare"],
     "seed 1": SAMPLING + ["-s", "1"],
@@ -67,6 +69,9 @@ BAD_INPUTS = {
     "chain policy on a tree": ["-p", PROMPT, "-d", "eagle", "-l", "heuristic"],
     "lookahead n-gram of one": ["-p", PROMPT, "-d", "lookahead", "--lookahead-ngram", "1"],
     "jacobi block 0": ["-p", PROMPT, "-d", "jacobi", "--jacobi-block", "0"],
+    "negative cascade horizontal": ["-p", PROMPT, "-d", "cascade", "--cascade-horizontal", "-1"],
+    "cascade horizontal on another drafter": ["-p", PROMPT, "-d", "draft", "--cascade-horizontal", "2"],
+    "cascade as a tree": ["-p", PROMPT, "-d", "cascade", "--tree"],
     "sampled siblings at temperature 0": ["-p", PROMPT, "-d", "eagle", "--sampled-siblings"],
     "verification without a drafter": ["-p", PROMPT, "-d", "none", "-v", "topk"],
     "missing prompt": ["-n", "3"],
@@ -136,7 +141,8 @@ def test_bare_command_prints_the_continuation_then_the_stats(cli):
 
 
 @pytest.mark.parametrize("run", ["drafter none", "drafter draft", "drafter pld", "drafter blockwise",
-                                 "drafter jacobi", "drafter lookahead", "drafter pass", "draft length svip"])
+                                 "drafter jacobi", "drafter lookahead", "drafter pass", "drafter cascade",
+                                 "drafter collective", "draft length svip"])
 def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, run):
     r = cli[run]
     assert r.returncode == 0, r.stderr
