@@ -135,6 +135,14 @@ class BatchPromptLookup:
         pass
 
 
+class NoDrafts(BatchPromptLookup):
+    """Drafts nothing: the batched loop then verifies one token per row per call, which is batched autoregressive
+    decoding (the baseline of bench.py --batch, through the same code)."""
+
+    def propose(self, contexts, gamma, warp, generator):
+        return [([], None) for _ in contexts]
+
+
 BatchDrafter = BatchModelDrafter | BatchPromptLookup
 
 

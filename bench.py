@@ -11,6 +11,7 @@ cut just inside a function body, as an editor would send them.
     python bench.py --siblings                                 # deterministic vs sampled tree siblings, T 0.7 and 1
     python bench.py --sweep-lookahead --prompts 8 -n 64        # Lookahead decoding's W, N, G on this machine
     python bench.py --sweep-exit --prompts 8 -n 64             # LayerSkip's early exit at every exit layer E
+    python bench.py --batch 1,2,4,8,16 -n 64                   # batched speculative decoding against batch size
 """
 import argparse
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from batched import BatchModelDrafter, BatchPromptLookup, NoDrafts, batch_speculative_generate
 from draft_length import Adaptive, DraftLength
 from drafters import Drafter
 from specdec import (DATA_DIR, DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, OneLineParser, Stats, UsageError, check_args, decode,
@@ -87,15 +89,23 @@ def measure(target, methods: list[Method], prompts: list[list[int]], args, devic
     for method in methods:
         run(target, method, prompts[0][:64], warm, device)
         method.tokens, method.seconds, method.stats = 0, 0.0, Stats()
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         reference = None
         for method in methods:
+            progress(args, f"prompt {i + 1} of {len(prompts)}: {method.name}")
             out = run(target, method, prompt, args, device)
             reference = out if reference is None else reference
             agree, nll = continuation_quality(target, prompt, out)
             method.agree += agree
             method.nll += nll
             method.identical += out == reference
+    progress(args, f"{len(prompts)} prompts done\n")
+
+
+def progress(args, line: str) -> None:
+    """One line on stderr, rewritten in place (off with --quiet): a long run shows where it is."""
+    if not args.quiet:
+        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
 
 
 def speed_columns(m: Method, base: Method) -> str:
@@ -166,19 +176,20 @@ def print_siblings(methods: list[Method], n_prompts: int, temperature: float) ->
 def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, gamma: int, max_gamma: int,
          temperature: float, top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int,
          tree_width: int, drafter: str, verify: str | None, draft_length: str | None, siblings: bool,
-         sweep_lookahead: bool, sweep_exit: bool,
+         sweep_lookahead: bool, sweep_exit: bool, batch: str | None, plot: str | None, quiet: bool,
          topk_beta: int, topk_tau: float, bild_rollback: float, bild_fallback: float, lenience: float,
          typical_epsilon: float, typical_delta: float, confidence: float, svip_threshold: float,
          disco_threshold: float | None, ddd_threshold: float) -> None:
     args = argparse.Namespace(max_new_tokens=max_new_tokens, gamma=gamma, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed)
+                              top_p=top_p, seed=seed, quiet=quiet)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args("bench", max_new_tokens, temperature, top_k, top_p, min(gamma, max_gamma), drafter, device,
                tree_size, tree_depth, tree_width, seed)
     refuse([(prompts < 1, f"--prompts must be at least 1, got {prompts}"),
-            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit))) > 1,
-             "--verify, --draft-length, --siblings, --sweep-lookahead and --sweep-exit are separate tables: one at a "
-             "time"),
+            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit, batch))) > 1,
+             "--verify, --draft-length, --siblings, --sweep-lookahead, --sweep-exit and --batch are separate "
+             "tables: one at a time"),
+            (plot is not None and not batch, "--plot draws the --batch curve: add --batch"),
             (bool(verify) and drafter == "none", "--verify needs a drafter whose drafts the rules verify"),
             (not 0 <= bild_fallback <= 1, f"--bild-fallback must be in [0, 1], got {bild_fallback}")])
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -190,6 +201,10 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
         return load_checked(f"{name} drafter", weights, lambda _: make_drafter(
             name, weights, target, dtype, tree_size, tree_depth, tree_width, sampled, exit_layer=exit_layer))
 
+    if batch:
+        measure_batches(target, load_model(weights / "draft", device, dtype), enc, batch_sizes(batch), args, device,
+                        plot)
+        return
     autoregressive = Method("Autoregressive", None)
     if verify:  # one drafter, every rule: speed against quality
         use_tree = drafter in TREE_ONLY
@@ -275,6 +290,62 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     printer(methods, len(todo), temperature)
 
 
+def measure_batches(target, draft, enc, sizes: list[int], args, device: str, plot: str | None) -> None:
+    """Survey §9: tokens per second of batched autoregressive decoding and of batched SpS and PLD, against the
+    batch size. Each batch decodes the first B held-out prompts, cut to 128 tokens; every size is timed after an
+    untimed warm-up of that size."""
+    prompts = [p[-128:] for p in function_prompts(enc, max(sizes), heldout=True)]
+    methods = [("Autoregressive", NoDrafts), ("SpS (draft model)", lambda: BatchModelDrafter(draft)),
+               ("PLD (prompt lookup)", BatchPromptLookup)]
+    rows = []
+    for B in sizes:
+        for name, make in methods:
+            opts = dict(gamma=args.gamma, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        eot=enc.eot_token)
+            batch_speculative_generate(target, make(), prompts[:B], 4, **opts,
+                                       generator=torch.Generator(device).manual_seed(args.seed))  # warm-up
+            t0 = time.perf_counter()
+            out, stats = batch_speculative_generate(target, make(), prompts[:B], args.max_new_tokens, **opts,
+                                                    generator=torch.Generator(device).manual_seed(args.seed))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rows.append((B, name, stats, sum(map(len, out)) / (time.perf_counter() - t0)))
+            progress(args, f"batch {B}: {name} done")
+    progress(args, "batches done\n")
+    print("| batch | method | tau (tokens/row/call) | acceptance | tokens/s (all rows) | speedup over batched "
+          "autoregressive | target ms/call |")
+    print("|---|---|---|---|---|---|---|")
+    base = {B: rate for B, name, _, rate in rows if name == "Autoregressive"}
+    for B, name, s, rate in rows:
+        acceptance = f"{s.acceptance_rate:.2f}" if s.drafted else "-"  # Stats count per row: calls x B below
+        print(f"| {B} | {name} | {s.tau:.2f} | {acceptance} | {rate:.1f} | {rate / base[B]:.2f}x | "
+              f"{1000 * s.verify_seconds * B / max(1, s.target_calls):.1f} |")
+    if plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise UsageError("--plot needs matplotlib, an optional extra: pip install matplotlib (the table above "
+                             "does not)")
+        for _, name in methods:
+            plt.plot(sizes, [rate for B, n, _, rate in rows if n == name], marker="o", label=name)
+        plt.xscale("log", base=2)
+        plt.xlabel("batch size")
+        plt.ylabel("tokens/s, all rows")
+        plt.legend()
+        plt.savefig(plot, dpi=120)
+
+
+def batch_sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise UsageError(f"--batch takes comma-separated batch sizes, e.g. 1,2,4,8, got {value!r}")
+    refuse([(min(sizes) < 1, f"--batch sizes must be at least 1, got {value}")])
+    return sizes
+
+
 def names(value: str, known: tuple, flag: str) -> list[str]:
     chosen = value.split(",")
     unknown = [n for n in chosen if n not in known]
@@ -308,6 +379,10 @@ if __name__ == "__main__":
     ap.add_argument("--siblings", action="store_true", help="compare top-k and sampled tree siblings at T 0.7 and 1")
     ap.add_argument("--sweep-lookahead", action="store_true", help="Lookahead decoding with several (W, N, G)")
     ap.add_argument("--sweep-exit", action="store_true", help="LayerSkip's early exit at every exit layer E")
+    ap.add_argument("--batch", default=None, help="batched decoding at these batch sizes (comma-separated, e.g. "
+                    "1,2,4,8,16): tokens/s of autoregressive, SpS and PLD against batch size")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
+    ap.add_argument("--plot", default=None, help="--batch: also draw the curve to this image file (needs matplotlib)")
     ap.add_argument("--topk-beta", type=int, default=5, help="topk rule: top beta")
     ap.add_argument("--topk-tau", type=float, default=3.0, help="topk rule: log-probability tolerance")
     ap.add_argument("--bild-rollback", type=float, default=5.0, help="bild rule: rollback threshold")
