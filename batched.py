@@ -1,5 +1,6 @@
 """Batched speculative decoding (survey §9, "batched inference"): B prompts at once, each row accepting its own
-number of drafts, with the chain drafters (the draft model, prompt lookup).
+number of drafts, with the chain drafters (the draft model, prompt lookup); TETRIS's draft selection under a
+verification budget; multi-sample drafting, where n samples of one prompt draft for each other.
 
 Ragged rows, one write pointer. Every call writes its tokens for all rows at the same cache slots (the KVCache's
 single length), so the batch stays one tensor and model.py stays the same model. A row that accepts fewer drafts
@@ -21,7 +22,7 @@ from torch import Tensor
 from drafters import PromptLookupDrafter, Warp
 from model import Transformer
 from specdec import Stats, check_generator, theory_acceptance, warp_for
-from verify import exact, sample_token
+from verify import Verifier, exact, sample_token
 
 
 class RaggedCache:
@@ -85,6 +86,9 @@ class BatchModelDrafter:
     def propose(self, contexts: list[list[int]], gamma: int, warp: Warp, generator: torch.Generator | None
                 ) -> list[tuple[list[int], Tensor]]:
         device = self.model.lm_head.weight.device
+        if gamma == 0:  # nothing to draft (a row is at its end): the context is caught up next time
+            self.draft_slots = []
+            return [([], None, None) for _ in contexts]
         new = [c[s:] for c, s in zip(contexts, self.seen)]  # the prompt, then the correction (+ our last draft)
         T = max(len(n) for n in new)
         self.cache.room_for(T + gamma)
@@ -92,19 +96,20 @@ class BatchModelDrafter:
         logits = self.model(pad(new, T, device), self.cache.kv, positions=positions, attn_mask=mask)  # [B, T, V]
         logits = logits[torch.arange(len(new)), torch.tensor([len(n) - 1 for n in new])]  # [B, V]
         self.seen, self.draft_slots = [len(c) for c in contexts], []
-        drafts, qs = [[] for _ in contexts], [[] for _ in contexts]
+        drafts, qs, confidence = [[] for _ in contexts], [[] for _ in contexts], [[] for _ in contexts]
         for i in range(gamma):
-            q = warp(logits)  # [B, V]
+            q, raw = warp(logits), torch.softmax(logits.float(), dim=-1)  # [B, V]: raw, for TETRIS even at T=0
             for b in range(len(contexts)):
                 drafts[b].append(sample_token(q[b], generator))
                 qs[b].append(q[b])
+                confidence[b].append(float(raw[b, drafts[b][-1]]))
             if i == gamma - 1:
                 break
             self.draft_slots.append(self.cache.kv.length)
             positions, mask = self.cache.call_inputs([1] * len(contexts), [len(c) + i for c in contexts], 1)
             last = torch.tensor([[d[-1]] for d in drafts], device=device)
             logits = self.model(last, self.cache.kv, positions=positions, attn_mask=mask)[:, -1]
-        return [(d, torch.stack(q)) for d, q in zip(drafts, qs)]
+        return [(d, torch.stack(q), c) for d, q, c in zip(drafts, qs, confidence)]
 
     def accept(self, n_accepted: list[int]) -> None:
         for b, n in enumerate(n_accepted):  # fed drafts d_1 .. d_(gamma-1): keep the accepted ones
@@ -125,8 +130,9 @@ class BatchPromptLookup:
     def reset(self, prompts: list[list[int]]) -> None:
         pass
 
-    def propose(self, contexts, gamma, warp, generator):
-        return [self.lookup.propose(c, gamma, warp, generator) for c in contexts]
+    def propose(self, contexts: list[list[int]], gamma: int, warp: Warp, generator: torch.Generator | None
+                ) -> list[tuple[list[int], Tensor | None, list[float] | None]]:
+        return [(*self.lookup.propose(c, gamma, warp, generator), None) for c in contexts]
 
     def accept(self, n_accepted: list[int]) -> None:
         pass
@@ -140,7 +146,39 @@ class NoDrafts(BatchPromptLookup):
     decoding (the baseline of bench.py --batch, through the same code)."""
 
     def propose(self, contexts, gamma, warp, generator):
-        return [([], None) for _ in contexts]
+        return [([], None, None) for _ in contexts]
+
+
+class CrossSampleLookup(BatchPromptLookup):
+    """Speculative decoding for multi-sample inference (reading list, 2025): n samples of ONE prompt, each drafted
+    by prompt lookup over the other samples' text as well as its own (the other texts first, its own last, so
+    the latest match wins). The drafts depend only on text already sampled, never on this step's draws, so the
+    one-hot rule keeps every sample exactly the target's."""
+
+    def propose(self, contexts, gamma, warp, generator):
+        out = []
+        for b, c in enumerate(contexts):
+            others = [t for i, other in enumerate(contexts) if i != b for t in other]
+            out.append((*self.lookup.propose(others + c, gamma, warp, generator), None))
+        return out
+
+
+def select_drafts(confidence: list[list[float] | None], lengths: list[int], budget: int) -> list[int]:
+    """TETRIS (Wu et al. 2025): under a budget of draft tokens per batched call, keep the drafts most likely to be
+    accepted, across rows. A draft's chance is the product of the draft's probabilities of it and of the drafts
+    before it; the products fall along a chain, so the best `budget` are a prefix of each row's chain. Rows
+    without probabilities (prompt lookup) count each draft as 1: earlier positions first, row by row.
+    Returns how many drafts each row keeps."""
+    ranked = []
+    for b, (conf, n) in enumerate(zip(confidence, lengths)):
+        chance = 1.0
+        for i in range(n):
+            chance *= conf[i] if conf is not None else 1.0
+            ranked.append((chance, -i, -b))  # ties: earlier positions, then earlier rows
+    keep = [0] * len(lengths)
+    for _, _, b in sorted(ranked, reverse=True)[:max(0, budget)]:
+        keep[-b] += 1
+    return keep
 
 
 BatchDrafter = BatchModelDrafter | BatchPromptLookup
@@ -149,16 +187,18 @@ BatchDrafter = BatchModelDrafter | BatchPromptLookup
 @torch.inference_mode()
 def batch_speculative_generate(target: Transformer, drafter: BatchDrafter, prompts: list[list[int]],
                                max_new_tokens: int, *, gamma: int = 4, temperature: float = 0.0, top_k: int = 0,
-                               top_p: float = 1.0, generator: torch.Generator | None = None, eot: int | None = None
+                               top_p: float = 1.0, generator: torch.Generator | None = None, eot: int | None = None,
+                               budget: int | None = None, verifier: Verifier | None = None
                                ) -> tuple[list[list[int]], Stats]:
     """Algorithm 2 for B prompts at once (survey §9). Each step: every active row drafts, ONE target call verifies
     all rows' chains (padded to the longest), each row keeps its own accepted prefix. Stats count per row, so tau
-    is tokens per row per call.
+    is tokens per row per call. `budget` caps the drafts verified per call, across rows, chosen by TETRIS
+    (select_drafts); dropping drafts never changes what is verified, so it stays lossless.
 
     Invariant: for every active row, the target's valid slots hold its context but the last token."""
     check_generator(temperature, generator)
-    device, warp, verifier, stats = target.lm_head.weight.device, warp_for(temperature, top_k, top_p), \
-        exact(temperature), Stats()
+    device, warp, stats = target.lm_head.weight.device, warp_for(temperature, top_k, top_p), Stats()
+    verifier = verifier or exact(temperature)
     contexts, rows = [list(p) for p in prompts], list(range(len(prompts)))  # rows: the batch's original indices
     budgets = [min(max_new_tokens, target.config.max_position_embeddings - len(p)) for p in prompts]
     cache = RaggedCache(target, len(prompts))
@@ -169,9 +209,15 @@ def batch_speculative_generate(target: Transformer, drafter: BatchDrafter, promp
         target(pad([p[:-1] for p in prompts], T, device), cache.kv, positions=positions, attn_mask=mask)
     while rows:
         t0 = time.perf_counter()
-        proposals = drafter.propose([contexts[r] for r in rows], gamma, warp, generator)  # 1. draft, every row
-        drafts = [d[:max(0, budgets[r] - 1)] for (d, _), r in zip(proposals, rows)]
-        qs = [q[:len(d)] if q is not None else None for (_, q), d in zip(proposals, drafts)]
+        # Near a row's end, every row drafts less: no row may write past its context (its budget), and all rows
+        # share the slots a call writes
+        g = min(gamma, min(budgets[r] for r in rows) - 1)
+        proposals = drafter.propose([contexts[r] for r in rows], g, warp, generator)  # 1. draft, every row
+        drafts = [d[:max(0, budgets[r] - 1)] for (d, _, _), r in zip(proposals, rows)]
+        if budget is not None:
+            keep = select_drafts([c for _, _, c in proposals], [len(d) for d in drafts], budget)
+            drafts = [d[:k] for d, k in zip(drafts, keep)]
+        qs = [q[:len(d)] if q is not None else None for (_, q, _), d in zip(proposals, drafts)]
         t1 = time.perf_counter()
         G = max(len(d) for d in drafts)
         cache.room_for(1 + G)

@@ -11,7 +11,8 @@ cut just inside a function body, as an editor would send them.
     python bench.py --siblings                                 # deterministic vs sampled tree siblings, T 0.7 and 1
     python bench.py --sweep-lookahead --prompts 8 -n 64        # Lookahead decoding's W, N, G on this machine
     python bench.py --sweep-exit --prompts 8 -n 64             # LayerSkip's early exit at every exit layer E
-    python bench.py --batch 1,2,4,8,16 -n 64                   # batched speculative decoding against batch size
+    python bench.py --batch 1,2,4,8,16 -n 64 --budget 8        # batched speculative decoding against batch size
+    python bench.py --samples 8 -t 1 -n 64                     # 8 samples of one prompt drafting for each other
 """
 import argparse
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from batched import BatchModelDrafter, BatchPromptLookup, NoDrafts, batch_speculative_generate
+from batched import BatchModelDrafter, BatchPromptLookup, CrossSampleLookup, NoDrafts, batch_speculative_generate
 from draft_length import Adaptive, DraftLength
 from drafters import Drafter
 from specdec import (DATA_DIR, DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, OneLineParser, Stats, UsageError, check_args, decode,
@@ -177,6 +178,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
          temperature: float, top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int,
          tree_width: int, drafter: str, verify: str | None, draft_length: str | None, siblings: bool,
          sweep_lookahead: bool, sweep_exit: bool, batch: str | None, plot: str | None, quiet: bool,
+         budget: int | None, samples: int,
          topk_beta: int, topk_tau: float, bild_rollback: float, bild_fallback: float, lenience: float,
          typical_epsilon: float, typical_delta: float, confidence: float, svip_threshold: float,
          disco_threshold: float | None, ddd_threshold: float) -> None:
@@ -186,9 +188,13 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     check_args("bench", max_new_tokens, temperature, top_k, top_p, min(gamma, max_gamma), drafter, device,
                tree_size, tree_depth, tree_width, seed)
     refuse([(prompts < 1, f"--prompts must be at least 1, got {prompts}"),
-            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit, batch))) > 1,
-             "--verify, --draft-length, --siblings, --sweep-lookahead, --sweep-exit and --batch are separate "
-             "tables: one at a time"),
+            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit, batch, samples))) > 1,
+             "--verify, --draft-length, --siblings, --sweep-lookahead, --sweep-exit, --batch and --samples are "
+             "separate tables: one at a time"),
+            (budget is not None and not (batch or samples), "--budget caps batched calls: add --batch or --samples"),
+            (budget is not None and budget < 0, f"--budget must be >= 0, got {budget}"),
+            (samples < 0 or samples == 1, f"--samples must be at least 2, got {samples}"),
+            (samples > 0 and temperature == 0, "--samples draws several samples of one prompt: use -t > 0"),
             (plot is not None and not batch, "--plot draws the --batch curve: add --batch"),
             (bool(verify) and drafter == "none", "--verify needs a drafter whose drafts the rules verify"),
             (not 0 <= bild_fallback <= 1, f"--bild-fallback must be in [0, 1], got {bild_fallback}")])
@@ -201,9 +207,21 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
         return load_checked(f"{name} drafter", weights, lambda _: make_drafter(
             name, weights, target, dtype, tree_size, tree_depth, tree_width, sampled, exit_layer=exit_layer))
 
-    if batch:
-        measure_batches(target, load_model(weights / "draft", device, dtype), enc, batch_sizes(batch), args, device,
-                        plot)
+    if batch or samples:  # survey §9: batched speculative decoding
+        draft = load_model(weights / "draft", device, dtype)
+        methods = [("Autoregressive", NoDrafts, None), ("SpS (draft model)", lambda: BatchModelDrafter(draft), None),
+                   ("PLD (prompt lookup)", BatchPromptLookup, None)]
+        if budget is not None:
+            methods.append((f"SpS + TETRIS ({budget} drafts/call)", lambda: BatchModelDrafter(draft), budget))
+        if samples:  # n samples of one prompt: the others' text drafts for each sample
+            methods.append(("Cross-sample lookup (multi-sample SD)", CrossSampleLookup, None))
+            batches = [[function_prompts(enc, 1, heldout=True)[0][-128:]] * samples]
+        else:
+            prompts = [p[-128:] for p in function_prompts(enc, max(batch_sizes(batch)), heldout=True)]
+            refuse([(len(prompts) < max(batch_sizes(batch)), f"--batch {max(batch_sizes(batch))} needs that many "
+                     f"held-out prompts; there are {len(prompts)}")])
+            batches = [prompts[:B] for B in batch_sizes(batch)]
+        measure_batches(target, batches, methods, args, device, enc.eot_token, plot)
         return
     autoregressive = Method("Autoregressive", None)
     if verify:  # one drafter, every rule: speed against quality
@@ -290,36 +308,36 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     printer(methods, len(todo), temperature)
 
 
-def measure_batches(target, draft, enc, sizes: list[int], args, device: str, plot: str | None) -> None:
-    """Survey §9: tokens per second of batched autoregressive decoding and of batched SpS and PLD, against the
-    batch size. Each batch decodes the first B held-out prompts, cut to 128 tokens; every size is timed after an
-    untimed warm-up of that size."""
-    prompts = [p[-128:] for p in function_prompts(enc, max(sizes), heldout=True)]
-    methods = [("Autoregressive", NoDrafts), ("SpS (draft model)", lambda: BatchModelDrafter(draft)),
-               ("PLD (prompt lookup)", BatchPromptLookup)]
+def measure_batches(target, batches: list[list[list[int]]], methods: list[tuple], args, device: str, eot: int,
+                    plot: str | None) -> None:
+    """Survey §9: tokens per second of each batched method (name, drafter factory, TETRIS budget or None) on each
+    batch of prompts, after an untimed warm-up of that batch; the first method is the baseline of each batch."""
     rows = []
-    for B in sizes:
-        for name, make in methods:
-            opts = dict(gamma=args.gamma, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        eot=enc.eot_token)
-            batch_speculative_generate(target, make(), prompts[:B], 4, **opts,
+    for prompts in batches:
+        for name, make, budget in methods:
+            opts = dict(gamma=args.gamma, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot=eot,
+                        budget=budget)
+            batch_speculative_generate(target, make(), prompts, 4, **opts,
                                        generator=torch.Generator(device).manual_seed(args.seed))  # warm-up
+            drafter, calls = make(), []  # batched calls: Stats count one per active row
+            propose = drafter.propose
+            drafter.propose = lambda *a: calls.append(1) or propose(*a)
             t0 = time.perf_counter()
-            out, stats = batch_speculative_generate(target, make(), prompts[:B], args.max_new_tokens, **opts,
+            out, stats = batch_speculative_generate(target, drafter, prompts, args.max_new_tokens, **opts,
                                                     generator=torch.Generator(device).manual_seed(args.seed))
             if device == "cuda":
                 torch.cuda.synchronize()
-            rows.append((B, name, stats, sum(map(len, out)) / (time.perf_counter() - t0)))
-            progress(args, f"batch {B}: {name} done")
+            rows.append((len(prompts), name, stats, sum(map(len, out)) / (time.perf_counter() - t0), len(calls)))
+            progress(args, f"batch {len(prompts)}: {name} done")
     progress(args, "batches done\n")
     print("| batch | method | tau (tokens/row/call) | acceptance | tokens/s (all rows) | speedup over batched "
           "autoregressive | target ms/call |")
     print("|---|---|---|---|---|---|---|")
-    base = {B: rate for B, name, _, rate in rows if name == "Autoregressive"}
-    for B, name, s, rate in rows:
-        acceptance = f"{s.acceptance_rate:.2f}" if s.drafted else "-"  # Stats count per row: calls x B below
+    base = {B: rate for B, name, _, rate, _ in rows if name == methods[0][0]}
+    for B, name, s, rate, calls in rows:
+        acceptance = f"{s.acceptance_rate:.2f}" if s.drafted else "-"
         print(f"| {B} | {name} | {s.tau:.2f} | {acceptance} | {rate:.1f} | {rate / base[B]:.2f}x | "
-              f"{1000 * s.verify_seconds * B / max(1, s.target_calls):.1f} |")
+              f"{1000 * s.verify_seconds / max(1, calls):.1f} |")  # verify_seconds: the whole batch's
     if plot:
         try:
             import matplotlib
@@ -328,8 +346,9 @@ def measure_batches(target, draft, enc, sizes: list[int], args, device: str, plo
         except ImportError:
             raise UsageError("--plot needs matplotlib, an optional extra: pip install matplotlib (the table above "
                              "does not)")
-        for _, name in methods:
-            plt.plot(sizes, [rate for B, n, _, rate in rows if n == name], marker="o", label=name)
+        for name, _, _ in methods:
+            plt.plot([row[0] for row in rows if row[1] == name], [row[3] for row in rows if row[1] == name],
+                     marker="o", label=name)
         plt.xscale("log", base=2)
         plt.xlabel("batch size")
         plt.ylabel("tokens/s, all rows")
@@ -381,6 +400,10 @@ if __name__ == "__main__":
     ap.add_argument("--sweep-exit", action="store_true", help="LayerSkip's early exit at every exit layer E")
     ap.add_argument("--batch", default=None, help="batched decoding at these batch sizes (comma-separated, e.g. "
                     "1,2,4,8,16): tokens/s of autoregressive, SpS and PLD against batch size")
+    ap.add_argument("--budget", type=int, default=None, help="--batch/--samples: add a row of SpS with TETRIS's "
+                    "draft selection, at most this many drafts verified per batched call")
+    ap.add_argument("--samples", type=int, default=0, help="n samples of one prompt at -t > 0, batched: each drafts "
+                    "from the others' text (multi-sample speculative decoding)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
     ap.add_argument("--plot", default=None, help="--batch: also draw the curve to this image file (needs matplotlib)")
     ap.add_argument("--topk-beta", type=int, default=5, help="topk rule: top beta")

@@ -260,6 +260,8 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope_cos: torch.Tensor, r
         attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
     cos, sin = rope_cos[positions], rope_sin[positions]  # [T, D]
     if positions.dim() == 2:  # [B, T]: every row its own positions (a ragged batch, batched.py)
+        if attn_mask is None:
+            raise ValueError("per-row positions [B, T] need a per-row attention mask [B, T, S]")
         cos, sin, attn_mask = cos[:, None], sin[:, None], attn_mask[:, None]  # [B, 1, T, D], mask [B, 1, T, S]
     for i in layers if layers is not None else range(len(blocks)):
         x = blocks[i](x, cos, sin, i, cache, attn_mask, f"{i}.attn" in skip, f"{i}.mlp" in skip)

@@ -27,7 +27,7 @@ from heads import EagleDrafter, HydraDrafter, MedusaDrafter
 from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import Transformer
 from retrieval import RestDrafter, SamDrafter, SuffixDrafter
-from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized
+from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized, sublayer_costs
 from tokenizer import load_tokenizer
 from tree import (Tree, depths, keep_indices, render_call, render_tree, subtree, tree_attention_mask,
                   tree_positions)
@@ -313,8 +313,11 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
             (name == "layerskip" and not (weights / "layerskip.json").is_file(),
              f"no skip set in {weights / 'layerskip.json'}: run python train.py layerskip")])
     if name == "layerskip":  # Draft & Verify: the target minus a searched set of sublayers, with its own cache
-        return ModelDrafter(target, depth=tree_depth, beam=tree_width, sampled=sampled_siblings,
-                            skip=load_skip_set(weights / "layerskip.json"), **shape)
+        skip = load_skip_set(weights / "layerskip.json")
+        unknown = sorted(skip - set(sublayer_costs(target.config)))
+        refuse([(bool(unknown), f"{weights / 'layerskip.json'} names sublayers this {L}-layer target does not have: "
+                 f"{', '.join(unknown)}")])
+        return ModelDrafter(target, depth=tree_depth, beam=tree_width, sampled=sampled_siblings, skip=skip, **shape)
     if name == "earlyexit":
         return EarlyExitDrafter(target, exit_layer)
     if name == "del":
@@ -472,8 +475,9 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
     use_tree = tree or drafter in TREE_ONLY
-    explicit_length, draft_length = draft_length, draft_length or ("adaptive" if drafter == "layerskip" and not use_tree
-                                                             else "fixed")
+    explicit_length = draft_length  # None: the drafter's own default (Draft & Verify's adaptive stop for layerskip)
+    if draft_length is None:
+        draft_length = "adaptive" if drafter == "layerskip" and not use_tree else "fixed"
     refuse([(jacobi_block < 1, f"--jacobi-block must be at least 1, got {jacobi_block}"),
             (lookahead_window < 1 or lookahead_ngram < 2 or lookahead_candidates < 0,
              "--lookahead-window must be >= 1, --lookahead-ngram >= 2 and --lookahead-candidates >= 0"),
