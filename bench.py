@@ -13,6 +13,7 @@ cut just inside a function body, as an editor would send them.
     python bench.py --sweep-exit --prompts 8 -n 64             # LayerSkip's early exit at every exit layer E
     python bench.py --batch 1,2,4,8,16 -n 64 --budget 8        # batched speculative decoding against batch size
     python bench.py --samples 8 -t 1 -n 64                     # 8 samples of one prompt drafting for each other
+    python bench.py --suite --prompts 10 -n 48                 # Spec-Bench for code: speedup per prompt category
 """
 import argparse
 import sys
@@ -24,6 +25,7 @@ import torch
 
 from batched import BatchModelDrafter, BatchPromptLookup, CrossSampleLookup, NoDrafts, batch_speculative_generate
 from draft_length import Adaptive, DraftLength
+from suite import CATEGORIES, suite_prompts
 from drafters import Drafter
 from specdec import (DATA_DIR, DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, OneLineParser, Stats, UsageError, check_args, decode,
                      load_checked, load_model, make_draft_length, make_drafter, make_verifier, refuse)
@@ -103,6 +105,26 @@ def measure(target, methods: list[Method], prompts: list[list[int]], args, devic
     progress(args, f"{len(prompts)} prompts done\n")
 
 
+def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
+    """Spec-Bench's Table 5 layout: each method's speedup per category, the mean over categories, its overall tau,
+    then each method's accepted-length histogram over all categories."""
+    print(f"\nT = {temperature}\n")
+    print("| Method | " + " | ".join(CATEGORIES) + " | mean speedup | tau |")
+    print("|---|" + "---|" * (len(CATEGORIES) + 2))
+    totals = []  # each method over every category, for the histograms
+    for i, name in enumerate(m.name for m in results[CATEGORIES[0]]):
+        speedups, total = [], Method(name, None)
+        for category in CATEGORIES:
+            m, base = results[category][i], results[category][0]
+            speedups.append((m.tokens / m.seconds) / (base.tokens / base.seconds))
+            total.stats.merge(m.stats)
+        tau = f"{total.stats.tau:.2f}" if total.stats.target_calls else "1.00"
+        print(f"| {name} | " + " | ".join(f"{s:.2f}x" for s in speedups) +
+              f" | {sum(speedups) / len(speedups):.2f}x | {tau} |")
+        totals.append(total)
+    print_histograms(totals)
+
+
 def progress(args, line: str) -> None:
     """One line on stderr, rewritten in place (off with --quiet): a long run shows where it is."""
     if not args.quiet:
@@ -178,7 +200,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
          temperature: float, top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int,
          tree_width: int, drafter: str, verify: str | None, draft_length: str | None, siblings: bool,
          sweep_lookahead: bool, sweep_exit: bool, batch: str | None, plot: str | None, quiet: bool,
-         budget: int | None, samples: int,
+         budget: int | None, samples: int, suite: bool,
          topk_beta: int, topk_tau: float, bild_rollback: float, bild_fallback: float, lenience: float,
          typical_epsilon: float, typical_delta: float, confidence: float, svip_threshold: float,
          disco_threshold: float | None, ddd_threshold: float) -> None:
@@ -188,9 +210,9 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     check_args("bench", max_new_tokens, temperature, top_k, top_p, min(gamma, max_gamma), drafter, device,
                tree_size, tree_depth, tree_width, seed)
     refuse([(prompts < 1, f"--prompts must be at least 1, got {prompts}"),
-            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit, batch, samples))) > 1,
-             "--verify, --draft-length, --siblings, --sweep-lookahead, --sweep-exit, --batch and --samples are "
-             "separate tables: one at a time"),
+            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit, batch, samples, suite))) > 1,
+             "--verify, --draft-length, --siblings, --sweep-lookahead, --sweep-exit, --batch, --samples and --suite "
+             "are separate tables: one at a time"),
             (budget is not None and not (batch or samples), "--budget caps batched calls: add --batch or --samples"),
             (budget is not None and budget < 0, f"--budget must be >= 0, got {budget}"),
             (samples < 0 or samples == 1, f"--samples must be at least 2, got {samples}"),
@@ -222,6 +244,25 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                      f"held-out prompts; there are {len(prompts)}")])
             batches = [prompts[:B] for B in batch_sizes(batch)]
         measure_batches(target, batches, methods, args, device, enc.eot_token, plot)
+        return
+    if suite:  # Spec-Bench for code: categories of held-out prompts, a representative method of each family
+        categories = suite_prompts(enc, prompts)
+        rows = [("Autoregressive", None, False), ("SpS (draft model)", "draft", False), ("PLD", "pld", False),
+                ("PLD tree", "pld", True), ("Hydra", "hydra", True), ("EAGLE-2", "eagle", True),
+                ("Lookahead", "lookahead", True), ("SuffixDecoding", "suffix", True)]
+        if (DATA_DIR / "datastore.npy").is_file() and (DATA_DIR / "sam.npz").is_file():
+            rows.append(("SAM Decoding", "sam", True))
+        drafters = {key: drafter_named(key) for _, key, _ in rows if key}
+        print(f"{min(map(len, categories.values()))}-{max(map(len, categories.values()))} held-out prompts per "
+              f"category, {max_new_tokens} new tokens max, gamma {gamma}, device {device}, "
+              f"{'bf16' if bf16 else 'fp32'}")
+        for t in (0.0, 1.0):
+            results = {}
+            for category, todo in categories.items():
+                results[category] = [Method(name, drafters.get(key), tree, temperature=t) for name, key, tree in rows]
+                progress(args, f"T {t}, {category}: ")
+                measure(target, results[category], todo, args, device)
+            print_suite(results, t)
         return
     autoregressive = Method("Autoregressive", None)
     if verify:  # one drafter, every rule: speed against quality
@@ -404,6 +445,8 @@ if __name__ == "__main__":
                     "draft selection, at most this many drafts verified per batched call")
     ap.add_argument("--samples", type=int, default=0, help="n samples of one prompt at -t > 0, batched: each drafts "
                     "from the others' text (multi-sample speculative decoding)")
+    ap.add_argument("--suite", action="store_true", help="Spec-Bench for code: speedup per category of held-out "
+                    "prompts (suite.py), at T 0 and 1; --prompts is the number per category")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
     ap.add_argument("--plot", default=None, help="--batch: also draw the curve to this image file (needs matplotlib)")
     ap.add_argument("--topk-beta", type=int, default=5, help="topk rule: top beta")
