@@ -7,8 +7,8 @@ distributions that verification computes anyway.
 OnlineDrafter wraps a ModelDrafter behind the same chain interface (reset / propose / accept). Through the loop's
 optional attach(target, cache) hook it wraps the verify call, so it sees the target's logits of every call without a
 branch in speculative_generate. After each call it buffers (accepted text, position, p) for the position where the
-draft was rejected (the paper's Algorithm 2 keeps exactly those: where the draft is wrong, the target's p is the
-most informative label), or with rows="all" for every position the call verified on the accepted path. When the
+draft was rejected (the paper emphasises those: where the draft is wrong, the target's p is the most informative
+label), or with rows="all" for every position the call verified on the accepted path. When the
 buffer holds `every` positions it takes `steps` Adam steps of forward KL(p || q) on the draft, teacher-forced on the
 buffered text, and clears the buffer. The paper compares forward KL, reverse KL and JSD; forward KL is the one that
 train.py --distill (DistillSpec) already uses, and with p given it is the soft-label cross-entropy minus a constant.

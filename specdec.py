@@ -134,8 +134,9 @@ def speculative_generate(target: Transformer, drafter: ChainDrafter, prompt_ids:
     context = list(prompt_ids)
     drafter.reset()
     length.reset()
-    # Self-drafting by early exit (§5.2, LayerSkip) drafts into the target's own cache and finishes the verify call
-    # from the layer it exited at; every other drafter leaves the target's call alone.
+    # An optional hook: self-drafting by early exit (§5.2, LayerSkip) drafts into the target's own cache and finishes
+    # the verify call from the layer it exited at; online speculative decoding (online.py) only reads the call's
+    # logits. Every other drafter leaves the target's call alone.
     forward = drafter.attach(target, cache) if hasattr(drafter, "attach") else target
     if len(context) > 1:
         target(torch.tensor([context[:-1]], device=device), cache)  # prefill

@@ -3,6 +3,10 @@ verified. Greedy identity on the shipped weights with updates mid-generation, th
 with a power check against a drafter whose q is stale by one update, the shared draft left untouched, runs that
 reproduce, and an update that lowers the distillation loss on its buffer. p = target, q = draft."""
 import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from tests.toy import chi_square, chi_square_critical, exact_joint, perturbed, s
 import specdec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def toy_pair():
@@ -145,3 +150,28 @@ def test_the_buffer_indexes_the_growing_text_of_one_request():
     b.add([1, 2, 3, 4, 5], [4], [p], new_request=False)
     b.add([9, 9], [1], [p], new_request=True)
     assert len(b) == 3 and [(t, pos) for t, pos, _ in b.entries] == [([1, 2, 3, 4, 5], [2, 4]), ([9, 9], [1])]
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+
+def specdec_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "specdec.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_online_matches_plain_greedy_decoding_and_reports_its_updates():
+    r = specdec_cli("-p", "def parse(s):", "-n", "32", "-d", "draft", "--online", "--online-every", "4", "--compare")
+    assert r.returncode == 0, r.stderr
+    assert "output identical to the speculative one" in r.stdout, r.stdout
+    assert re.search(r"\[online: [1-9]\d* draft updates", r.stdout), r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-d", "pld", "--online"], "--online trains the draft model as it decodes: use it with -d draft"),
+    (["-d", "draft", "--tree", "--online"], "--online drafts chains"),
+    (["--online", "--online-lr", "0"], "--online-lr must be"),
+    (["--online", "--online-every", "0"], "--online-every and --online-steps"),
+    (["--online", "--online-rows", "some"], "--online-rows must be rejected or all")])
+def test_cli_online_bad_input_is_one_line(args, message):
+    r = specdec_cli("-p", "def parse(s):", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
