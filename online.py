@@ -58,7 +58,9 @@ def distill_loss(model: Transformer, buffer: Buffer) -> Tensor:
     total, count = 0.0, 0
     device = model.lm_head.weight.device
     for text, positions, ps in buffer.entries:
-        logits = model(torch.tensor([text[:max(positions) + 1]], device=device))[0, positions].float()  # [n, V]
+        tokens = torch.tensor([text[:max(positions) + 1]], device=device)
+        h = model.norm(model.blocks(model.embed_tokens(tokens))[0, positions])  # the LM head at buffered rows only
+        logits = model.lm_head(h).float()  # [n, V]
         p = torch.stack(ps).to(device).float()  # a new tensor made outside inference mode: autograd may save it
         log_q = torch.log_softmax(logits, dim=-1)
         total = total + F.kl_div(log_q, p, reduction="sum")  # sum_x p (log p - log q), 0 log 0 = 0
