@@ -371,10 +371,10 @@ if __name__ == "__main__":
     ap.add_argument("--online-package", default="httpx", help="--online: the held-out package the prompts come from")
     ap.add_argument("--corpus-dir", default=str(Path(__file__).parent / "data" / "corpus"), help="--online: where "
                     "python train.py corpus put the packages")
-    ap.add_argument("--online-lr", type=float, default=3e-4, help="--online: Adam learning rate")
-    ap.add_argument("--online-every", type=int, default=16, help="--online: update when the buffer holds this many "
+    ap.add_argument("--online-lr", type=float, default=1e-5, help="--online: Adam learning rate")
+    ap.add_argument("--online-every", type=int, default=32, help="--online: update when the buffer holds this many "
                     "positions")
-    ap.add_argument("--online-steps", type=int, default=2, help="--online: Adam steps per update")
+    ap.add_argument("--online-steps", type=int, default=4, help="--online: Adam steps per update")
     ap.add_argument("--topk-beta", type=int, default=5, help="topk rule: top beta")
     ap.add_argument("--topk-tau", type=float, default=3.0, help="topk rule: log-probability tolerance")
     ap.add_argument("--bild-rollback", type=float, default=5.0, help="bild rule: rollback threshold")

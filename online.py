@@ -72,7 +72,7 @@ class OnlineDrafter:
     """A ModelDrafter whose private copy of the draft model is distilled on the target's verify logits as it
     serves (OSD, Liu et al. 2023). Carry one across requests (bench.py --online) and it learns across them."""
 
-    def __init__(self, draft: Transformer, lr: float = 3e-4, every: int = 16, steps: int = 2, rows: str = "rejected",
+    def __init__(self, draft: Transformer, lr: float = 1e-5, every: int = 32, steps: int = 4, rows: str = "rejected",
                  **drafter_options):
         if rows not in ("rejected", "all"):
             raise ValueError(f"rows must be 'rejected' or 'all', got {rows!r}")

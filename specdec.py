@@ -469,8 +469,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
          confidence: float, svip_threshold: float, disco_threshold: float | None, ddd_threshold: float,
          jacobi_block: int, lookahead_window: int, lookahead_ngram: int, lookahead_candidates: int,
          suffix_alpha: float, cascade_horizontal: int, exit_layer: int, quant_bits: int, show_tree: bool,
-         compare: bool, no_color: bool, bf16: bool, online: bool = False, online_lr: float = 3e-4,
-         online_every: int = 16, online_steps: int = 2, online_rows: str = "rejected") -> None:
+         compare: bool, no_color: bool, bf16: bool, online: bool = False, online_lr: float = 1e-5,
+         online_every: int = 32, online_steps: int = 4, online_rows: str = "rejected") -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
@@ -655,10 +655,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "for jacobi, lookahead and pass also the call's extra tokens and its attention mask")
     ap.add_argument("--online", action="store_true", help="-d draft: Online Speculative Decoding (Liu et al. 2023): "
                     "distil a private copy of the draft model on the target's verify logits while decoding; lossless")
-    ap.add_argument("--online-lr", type=float, default=3e-4, help="--online: Adam learning rate of the draft updates")
-    ap.add_argument("--online-every", type=int, default=16, help="--online: update when the buffer holds this many "
+    ap.add_argument("--online-lr", type=float, default=1e-5, help="--online: Adam learning rate of the draft updates")
+    ap.add_argument("--online-every", type=int, default=32, help="--online: update when the buffer holds this many "
                     "positions")
-    ap.add_argument("--online-steps", type=int, default=2, help="--online: Adam steps per update")
+    ap.add_argument("--online-steps", type=int, default=4, help="--online: Adam steps per update")
     ap.add_argument("--online-rows", default="rejected", help="--online: buffer the positions where the draft was "
                     "rejected (rejected, as the paper does) or every verified position on the accepted path (all)")
     ap.add_argument("-c", "--compare", action="store_true", help="also run plain decoding and print the speedup")
