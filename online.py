@@ -8,10 +8,12 @@ OnlineDrafter wraps a ModelDrafter behind the same chain interface (reset / prop
 optional attach(target, cache) hook it wraps the verify call, so it sees the target's logits of every call without a
 branch in speculative_generate. After each call it buffers (accepted text, position, p) for the position where the
 draft was rejected (the paper emphasises those: where the draft is wrong, the target's p is the most informative
-label), or with rows="all" for every position the call verified on the accepted path. When the
-buffer holds `every` positions it takes `steps` Adam steps of forward KL(p || q) on the draft, teacher-forced on the
-buffered text, and clears the buffer. The paper compares forward KL, reverse KL and JSD; forward KL is the one that
-train.py --distill (DistillSpec) already uses, and with p given it is the soft-label cross-entropy minus a constant.
+label), or with rows="all" for every position the call verified on the accepted path. When the buffer holds
+`every` positions it takes `steps` Adam steps of forward KL(p || q) on the draft, teacher-forced on the buffered
+text, and clears the buffer. The paper compares several divergences (forward and reverse KL, JSD, ...); forward KL
+is the one train.py --distill (DistillSpec) already uses, and with p given it is the soft-label cross-entropy minus
+a constant. The default lr (1e-5) is small on purpose: on our 8-prompt bench, 1e-4 and above lowered acceptance
+(README, "Online speculative decoding").
 
 Why this stays lossless: an update runs in accept(), after the call was verified, and the next propose() drafts
 with the updated model and reports that same model's q. What is verified never depends on the update. The draft's

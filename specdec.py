@@ -544,8 +544,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
         print(f"[accepted drafts per call: {dict(enumerate(stats.accept_counts))}"
               + ("; green = accepted draft tokens]" if color else "]"))
     if online:
-        print(f"[online: {draft.updates} draft updates, {draft.update_seconds:.2f} s (inside the time above); KL(p||q) "
-              f"on the buffer before each: {', '.join(f'{x:.2f}' for x in draft.losses) or 'none'}]")
+        print(f"[online: draft updates {draft.updates}, {draft.update_seconds:.2f} s (inside the time above); "
+              f"KL(p||q) on the buffer before each: {', '.join(f'{x:.2f}' for x in draft.losses) or 'none'}]")
     for step, (t, path) in enumerate(trees):
         print(f"\nstep {step}: {len(t) - 1} drafted nodes, accepted {len(path)}\n"
               + render_tree(t, lambda i: enc.decode([i]), [0] + path))
