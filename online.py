@@ -86,7 +86,7 @@ class OnlineDrafter:
         self.context: list[int] = []
         self.drafts: list[int] = []
         self.logits: Tensor | None = None  # the last verify call's target logits [len(drafts) + 1, V]
-        self.updates, self.update_seconds, self.losses = 0, 0.0, []  # (before, after) of each update
+        self.updates, self.update_seconds, self.losses = 0, 0.0, []  # losses: KL on the buffer before each update
 
     def reset(self) -> None:
         self.inner.reset()
@@ -116,13 +116,10 @@ class OnlineDrafter:
     def record(self, n: int) -> None:
         """Buffer the call's rows on the accepted path: row i is p after context + drafts[:i]. Row n is where the
         draft was rejected (or the bonus row after a full accept: no draft was wrong there)."""
-        rejected = n < len(self.drafts)
-        rows = [n] if self.rows == "rejected" else list(range(n + 1))
-        if self.rows == "rejected" and not rejected:
-            rows = []
+        rows = list(range(n + 1)) if self.rows == "all" else [n] if n < len(self.drafts) else []
         if rows:
             text = self.context + self.drafts[:n]
-            p = torch.softmax(self.logits.float(), dim=-1)  # the target's own distribution, unwarped, as OSD distils
+            p = torch.softmax(self.logits.float(), dim=-1)  # the target's whole distribution, unwarped
             self.buffer.add(text, [len(self.context) - 1 + i for i in rows], [p[i] for i in rows], self.new_request)
             self.new_request = False
         self.logits = None
