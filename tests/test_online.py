@@ -48,7 +48,7 @@ def test_online_greedy_output_equals_autoregressive_on_shipped_weights(short_ref
 
 # ---- the sampled law on toy models ------------------------------------------------------------------------------
 
-PROMPT, N_TRUE, N_BROKEN = [1, 4], 8_000, 3_000
+PROMPT, N_TRUE, N_BROKEN = [1, 4], 4_000, 2_000
 KNOBS = dict(lr=0.05, every=1, steps=1, rows="all")  # an update after every call, big enough to move q a lot
 
 
