@@ -524,7 +524,7 @@ def train_specdec(args) -> None:
     continuations of training-split prompts (--distill-prompt corpus tokens + --distill-new generated ones), and the
     loss is cross-entropy on them: after a context cut at t inside the generated part, query j must predict the
     target's greedy token t + j, which is exactly what greedy verification accepts. Each sequence is cut at
-    --specdec-cuts places at once (nar.query_layout). The model starts from weights/draft (same width and
+    --specdec-cuts random places at once (nar.query_layout), fresh every step. The model starts from weights/draft (same width and
     tokenizer), the queries from its mean token embedding. Validation: the same loss on continuations of held-out
     prompts."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -538,19 +538,24 @@ def train_specdec(args) -> None:
           f"{time.time() - t0:.0f}s", flush=True)
     del target
     k, P, S = args.specdec_queries, args.distill_prompt, data.shape[1]
-    cuts = [int(c) for c in np.linspace(P, S - k, args.specdec_cuts)]  # contexts end inside the generated part
-    labels = torch.tensor([t + j for t in cuts for j in range(k)], device=device)  # query j of cut t: token t + j
     model = NarModel.from_lm(Transformer.from_pretrained(Path(args.weights) / "draft"), k).to(device)
+    cut_gen = torch.Generator().manual_seed(args.seed + 1)
 
-    def loss_fn(x):  # x [B, S]: one forward over the whole sequence and every cut's queries
+    def loss_at(x, cuts):  # x [B, S]: one forward over the whole sequence and every cut's queries
+        labels = torch.tensor([t + j for t in cuts for j in range(k)], device=device)  # query j of cut t: token t+j
         logits = model(x, cuts=cuts, k=k)  # [B, cuts, k, V]
         return F.cross_entropy(logits.flatten(0, 2).float(), x[:, labels].flatten())
+
+    def loss_fn(x):  # fresh cuts every step, all inside the generated part: far more contexts than sequences
+        return loss_at(x, sorted((torch.randperm(S - k - P + 1, generator=cut_gen)[:args.specdec_cuts] + P).tolist()))
+
+    fixed_cuts = [int(c) for c in np.linspace(P, S - k, args.specdec_cuts)]  # validation: the same every time
 
     def next_batch(g):
         return data[torch.randint(0, len(data), (args.batch_size,), generator=g).to(device)]
 
     train_loop(args, model, next_batch, loss_fn, list(val_data.split(8)),
-               lambda: model.save_pretrained(Path(args.weights) / "specdec"))
+               lambda: model.save_pretrained(Path(args.weights) / "specdec"), lambda x: loss_at(x, fixed_cuts))
 
 
 def search_layerskip(args) -> None:
