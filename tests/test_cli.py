@@ -34,6 +34,7 @@ RUNS = {  # name: the arguments of `python specdec.py`
     "drafter cascade": ["-p", "def parse(s):", "-n", "16", "-d", "cascade", "--cascade-horizontal", "3", "--compare"],
     "drafter collective": ["-p", "def parse(s):", "-n", "16", "-d", "collective", "--compare"],
     "draft length svip": ["-p", PROMPT, "-n", "16", "-l", "svip", "--compare"],
+    "drafter specdec": ["-p", "def parse(s):", "-n", "16", "-d", "specdec", "--compare"],
     "lossy topk": ["-p", PROMPT, "-n", "16", "-v", "topk", "--compare"],
     "seed 1": SAMPLING + ["-s", "1"],
     "seed 1 again": SAMPLING + ["-s", "1"],
@@ -72,6 +73,7 @@ BAD_INPUTS = {
     "negative cascade horizontal": ["-p", PROMPT, "-d", "cascade", "--cascade-horizontal", "-1"],
     "cascade horizontal on another drafter": ["-p", PROMPT, "-d", "draft", "--cascade-horizontal", "2"],
     "cascade as a tree": ["-p", PROMPT, "-d", "cascade", "--tree"],
+    "specdec as a tree": ["-p", PROMPT, "-d", "specdec", "--tree"],
     "sampled siblings at temperature 0": ["-p", PROMPT, "-d", "eagle", "--sampled-siblings"],
     "verification without a drafter": ["-p", PROMPT, "-d", "none", "-v", "topk"],
     "missing prompt": ["-n", "3"],
@@ -142,7 +144,7 @@ def test_bare_command_prints_the_continuation_then_the_stats(cli):
 
 @pytest.mark.parametrize("run", ["drafter none", "drafter draft", "drafter pld", "drafter blockwise",
                                  "drafter jacobi", "drafter lookahead", "drafter pass", "drafter cascade",
-                                 "drafter collective", "draft length svip"])
+                                 "drafter collective", "draft length svip", "drafter specdec"])
 def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, run):
     r = cli[run]
     assert r.returncode == 0, r.stderr
