@@ -11,6 +11,10 @@ cut just inside a function body, as an editor would send them.
     python bench.py --siblings                                 # deterministic vs sampled tree siblings, T 0.7 and 1
     python bench.py --sweep-lookahead --prompts 8 -n 64        # Lookahead decoding's W, N, G on this machine
     python bench.py --sweep-exit --prompts 8 -n 64             # LayerSkip's early exit at every exit layer E
+    python bench.py --batch 1,2,4,8,16 -n 64 --budget 8        # batched speculative decoding against batch size
+    python bench.py --samples 8 -t 1 -n 64                     # 8 samples of one prompt drafting for each other
+    python bench.py --suite --prompts 10 -n 48                 # Spec-Bench for code: speedup per prompt category
+    python bench.py --online --prompts 8 -n 64                 # OSD: acceptance before and after, on a held-out package
 """
 import argparse
 import sys
@@ -20,12 +24,16 @@ from pathlib import Path
 
 import torch
 
+from batched import BatchModelDrafter, BatchPromptLookup, CrossSampleLookup, NoDrafts, batch_speculative_generate
+from corpus import document_text, package_documents, read_packages
 from draft_length import Adaptive, DraftLength
 from drafters import Drafter
 from specdec import (DATA_DIR, DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, OneLineParser, Stats, UsageError, check_args, decode,
                      load_checked, load_model, make_draft_length, make_drafter, make_verifier, refuse)
+from online import OnlineDrafter
+from suite import CATEGORIES, suite_prompts
 from tokenizer import load_tokenizer
-from train import function_prompts
+from train import completion_prompt, function_prompts
 from verify import Verifier
 
 
@@ -47,6 +55,7 @@ class Method:
     agree: int = 0  # produced tokens equal to the target's argmax after the text before them
     nll: float = 0.0  # summed -log p_target(token | text before it), temperature 1
     identical: int = 0  # outputs equal to the autoregressive run's, token for token
+    per_prompt: list[Stats] = field(default_factory=list)  # the loop's counts of each prompt, in order
 
 
 def continuation_quality(target, prompt: list[int], out: list[int]) -> tuple[int, float]:
@@ -77,6 +86,7 @@ def run(target, method: Method, prompt: list[int], args, device: str) -> list[in
     method.tokens += len(out)
     if stats:
         method.stats.merge(stats)
+        method.per_prompt.append(stats)
     return out
 
 
@@ -86,16 +96,44 @@ def measure(target, methods: list[Method], prompts: list[list[int]], args, devic
     warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 8})
     for method in methods:
         run(target, method, prompts[0][:64], warm, device)
-        method.tokens, method.seconds, method.stats = 0, 0.0, Stats()
-    for prompt in prompts:
+        method.tokens, method.seconds, method.stats, method.per_prompt = 0, 0.0, Stats(), []
+    for i, prompt in enumerate(prompts):
         reference = None
         for method in methods:
+            progress(args, f"prompt {i + 1} of {len(prompts)}: {method.name}")
             out = run(target, method, prompt, args, device)
             reference = out if reference is None else reference
             agree, nll = continuation_quality(target, prompt, out)
             method.agree += agree
             method.nll += nll
             method.identical += out == reference
+    progress(args, f"{len(prompts)} prompts done\n")
+
+
+def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
+    """Spec-Bench's Table 5 layout: each method's speedup per category, the mean over categories, its overall tau,
+    then each method's accepted-length histogram over all categories."""
+    print(f"\nT = {temperature}\n")
+    print("| Method | " + " | ".join(CATEGORIES) + " | mean speedup | tau |")
+    print("|---|" + "---|" * (len(CATEGORIES) + 2))
+    totals = []  # each method over every category, for the histograms
+    for i, name in enumerate(m.name for m in results[CATEGORIES[0]]):
+        speedups, total = [], Method(name, None)
+        for category in CATEGORIES:
+            m, base = results[category][i], results[category][0]
+            speedups.append((m.tokens / m.seconds) / (base.tokens / base.seconds))
+            total.stats.merge(m.stats)
+        tau = f"{total.stats.tau:.2f}" if total.stats.target_calls else "1.00"
+        print(f"| {name} | " + " | ".join(f"{s:.2f}x" for s in speedups) +
+              f" | {sum(speedups) / len(speedups):.2f}x | {tau} |")
+        totals.append(total)
+    print_histograms(totals)
+
+
+def progress(args, line: str) -> None:
+    """One line on stderr, rewritten in place (off with --quiet): a long run shows where it is."""
+    if not args.quiet:
+        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
 
 
 def speed_columns(m: Method, base: Method) -> str:
@@ -163,22 +201,71 @@ def print_siblings(methods: list[Method], n_prompts: int, temperature: float) ->
             print(f"| {drafter} | {siblings} | {m.temperature} | {speed_columns(m, bases[m.temperature])} |")
 
 
+def package_prompts(enc, n: int, package: str, corpus_dir: Path, context_tokens: int = 384) -> list[list[int]]:
+    """Up to n code-completion prompts cut as function_prompts cuts them, from the files of a package that
+    corpus_packages.txt holds out (never trained on), in path order."""
+    held = {p.name: p for p in read_packages(Path(__file__).parent / "corpus_packages.txt") if p.heldout}
+    refuse([(package not in held, f"--online-package must be a held-out package ({', '.join(held)}), got {package!r}"),
+            (not (corpus_dir / "packages").is_dir(), f"no package corpus in {corpus_dir}: run python train.py corpus")])
+    prompts = []
+    for doc in package_documents(held[package], corpus_dir):
+        prompt = completion_prompt(enc, document_text(doc), context_tokens) if len(prompts) < n else None
+        prompts += [prompt] if prompt else []
+    return prompts
+
+
+def acceptance(stats: list[Stats]) -> str:
+    accepted, compared = sum(s.accepted for s in stats), sum(s.compared for s in stats)
+    return f"{accepted / max(1, compared):.3f} ({accepted}/{compared})"
+
+
+def print_online(methods: list[Method], n_prompts: int, temperature: float) -> None:
+    print("| Method | acceptance, first half of the prompts | acceptance, second half | tau (tokens/call) | tokens/s | "
+          "speedup | draft updates | updating s (inside the timing) | share of the time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base, half = methods[0], n_prompts // 2
+    for m in methods:
+        online = m.drafter if isinstance(m.drafter, OnlineDrafter) else None
+        halves = (f"{acceptance(m.per_prompt[:half])} | {acceptance(m.per_prompt[half:])}" if m.per_prompt
+                  else "- | -")
+        rate = m.tokens / m.seconds
+        updates = f"{online.updates} | {online.update_seconds:.2f} | {online.update_seconds / m.seconds:.1%}" \
+            if online else "- | - | -"
+        tau = f"{m.stats.tau:.2f}" if m.stats.target_calls else "1.00"
+        print(f"| {m.name} | {halves} | {tau} | {rate:.1f} | {rate / (base.tokens / base.seconds):.2f}x | {updates} |")
+    print_histograms(methods)
+    for m in methods:
+        if isinstance(m.drafter, OnlineDrafter):
+            print(f"{m.name}: KL(p||q) on the buffer before each update "
+                  f"{' '.join(f'{x:.2f}' for x in m.drafter.losses)}")
+
+
 def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, gamma: int, max_gamma: int,
          temperature: float, top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int,
          tree_width: int, drafter: str, verify: str | None, draft_length: str | None, siblings: bool,
-         sweep_lookahead: bool, sweep_exit: bool,
+         sweep_lookahead: bool, sweep_exit: bool, batch: str | None, plot: str | None, quiet: bool,
+         budget: int | None, samples: int, suite: bool, online: bool, online_package: str, corpus_dir: str,
+         online_lr: float, online_every: int, online_steps: int,
          topk_beta: int, topk_tau: float, bild_rollback: float, bild_fallback: float, lenience: float,
          typical_epsilon: float, typical_delta: float, confidence: float, svip_threshold: float,
          disco_threshold: float | None, ddd_threshold: float) -> None:
     args = argparse.Namespace(max_new_tokens=max_new_tokens, gamma=gamma, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed)
+                              top_p=top_p, seed=seed, quiet=quiet)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args("bench", max_new_tokens, temperature, top_k, top_p, min(gamma, max_gamma), drafter, device,
                tree_size, tree_depth, tree_width, seed)
     refuse([(prompts < 1, f"--prompts must be at least 1, got {prompts}"),
-            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit))) > 1,
-             "--verify, --draft-length, --siblings, --sweep-lookahead and --sweep-exit are separate tables: one at a "
-             "time"),
+            (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit, batch, samples, suite,
+                            online))) > 1,
+             "--verify, --draft-length, --siblings, --sweep-lookahead, --sweep-exit, --batch, --samples, --suite "
+             "and --online are separate tables: one at a time"),
+            (budget is not None and not (batch or samples), "--budget caps batched calls: add --batch or --samples"),
+            (budget is not None and budget < 0, f"--budget must be >= 0, got {budget}"),
+            (samples < 0 or samples == 1, f"--samples must be at least 2, got {samples}"),
+            (samples > 0 and temperature == 0, "--samples draws several samples of one prompt: use -t > 0"),
+            (plot is not None and not batch, "--plot draws the --batch curve: add --batch"),
+            (not 0 < online_lr < float("inf") or online_every < 1 or online_steps < 1,
+             "--online-lr must be > 0, --online-every and --online-steps at least 1"),
             (bool(verify) and drafter == "none", "--verify needs a drafter whose drafts the rules verify"),
             (not 0 <= bild_fallback <= 1, f"--bild-fallback must be in [0, 1], got {bild_fallback}")])
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -190,6 +277,41 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
         return load_checked(f"{name} drafter", weights, lambda _: make_drafter(
             name, weights, target, dtype, tree_size, tree_depth, tree_width, sampled, exit_layer=exit_layer))
 
+    if batch or samples:  # survey §9: batched speculative decoding
+        draft = load_model(weights / "draft", device, dtype)
+        methods = [("Autoregressive", NoDrafts, None), ("SpS (draft model)", lambda: BatchModelDrafter(draft), None),
+                   ("PLD (prompt lookup)", BatchPromptLookup, None)]
+        if budget is not None:
+            methods.append((f"SpS + TETRIS ({budget} drafts/call)", lambda: BatchModelDrafter(draft), budget))
+        if samples:  # n samples of one prompt: the others' text drafts for each sample
+            methods.append(("Cross-sample lookup (multi-sample SD)", CrossSampleLookup, None))
+            batches = [[function_prompts(enc, 1, heldout=True)[0][-128:]] * samples]
+        else:
+            prompts = [p[-128:] for p in function_prompts(enc, max(batch_sizes(batch)), heldout=True)]
+            refuse([(len(prompts) < max(batch_sizes(batch)), f"--batch {max(batch_sizes(batch))} needs that many "
+                     f"held-out prompts; there are {len(prompts)}")])
+            batches = [prompts[:B] for B in batch_sizes(batch)]
+        measure_batches(target, batches, methods, args, device, enc.eot_token, plot)
+        return
+    if suite:  # Spec-Bench for code: categories of held-out prompts, a representative method of each family
+        categories = suite_prompts(enc, prompts)
+        rows = [("Autoregressive", None, False), ("SpS (draft model)", "draft", False), ("PLD", "pld", False),
+                ("PLD tree", "pld", True), ("Hydra", "hydra", True), ("EAGLE-2", "eagle", True),
+                ("Lookahead", "lookahead", True), ("SuffixDecoding", "suffix", True)]
+        if (DATA_DIR / "datastore.npy").is_file() and (DATA_DIR / "sam.npz").is_file():
+            rows.append(("SAM Decoding", "sam", True))
+        drafters = {key: drafter_named(key) for _, key, _ in rows if key}
+        print(f"{min(map(len, categories.values()))}-{max(map(len, categories.values()))} held-out prompts per "
+              f"category, {max_new_tokens} new tokens max, gamma {gamma}, device {device}, "
+              f"{'bf16' if bf16 else 'fp32'}")
+        for t in (0.0, 1.0):
+            results = {}
+            for category, todo in categories.items():
+                results[category] = [Method(name, drafters.get(key), tree, temperature=t) for name, key, tree in rows]
+                progress(args, f"T {t}, {category}: ")
+                measure(target, results[category], todo, args, device)
+            print_suite(results, t)
+        return
     autoregressive = Method("Autoregressive", None)
     if verify:  # one drafter, every rule: speed against quality
         use_tree = drafter in TREE_ONLY
@@ -234,6 +356,12 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                     methods.append(Method(f"{label}, {'sampled i.i.d.' if sampled else 'top-k'}",
                                           drafter_named(name, sampled), True, temperature=t))
         printer = print_siblings
+    elif online:  # OSD: one OnlineDrafter per row, carried across the prompts, so it learns across requests
+        draft = drafter_named("draft").model  # each OnlineDrafter trains its own deepcopy of it
+        methods = [autoregressive, Method("SpS (fixed draft)", drafter_named("draft"))] + [
+            Method(f"OSD ({label})", OnlineDrafter(draft, online_lr, online_every, online_steps, rows))
+            for rows, label in (("rejected", "rejected positions, as the paper"), ("all", "every verified position"))]
+        printer = print_online
     else:
         methods = [autoregressive,
                    Method("SpS (draft model)", drafter_named("draft")),
@@ -271,12 +399,74 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
             print(f"note: no retrieval datastore in {DATA_DIR}, so no REST and SAM rows "
                   "(python train.py data && python train.py datastore)")
         printer = print_methods
-    todo = function_prompts(enc, prompts, heldout=True)
+    todo = (package_prompts(enc, prompts, online_package, Path(corpus_dir)) if online
+            else function_prompts(enc, prompts, heldout=True))
     measure(target, methods, todo, args, device)
-    print(f"\n{len(todo)} held-out prompts, {max_new_tokens} new tokens max, gamma {gamma}, temperature "
+    source = f"from the held-out package {online_package}" if online else "from the standard library"
+    print(f"\n{len(todo)} held-out prompts {source}, {max_new_tokens} new tokens max, gamma {gamma}, temperature "
           f"{'0.7 and 1.0' if siblings else temperature}, device {device}, {'bf16' if bf16 else 'fp32'}; trees: "
           f"{tree_size} nodes, depth {tree_depth}, width {tree_width}\n")
+    if online:
+        print(f"OSD: Adam lr {online_lr}, an update when the buffer holds {online_every} positions, {online_steps} "
+              f"steps each; forward KL(p || q); one drafter per row carried across the prompts\n")
     printer(methods, len(todo), temperature)
+
+
+def measure_batches(target, batches: list[list[list[int]]], methods: list[tuple], args, device: str, eot: int,
+                    plot: str | None) -> None:
+    """Survey §9: tokens per second of each batched method (name, drafter factory, TETRIS budget or None) on each
+    batch of prompts, after an untimed warm-up of that batch; the first method is the baseline of each batch."""
+    rows = []
+    for prompts in batches:
+        for name, make, budget in methods:
+            opts = dict(gamma=args.gamma, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot=eot,
+                        budget=budget)
+            batch_speculative_generate(target, make(), prompts, 4, **opts,
+                                       generator=torch.Generator(device).manual_seed(args.seed))  # warm-up
+            drafter, calls = make(), []  # batched calls: Stats count one per active row
+            propose = drafter.propose
+            drafter.propose = lambda *a: calls.append(1) or propose(*a)
+            t0 = time.perf_counter()
+            out, stats = batch_speculative_generate(target, drafter, prompts, args.max_new_tokens, **opts,
+                                                    generator=torch.Generator(device).manual_seed(args.seed))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rows.append((len(prompts), name, stats, sum(map(len, out)) / (time.perf_counter() - t0), len(calls)))
+            progress(args, f"batch {len(prompts)}: {name} done")
+    progress(args, "batches done\n")
+    print("| batch | method | tau (tokens/row/call) | acceptance | tokens/s (all rows) | speedup over batched "
+          "autoregressive | target ms/call |")
+    print("|---|---|---|---|---|---|---|")
+    base = {B: rate for B, name, _, rate, _ in rows if name == methods[0][0]}
+    for B, name, s, rate, calls in rows:
+        acceptance = f"{s.acceptance_rate:.2f}" if s.drafted else "-"
+        print(f"| {B} | {name} | {s.tau:.2f} | {acceptance} | {rate:.1f} | {rate / base[B]:.2f}x | "
+              f"{1000 * s.verify_seconds / max(1, calls):.1f} |")  # verify_seconds: the whole batch's
+    if plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise UsageError("--plot needs matplotlib, an optional extra: pip install matplotlib (the table above "
+                             "does not)")
+        for name, _, _ in methods:
+            plt.plot([row[0] for row in rows if row[1] == name], [row[3] for row in rows if row[1] == name],
+                     marker="o", label=name)
+        plt.xscale("log", base=2)
+        plt.xlabel("batch size")
+        plt.ylabel("tokens/s, all rows")
+        plt.legend()
+        plt.savefig(plot, dpi=120)
+
+
+def batch_sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise UsageError(f"--batch takes comma-separated batch sizes, e.g. 1,2,4,8, got {value!r}")
+    refuse([(min(sizes) < 1, f"--batch sizes must be at least 1, got {value}")])
+    return sizes
 
 
 def names(value: str, known: tuple, flag: str) -> list[str]:
@@ -312,6 +502,25 @@ if __name__ == "__main__":
     ap.add_argument("--siblings", action="store_true", help="compare top-k and sampled tree siblings at T 0.7 and 1")
     ap.add_argument("--sweep-lookahead", action="store_true", help="Lookahead decoding with several (W, N, G)")
     ap.add_argument("--sweep-exit", action="store_true", help="LayerSkip's early exit at every exit layer E")
+    ap.add_argument("--batch", default=None, help="batched decoding at these batch sizes (comma-separated, e.g. "
+                    "1,2,4,8,16): tokens/s of autoregressive, SpS and PLD against batch size")
+    ap.add_argument("--budget", type=int, default=None, help="--batch/--samples: add a row of SpS with TETRIS's "
+                    "draft selection, at most this many drafts verified per batched call")
+    ap.add_argument("--samples", type=int, default=0, help="n samples of one prompt at -t > 0, batched: each drafts "
+                    "from the others' text (multi-sample speculative decoding)")
+    ap.add_argument("--suite", action="store_true", help="Spec-Bench for code: speedup per category of held-out "
+                    "prompts (suite.py), at T 0 and 1; --prompts is the number per category")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
+    ap.add_argument("--plot", default=None, help="--batch: also draw the curve to this image file (needs matplotlib)")
+    ap.add_argument("--online", action="store_true", help="Online Speculative Decoding: the fixed draft against "
+                    "drafts distilled while serving, acceptance in the first and second half of the prompts")
+    ap.add_argument("--online-package", default="httpx", help="--online: the held-out package the prompts come from")
+    ap.add_argument("--corpus-dir", default=str(Path(__file__).parent / "data" / "corpus"), help="--online: where "
+                    "python train.py corpus put the packages")
+    ap.add_argument("--online-lr", type=float, default=1e-5, help="--online: Adam learning rate")
+    ap.add_argument("--online-every", type=int, default=32, help="--online: update when the buffer holds this many "
+                    "positions")
+    ap.add_argument("--online-steps", type=int, default=4, help="--online: Adam steps per update")
     ap.add_argument("--topk-beta", type=int, default=5, help="topk rule: top beta")
     ap.add_argument("--topk-tau", type=float, default=3.0, help="topk rule: log-probability tolerance")
     ap.add_argument("--bild-rollback", type=float, default=5.0, help="bild rule: rollback threshold")

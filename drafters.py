@@ -15,6 +15,9 @@ trees: reset and propose_tree; the heads of heads.py draft trees only):
                                            [len(context)-1, C] are the target's last hidden states of context[:-1]
                                            (Medusa, EAGLE); dynamic trees ask keep(frontier_logprobs, depth) before
                                            each new level (Dynamic Depth Decoding)
+A chain drafter may also have attach(target, cache) -> forward: it is then handed the target's own cache when a
+generation starts, and runs the verify call itself (self-drafting by early exit, selfdraft.py, drafts into the
+target's lower layers and finishes the call from there); the loop calls target(tokens, cache) otherwise.
 `warp` maps logits to the (temperature / top-k / top-p warped) probabilities that the target is verified with, so
 q is warped exactly like p (peer-pitfalls: q must be the distribution the draft was actually drawn from).
 Tree children are a node's top-k draft tokens (deterministic siblings: verify.tree_speculative_sample with a

@@ -97,7 +97,8 @@ def precompute_rope(head_dim: int, max_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [T, D] already indexed by each token's position."""
+    """x [B, H, T, D]; cos/sin [T, D] (or [B, 1, T, D], one row of positions per sequence) already indexed by each
+    token's position."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -194,7 +195,8 @@ class Transformer(nn.Module):
 
         With a cache, the new keys/values are appended after `cache.length` entries. `positions` [T] default to
         cache.length + 0..T-1; a token tree passes prefix_len + depth instead. `attn_mask` [T, cache.length + T]
-        (bool, True = may attend) defaults to causal. `inputs_embeds` [B, T, C] replace the tokens' embeddings
+        (bool, True = may attend) defaults to causal. A ragged batch passes both per row: positions [B, T] with
+        attn_mask [B, T, cache.length + T]. `inputs_embeds` [B, T, C] replace the tokens' embeddings
         (tokens=None): some inputs are not tokens, e.g. PaSS's learned lookahead embeddings. `layers` and `skip`
         run part of the model (see blocks): range(E) reads the residual stream after block E-1 out through the
         final norm and LM head, an early exit (LayerSkip).
@@ -256,7 +258,11 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope_cos: torch.Tensor, r
             raise ValueError(f"position {past + T - 1} is beyond max_position_embeddings {len(rope_cos)}")
     if attn_mask is None and cache is not None and T > 1:
         attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-    cos, sin = rope_cos[positions], rope_sin[positions]
+    cos, sin = rope_cos[positions], rope_sin[positions]  # [T, D]
+    if positions.dim() == 2:  # [B, T]: every row its own positions (a ragged batch, batched.py)
+        if attn_mask is None:
+            raise ValueError("per-row positions [B, T] need a per-row attention mask [B, T, S]")
+        cos, sin, attn_mask = cos[:, None], sin[:, None], attn_mask[:, None]  # [B, 1, T, D], mask [B, 1, T, S]
     for i in layers if layers is not None else range(len(blocks)):
         x = blocks[i](x, cos, sin, i, cache, attn_mask, f"{i}.attn" in skip, f"{i}.mlp" in skip)
     if cache is not None:

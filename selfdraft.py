@@ -97,7 +97,7 @@ class EarlyExitDrafter:
 
     def __init__(self, target: Transformer, exit_layer: int):
         self.target, self.exit = target, exit_layer
-        self.cache, self.start, self.streams = None, 0, []
+        self.cache, self.start, self.streams, self.upper = None, 0, [], []
 
     def reset(self) -> None:
         self.cache, self.start, self.streams = None, 0, []
@@ -171,7 +171,8 @@ class DynamicExitDrafter(EarlyExitDrafter):
         self.exit, self.gamma = self.first_exit, self.max_gamma
         self.matched, self.compared = torch.zeros(L - 1), torch.zeros(L - 1)  # exits l = 1 .. L-1
 
-    def propose(self, context, gamma, warp, generator, keep=always):
+    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
+                keep: KeepDrafting = always) -> tuple[list[int], Tensor | None]:
         return super().propose(context, min(gamma, self.gamma), warp, generator, keep)
 
     def verify_forward(self, tokens: Tensor, cache: KVCache) -> Tensor:

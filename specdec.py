@@ -27,8 +27,9 @@ from heads import EagleDrafter, HydraDrafter, MedusaDrafter
 from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import Transformer
 from nar import NarDrafter, NarModel
+from online import OnlineDrafter
 from retrieval import RestDrafter, SamDrafter, SuffixDrafter
-from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized
+from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized, sublayer_costs
 from tokenizer import load_tokenizer
 from tree import (Tree, depths, keep_indices, render_call, render_tree, subtree, tree_attention_mask,
                   tree_positions)
@@ -134,8 +135,9 @@ def speculative_generate(target: Transformer, drafter: ChainDrafter, prompt_ids:
     context = list(prompt_ids)
     drafter.reset()
     length.reset()
-    # Self-drafting by early exit (§5.2, LayerSkip) drafts into the target's own cache and finishes the verify call
-    # from the layer it exited at; every other drafter leaves the target's call alone.
+    # An optional hook: self-drafting by early exit (§5.2, LayerSkip) drafts into the target's own cache and finishes
+    # the verify call from the layer it exited at; online speculative decoding (online.py) only reads the call's
+    # logits. Every other drafter leaves the target's call alone.
     forward = drafter.attach(target, cache) if hasattr(drafter, "attach") else target
     if len(context) > 1:
         target(torch.tensor([context[:-1]], device=device), cache)  # prefill
@@ -315,8 +317,11 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
             (name == "layerskip" and not (weights / "layerskip.json").is_file(),
              f"no skip set in {weights / 'layerskip.json'}: run python train.py layerskip")])
     if name == "layerskip":  # Draft & Verify: the target minus a searched set of sublayers, with its own cache
-        return ModelDrafter(target, depth=tree_depth, beam=tree_width, sampled=sampled_siblings,
-                            skip=load_skip_set(weights / "layerskip.json"), **shape)
+        skip = load_skip_set(weights / "layerskip.json")
+        unknown = sorted(skip - set(sublayer_costs(target.config)))
+        refuse([(bool(unknown), f"{weights / 'layerskip.json'} names sublayers this {L}-layer target does not have: "
+                 f"{', '.join(unknown)}")])
+        return ModelDrafter(target, depth=tree_depth, beam=tree_width, sampled=sampled_siblings, skip=skip, **shape)
     if name == "earlyexit":
         return EarlyExitDrafter(target, exit_layer)
     if name == "del":
@@ -478,13 +483,15 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
          confidence: float, svip_threshold: float, disco_threshold: float | None, ddd_threshold: float,
          jacobi_block: int, lookahead_window: int, lookahead_ngram: int, lookahead_candidates: int,
          suffix_alpha: float, cascade_horizontal: int, exit_layer: int, quant_bits: int, show_tree: bool,
-         compare: bool, no_color: bool, bf16: bool) -> None:
+         compare: bool, no_color: bool, bf16: bool, online: bool = False, online_lr: float = 1e-5,
+         online_every: int = 32, online_steps: int = 4, online_rows: str = "rejected") -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(prompt, max_new_tokens, temperature, top_k, top_p, gamma, drafter, device, tree_size, tree_depth,
                tree_width, seed)
     use_tree = tree or drafter in TREE_ONLY
-    explicit_length, draft_length = draft_length, draft_length or ("adaptive" if drafter == "layerskip" and not use_tree
-                                                             else "fixed")
+    explicit_length = draft_length  # None: the drafter's own default (Draft & Verify's adaptive stop for layerskip)
+    if draft_length is None:
+        draft_length = "adaptive" if drafter == "layerskip" and not use_tree else "fixed"
     refuse([(jacobi_block < 1, f"--jacobi-block must be at least 1, got {jacobi_block}"),
             (lookahead_window < 1 or lookahead_ngram < 2 or lookahead_candidates < 0,
              "--lookahead-window must be >= 1, --lookahead-ngram >= 2 and --lookahead-candidates >= 0"),
@@ -496,7 +503,13 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
             (drafter == "none" and (verify != "exact" or draft_length != "fixed"),
              "--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing"),
             (sampled_siblings and not (temperature > 0 and use_tree and drafter in DYNAMIC_TREES),
-             "--sampled-siblings samples tree children at -t > 0: use -d eagle or -d draft --tree")])
+             "--sampled-siblings samples tree children at -t > 0: use -d eagle or -d draft --tree"),
+            (online and drafter != "draft", f"--online trains the draft model as it decodes: use it with -d draft, "
+                                            f"not -d {drafter}"),
+            (online and use_tree, "--online drafts chains: drop --tree"),
+            (not 0 < online_lr < math.inf, f"--online-lr must be a finite number > 0, got {online_lr}"),
+            (online_every < 1 or online_steps < 1, "--online-every and --online-steps must be at least 1"),
+            (online_rows not in ("rejected", "all"), f"--online-rows must be rejected or all, got {online_rows!r}")])
     verifier = make_verifier(verify, temperature, topk_beta, topk_tau, bild_rollback, lenience, typical_epsilon,
                              typical_delta)
     weights, dtype = Path(weights), torch.bfloat16 if bf16 else torch.float32
@@ -515,6 +528,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
         drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings, jacobi_block,
         (lookahead_window, lookahead_ngram, lookahead_candidates), suffix_alpha=suffix_alpha,
         cascade_horizontal=cascade_horizontal, exit_layer=exit_layer, quant_bits=quant_bits))
+    if online:  # OSD (online.py): a private copy of the draft model, distilled on the verify calls' logits
+        draft = OnlineDrafter(draft.model, online_lr, online_every, online_steps, online_rows)
     prompt_ids = enc.encode_ordinary(prompt)
     if len(prompt_ids) >= target.config.max_position_embeddings:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
@@ -543,6 +558,9 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
               f"tokens/call, drafting {stats.draft_seconds:.2f} s, verifying {stats.verify_seconds:.2f} s]")
         print(f"[accepted drafts per call: {dict(enumerate(stats.accept_counts))}"
               + ("; green = accepted draft tokens]" if color else "]"))
+    if online:
+        print(f"[online: draft updates {draft.updates}, {draft.update_seconds:.2f} s (inside the time above); "
+              f"KL(p||q) on the buffer before each: {', '.join(f'{x:.2f}' for x in draft.losses) or 'none'}]")
     for step, (t, path) in enumerate(trees):
         print(f"\nstep {step}: {len(t) - 1} drafted nodes, accepted {len(path)}\n"
               + render_tree(t, lambda i: enc.decode([i]), [0] + path))
@@ -651,6 +669,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(horizontal cascade; 0 = off: the draft model drafts all gamma)")
     ap.add_argument("--show-tree", action="store_true", help="print every step's draft tree, accepted path marked; "
                     "for jacobi, lookahead and pass also the call's extra tokens and its attention mask")
+    ap.add_argument("--online", action="store_true", help="-d draft: Online Speculative Decoding (Liu et al. 2023): "
+                    "distil a private copy of the draft model on the target's verify logits while decoding; lossless")
+    ap.add_argument("--online-lr", type=float, default=1e-5, help="--online: Adam learning rate of the draft updates")
+    ap.add_argument("--online-every", type=int, default=32, help="--online: update when the buffer holds this many "
+                    "positions")
+    ap.add_argument("--online-steps", type=int, default=4, help="--online: Adam steps per update")
+    ap.add_argument("--online-rows", default="rejected", help="--online: buffer the positions where the draft was "
+                    "rejected (rejected, as the paper does) or every verified position on the accepted path (all)")
     ap.add_argument("-c", "--compare", action="store_true", help="also run plain decoding and print the speedup")
     ap.add_argument("--no-color", action="store_true", help="do not highlight accepted draft tokens")
     return ap.parse_args(argv)

@@ -100,16 +100,23 @@ def function_prompts(enc, n: int, context_tokens: int = 384, heldout: bool = Tru
     for rel, path in stdlib_files():
         if is_heldout(rel) != heldout or len(prompts) == n:
             continue
-        text = f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace")
-        lines, offset = text.splitlines(keepends=True), 0
-        for line, body in zip(lines, lines[1:]):
-            offset += len(line)
-            if line.lstrip().startswith("def ") and line.rstrip().endswith(":") and body.strip():
-                ids = enc.encode_ordinary(text[:offset + len(body)])
-                if len(ids) >= context_tokens:
-                    prompts.append(ids[-context_tokens:])
-                    break
+        prompt = completion_prompt(enc, f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace"),
+                                   context_tokens)
+        prompts += [prompt] if prompt else []
     return prompts
+
+
+def completion_prompt(enc, text: str, context_tokens: int) -> list[int] | None:
+    """The `context_tokens` tokens before the end of the first body line of the first function of `text` that has
+    that much context before it (None if none has)."""
+    lines, offset = text.splitlines(keepends=True), 0
+    for line, body in zip(lines, lines[1:]):
+        offset += len(line)
+        if line.lstrip().startswith("def ") and line.rstrip().endswith(":") and body.strip():
+            ids = enc.encode_ordinary(text[:offset + len(body)])
+            if len(ids) >= context_tokens:
+                return ids[-context_tokens:]
+    return None
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ RUNS = {  # name: the arguments of `python specdec.py`
     "drafter pass": ["-p", "class Stack:", "-n", "16", "-d", "pass", "--compare"],
     "drafter cascade": ["-p", "def parse(s):", "-n", "16", "-d", "cascade", "--cascade-horizontal", "3", "--compare"],
     "drafter collective": ["-p", "def parse(s):", "-n", "16", "-d", "collective", "--compare"],
+    "drafter layerskip": ["-p", "def parse(s):", "-n", "16", "-d", "layerskip", "--compare"],
+    "drafter earlyexit": ["-p", "def parse(s):", "-n", "16", "-d", "earlyexit", "--exit-layer", "6", "--compare"],
+    "drafter del": ["-p", "def parse(s):", "-n", "16", "-d", "del", "--compare"],
+    "drafter quant": ["-p", "def parse(s):", "-n", "16", "-d", "quant", "--compare"],
     "draft length svip": ["-p", PROMPT, "-n", "16", "-l", "svip", "--compare"],
     "drafter specdec": ["-p", "def parse(s):", "-n", "16", "-d", "specdec", "--compare"],
     "lossy topk": ["-p", PROMPT, "-n", "16", "-v", "topk", "--compare"],
@@ -74,6 +78,11 @@ BAD_INPUTS = {
     "cascade horizontal on another drafter": ["-p", PROMPT, "-d", "draft", "--cascade-horizontal", "2"],
     "cascade as a tree": ["-p", PROMPT, "-d", "cascade", "--tree"],
     "specdec as a tree": ["-p", PROMPT, "-d", "specdec", "--tree"],
+    "exit layer 0": ["-p", PROMPT, "-d", "earlyexit", "--exit-layer", "0"],
+    "exit layer past the last block": ["-p", PROMPT, "-d", "del", "--exit-layer", "12"],
+    "early exit as a tree": ["-p", PROMPT, "-d", "earlyexit", "--tree"],
+    "quant bits 3": ["-p", PROMPT, "-d", "quant", "--quant-bits", "3"],
+    "int8 quant in bf16": ["-p", PROMPT, "-d", "quant", "--bf16"],
     "sampled siblings at temperature 0": ["-p", PROMPT, "-d", "eagle", "--sampled-siblings"],
     "verification without a drafter": ["-p", PROMPT, "-d", "none", "-v", "topk"],
     "missing prompt": ["-n", "3"],
@@ -144,7 +153,8 @@ def test_bare_command_prints_the_continuation_then_the_stats(cli):
 
 @pytest.mark.parametrize("run", ["drafter none", "drafter draft", "drafter pld", "drafter blockwise",
                                  "drafter jacobi", "drafter lookahead", "drafter pass", "drafter cascade",
-                                 "drafter collective", "draft length svip", "drafter specdec"])
+                                 "drafter collective", "drafter layerskip", "drafter earlyexit", "drafter del",
+                                 "drafter quant", "draft length svip", "drafter specdec"])
 def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, run):
     r = cli[run]
     assert r.returncode == 0, r.stderr
@@ -198,7 +208,9 @@ def test_argparse_errors_are_one_line_with_exit_code_2_too(cli):
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("specdec.py: error: ")
 
 
-@pytest.mark.parametrize("args", [["--prompts", "0"], ["-w", "/nonexistent"], ["-t", "-1"], ["-g", "0"]])
+@pytest.mark.parametrize("args", [["--prompts", "0"], ["-w", "/nonexistent"], ["-t", "-1"], ["-g", "0"],
+                                  ["--batch", "0,2"], ["--batch", "1,x"], ["--samples", "3"], ["--plot", "x.png"],
+                                  ["--budget", "4"]])
 def test_bench_bad_input_is_one_line_on_stderr_and_exit_code_2(args):
     r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr

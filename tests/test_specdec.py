@@ -47,7 +47,7 @@ TOY_PROMPTS = {"model": MODEL_PROMPT, "pld": PLD_PROMPT}
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Greedy identity on the shipped weights.
 
-N_PROMPTS, CONTEXT, N_NEW = 50, 128, 32
+N_PROMPTS, CONTEXT, N_NEW = 24, 128, 32
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Greedy identity on the shipped weights, every tree drafter, two tree shapes.
 
-N_HELDOUT, CONTEXT, N_NEW = 12, 128, 32
+N_HELDOUT, CONTEXT, N_NEW = 6, 128, 32
 SHAPES = {"default": dict(tree_size=24, tree_depth=6, tree_width=4),  # the command line's defaults
           "small": dict(tree_size=8, tree_depth=3, tree_width=2)}
 
