@@ -388,6 +388,10 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                    Method("Collective tree (SpecInfer: draft model + PLD"
                           + (" + REST)" if (DATA_DIR / "datastore.npy").is_file() else ")"),
                           drafter_named("collective"), True)]
+        if (weights / "specdec" / "model.safetensors").is_file():
+            methods.append(Method("SpecDec NAR drafter (K mask queries, one call)", drafter_named("specdec")))
+        else:
+            print(f"note: no SpecDec drafter in {weights / 'specdec'}, so no SpecDec row (python train.py specdec)")
         if (DATA_DIR / "datastore.npy").is_file() and (DATA_DIR / "sam.npz").is_file():
             methods += [Method("REST (suffix array of train split)", drafter_named("rest"), True),
                         Method("SAM Decoding (suffix automata)", drafter_named("sam"), True)]

@@ -26,6 +26,7 @@ from drafters import ChainDrafter, Drafter, ModelDrafter, PromptLookupDrafter, T
 from heads import EagleDrafter, HydraDrafter, MedusaDrafter
 from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import Transformer
+from nar import NarDrafter, NarModel
 from online import OnlineDrafter
 from retrieval import RestDrafter, SamDrafter, SuffixDrafter
 from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized, sublayer_costs
@@ -245,7 +246,7 @@ def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
 # ---- command line ---------------------------------------------------------------------------------------------
 
 DRAFTERS = ("none", "draft", "pld", "medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest",
-            "suffix", "sam", "cascade", "collective", "layerskip", "earlyexit", "del", "quant")
+            "suffix", "sam", "cascade", "collective", "layerskip", "earlyexit", "del", "quant", "specdec")
 # drafters that only draft trees (blockwise, jacobi, pass and sam: one-branch trees)
 TREE_ONLY = ("medusa", "hydra", "eagle", "blockwise", "jacobi", "lookahead", "pass", "rest", "suffix", "sam",
              "collective")
@@ -253,7 +254,8 @@ DATA_DIR = Path(__file__).resolve().parent / "data"  # train.py's default: train
 DYNAMIC_TREES = ("draft", "hydra", "eagle", "layerskip", "quant")  # EAGLE-2 trees: sampled siblings, DDD
 VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
 DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "adaptive", "svip", "disco", "dynamic")
-CHAIN_ONLY = ("cascade", "earlyexit", "del")  # no propose_tree (the early exits share the target's cache by slot)
+# no propose_tree: the early exits share the target's cache by slot; SpecDec's NAR drafter drafts one chain of k
+CHAIN_ONLY = ("cascade", "earlyexit", "del", "specdec")
 MIN_TEMPERATURE = 1e-3  # logits / T must stay finite in float32 (fp32 max 3.4e38; logits here are < 1e3)
 
 
@@ -351,6 +353,15 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
                                      PromptLookupDrafter(depth=tree_depth, matches=tree_width), rest,
                                      size=tree_size, depth=tree_depth)
         return ModelDrafter(draft, depth=tree_depth, beam=tree_width, sampled=sampled_siblings, **shape)
+    if name == "specdec":  # SpecDec's NAR drafter (Xia et al. 2023): k [MASK] queries, one call per step
+        if not (weights / "specdec" / "model.safetensors").is_file():
+            raise UsageError(f"no SpecDec drafter in {weights / 'specdec'}: run python train.py specdec")
+        nar = load_checked("SpecDec drafter", weights / "specdec",
+                           lambda path: NarModel.from_pretrained(path, device, dtype))
+        if nar.lm.config.vocab_size != target.config.vocab_size:
+            raise UsageError(f"the SpecDec drafter's vocabulary ({nar.lm.config.vocab_size}) differs from the "
+                             f"target's ({target.config.vocab_size}): they must share a tokenizer")
+        return NarDrafter(nar)
     if name == "pld":
         return PromptLookupDrafter(depth=tree_depth, matches=tree_width)
     if name == "medusa":
@@ -605,7 +616,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "and draft length chosen every step), quant (ML-SpecQD: the target's weights quantized); "
                     "cascade (Cascade Speculative Drafting: prompt lookup drafts for the draft model, which verifies "
                     "it losslessly), collective (SpecInfer: the draft model's tree, prompt lookup and REST if its "
-                    "datastore exists, merged into one tree)")
+                    "datastore exists, merged into one tree); specdec (SpecDec: a non-autoregressive drafter, k [MASK] "
+                    "queries give k drafts in one call, at most k per step; python train.py specdec)")
     ap.add_argument("-g", "--gamma", type=int, default=4, help="draft tokens per target call (chains); the most "
                     "for --draft-length confidence/svip/disco, the start for heuristic")
     ap.add_argument("--tree", action="store_true", help="draft and verify token trees with draft or pld too")

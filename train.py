@@ -10,6 +10,7 @@
     python train.py disco       # target + draft -> weights/disco/ (DISCO's stop classifier, draft_length.py)
     python train.py pass        # target -> weights/pass/  (PaSS's lookahead embeddings, maskpredict.py)
     python train.py layerskip   # target -> weights/layerskip.json (Draft & Verify's skip set, selfdraft.py)
+    python train.py specdec     # target + draft -> weights/specdec/ (SpecDec's NAR drafter, nar.py)
     python train.py corpus      # corpus_packages.txt -> data/corpus/ (the wider corpus for the next run, corpus.py)
     python train.py eval        # bits per byte of the target and the draft on held-out packages and stdlib files
 
@@ -36,6 +37,7 @@ from draft_length import DiscoClassifier, Recorder
 from drafters import ModelDrafter
 from heads import EagleHead, HydraHeads, MedusaHeads, save_head
 from maskpredict import PassEmbeddings
+from nar import NarModel
 from selfdraft import save_skip_set, search_skip_set
 from model import ModelConfig, Transformer
 from specdec import generate, speculative_generate
@@ -322,16 +324,20 @@ def train_lm(args) -> None:
 
 
 @torch.no_grad()
-def self_distilled_text(target: Transformer, train: np.ndarray, args, device) -> torch.Tensor:
+def self_distilled_text(target: Transformer, train: np.ndarray, args, device, greedy: bool = False,
+                        sequences: int | None = None, seed: int = 0) -> torch.Tensor:
     """Continuations that the target samples itself from corpus prompts (Medusa's self-distillation, survey §7):
-    the heads learn what the target says, not what the corpus says. [n, prompt + new] tokens."""
+    the heads learn what the target says, not what the corpus says. [n, prompt + new] tokens. greedy: the target's
+    argmax continuations instead (SpecDec's sequence-level distillation)."""
     gen, out = torch.Generator(device).manual_seed(args.seed), []
-    for i in range(0, args.distill_sequences, args.distill_batch):
-        prompt = random_windows(train, args.distill_batch, args.distill_prompt, torch.Generator().manual_seed(i), device)
+    for i in range(0, sequences or args.distill_sequences, args.distill_batch):
+        prompt = random_windows(train, args.distill_batch, args.distill_prompt,
+                                torch.Generator().manual_seed(seed + i), device)
         cache = target.new_cache(len(prompt), args.distill_prompt + args.distill_new)
         logits, seq = target(prompt, cache)[:, -1], [prompt]
         for _ in range(args.distill_new):
-            seq.append(torch.multinomial(logits.float().softmax(-1), 1, generator=gen))
+            seq.append(logits.argmax(-1, keepdim=True) if greedy else
+                       torch.multinomial(logits.float().softmax(-1), 1, generator=gen))
             logits = target(seq[-1], cache)[:, -1]
         out.append(torch.cat(seq, 1))
     return torch.cat(out)
@@ -519,6 +525,46 @@ def train_pass(args) -> None:
                    module, {"num_tokens": k, "hidden_size": C}, Path(args.weights) / "pass"))
 
 
+def train_specdec(args) -> None:
+    """SpecDec's NAR drafter (Xia et al. 2023; nar.py), distilled from the frozen target. SpecDec trains its drafter
+    by sequence-level knowledge distillation: on the teacher's own outputs. Here those are the target's greedy
+    continuations of training-split prompts (--distill-prompt corpus tokens + --distill-new generated ones), and the
+    loss is cross-entropy on them: after a context cut at t inside the generated part, query j must predict the
+    target's greedy token t + j, which is exactly what greedy verification accepts. Each sequence is cut at
+    --specdec-cuts random places at once (nar.query_layout), fresh every step. The model starts from weights/draft (same width and
+    tokenizer), the queries from its mean token embedding. Validation: the same loss on continuations of held-out
+    prompts."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    train, val = load_splits(args)
+    target = frozen_target(args, device)
+    t0 = time.time()
+    data = self_distilled_text(target, train, args, device, greedy=True)
+    val_data = self_distilled_text(target, val, args, device, greedy=True, sequences=args.distill_batch, seed=10**6)
+    print(f"greedy continuations: {len(data)} + {len(val_data)} held-out sequences of {data.shape[1]} tokens in "
+          f"{time.time() - t0:.0f}s", flush=True)
+    del target
+    k, P, S = args.specdec_queries, args.distill_prompt, data.shape[1]
+    model = NarModel.from_lm(Transformer.from_pretrained(Path(args.weights) / "draft"), k).to(device)
+    cut_gen = torch.Generator().manual_seed(args.seed + 1)
+
+    def loss_at(x, cuts):  # x [B, S]: one forward over the whole sequence and every cut's queries
+        labels = torch.tensor([t + j for t in cuts for j in range(k)], device=device)  # query j of cut t: token t+j
+        logits = model(x, cuts=cuts, k=k)  # [B, cuts, k, V]
+        return F.cross_entropy(logits.flatten(0, 2).float(), x[:, labels].flatten())
+
+    def loss_fn(x):  # fresh cuts every step, all inside the generated part: far more contexts than sequences
+        return loss_at(x, sorted((torch.randperm(S - k - P + 1, generator=cut_gen)[:args.specdec_cuts] + P).tolist()))
+
+    fixed_cuts = [int(c) for c in np.linspace(P, S - k, args.specdec_cuts)]  # validation: the same every time
+
+    def next_batch(g):
+        return data[torch.randint(0, len(data), (args.batch_size,), generator=g).to(device)]
+
+    train_loop(args, model, next_batch, loss_fn, list(val_data.split(8)),
+               lambda: model.save_pretrained(Path(args.weights) / "specdec"), lambda x: loss_at(x, fixed_cuts))
+
+
 def search_layerskip(args) -> None:
     """Draft & Verify's skip set (Zhang et al. 2023), searched on training-split prompts only: the target's greedy
     continuations of them, and which sublayers can go while the skipped model still predicts those tokens."""
@@ -542,7 +588,7 @@ def main(stage: str, **args) -> None:
     stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
               "datastore": build_datastore, "medusa": train_heads, "hydra": train_heads, "eagle": train_eagle,
               "disco": train_disco, "pass": train_pass, "corpus": build_corpus, "eval": evaluate,
-              "layerskip": search_layerskip}
+              "layerskip": search_layerskip, "specdec": train_specdec}
     try:
         stages[stage](args)
     except corpus.CorpusError as e:
@@ -552,7 +598,7 @@ def main(stage: str, **args) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["tokenizer", "data", "datastore", "target", "draft", "medusa", "hydra", "eagle",
-                                      "disco", "pass", "layerskip", "corpus", "eval"], help="what to build (datastore: the retrieval indexes "
+                                      "disco", "pass", "layerskip", "specdec", "corpus", "eval"], help="what to build (datastore: the retrieval indexes "
                     "of -d rest and -d sam, after data)")
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
     ap.add_argument("--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models")
@@ -601,6 +647,9 @@ if __name__ == "__main__":
     ap.add_argument("--pass-tokens", type=int, default=4, help="pass: lookahead embeddings (drafts per call)")
     ap.add_argument("--pass-context", type=int, default=128, help="pass: training window in tokens")
     ap.add_argument("--pass-cuts", type=int, default=16, help="pass: contexts cut from each window, trained at once")
+    ap.add_argument("--specdec-queries", type=int, default=4, help="specdec: [MASK] queries (tokens drafted per call)")
+    ap.add_argument("--specdec-cuts", type=int, default=16, help="specdec: contexts cut from each sequence, trained "
+                    "at once")
     ap.add_argument("--layerskip-prompts", type=int, default=8, help="layerskip: training-split prompts searched on")
     ap.add_argument("--layerskip-context", type=int, default=128, help="layerskip: prompt tokens")
     ap.add_argument("--layerskip-new", type=int, default=32, help="layerskip: target tokens generated per prompt")

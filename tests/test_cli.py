@@ -38,6 +38,7 @@ RUNS = {  # name: the arguments of `python specdec.py`
     "drafter del": ["-p", "def parse(s):", "-n", "16", "-d", "del", "--compare"],
     "drafter quant": ["-p", "def parse(s):", "-n", "16", "-d", "quant", "--compare"],
     "draft length svip": ["-p", PROMPT, "-n", "16", "-l", "svip", "--compare"],
+    "drafter specdec": ["-p", "def parse(s):", "-n", "16", "-d", "specdec", "--compare"],
     "lossy topk": ["-p", PROMPT, "-n", "16", "-v", "topk", "--compare"],
     "seed 1": SAMPLING + ["-s", "1"],
     "seed 1 again": SAMPLING + ["-s", "1"],
@@ -76,6 +77,7 @@ BAD_INPUTS = {
     "negative cascade horizontal": ["-p", PROMPT, "-d", "cascade", "--cascade-horizontal", "-1"],
     "cascade horizontal on another drafter": ["-p", PROMPT, "-d", "draft", "--cascade-horizontal", "2"],
     "cascade as a tree": ["-p", PROMPT, "-d", "cascade", "--tree"],
+    "specdec as a tree": ["-p", PROMPT, "-d", "specdec", "--tree"],
     "exit layer 0": ["-p", PROMPT, "-d", "earlyexit", "--exit-layer", "0"],
     "exit layer past the last block": ["-p", PROMPT, "-d", "del", "--exit-layer", "12"],
     "early exit as a tree": ["-p", PROMPT, "-d", "earlyexit", "--tree"],
@@ -152,7 +154,7 @@ def test_bare_command_prints_the_continuation_then_the_stats(cli):
 @pytest.mark.parametrize("run", ["drafter none", "drafter draft", "drafter pld", "drafter blockwise",
                                  "drafter jacobi", "drafter lookahead", "drafter pass", "drafter cascade",
                                  "drafter collective", "drafter layerskip", "drafter earlyexit", "drafter del",
-                                 "drafter quant", "draft length svip"])
+                                 "drafter quant", "draft length svip", "drafter specdec"])
 def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, run):
     r = cli[run]
     assert r.returncode == 0, r.stderr
