@@ -296,8 +296,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     if suite:  # Spec-Bench for code: categories of held-out prompts, a representative method of each family
         categories = suite_prompts(enc, prompts)
         rows = [("Autoregressive", None, False), ("SpS (draft model)", "draft", False), ("PLD", "pld", False),
-                ("PLD tree", "pld", True), ("Hydra", "hydra", True), ("EAGLE-2", "eagle", True),
-                ("Lookahead", "lookahead", True), ("SuffixDecoding", "suffix", True)]
+                ("EAGLE-2", "eagle", True), ("Lookahead", "lookahead", True), ("SuffixDecoding", "suffix", True)]
         if (DATA_DIR / "datastore.npy").is_file() and (DATA_DIR / "sam.npz").is_file():
             rows.append(("SAM Decoding", "sam", True))
         drafters = {key: drafter_named(key) for _, key, _ in rows if key}
