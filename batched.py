@@ -21,7 +21,8 @@ from torch import Tensor
 
 from drafters import PromptLookupDrafter, Warp
 from model import Transformer
-from specdec import Stats, check_generator, theory_acceptance, warp_for
+from specdec import Stats, check_generator, theory_acceptance, trim_tree, warp_for
+from tree import depths, tree_attention_mask, tree_positions
 from verify import Verifier, exact, sample_token
 
 
@@ -247,5 +248,70 @@ def batch_speculative_generate(target: Transformer, drafter: BatchDrafter, promp
             keep = [i for i in range(len(rows)) if i not in done]
             cache.keep_rows(keep)
             drafter.keep_rows(keep)
+            rows = [rows[i] for i in keep]
+    return [c[len(p):] for c, p in zip(contexts, prompts)], stats
+
+
+@torch.inference_mode()
+def batch_tree_speculative_generate(target: Transformer, drafters: list, prompts: list[list[int]],
+                                    max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+                                    top_p: float = 1.0, generator: torch.Generator | None = None,
+                                    eot: int | None = None, verifier: Verifier | None = None
+                                    ) -> tuple[list[list[int]], Stats]:
+    """Token trees (§6.3) for B prompts at once, one tree drafter per row (EAGLE-2's head keeps a cache per row,
+    so drafting runs row by row; the target call, the costly part, is batched). ONE target call scores every row's
+    tree, padded to the largest, with each row's tree mask and positions (prefix + depth). A node off its row's
+    accepted path becomes a hole, so nothing is moved: the path's K/V stay where they were written, and attention
+    does not care in which slot a key sits, only at which position it was rotated.
+
+    Invariant: for every active row, the valid slots hold its context but the last token, and features[r] holds
+    the target's last hidden state of each of those tokens (EAGLE reads them)."""
+    check_generator(temperature, generator)
+    device, warp, stats = target.lm_head.weight.device, warp_for(temperature, top_k, top_p), Stats()
+    verifier = verifier or exact(temperature)
+    contexts, rows = [list(p) for p in prompts], list(range(len(prompts)))
+    budgets = [min(max_new_tokens, target.config.max_position_embeddings - len(p)) for p in prompts]
+    cache = RaggedCache(target, len(prompts))
+    features = [torch.zeros(0, target.config.hidden_size, device=device) for _ in prompts]
+    for drafter in drafters:
+        drafter.reset()
+    T = max(len(p) - 1 for p in prompts)
+    if T > 0:  # prefill, right-padded, keeping each row's hidden states for its drafter
+        positions, mask = cache.call_inputs([len(p) - 1 for p in prompts], [0] * len(prompts), T)
+        _, hidden = target(pad([p[:-1] for p in prompts], T, device), cache.kv, positions=positions, attn_mask=mask,
+                           return_hidden=True)
+        features = [hidden[b, :len(p) - 1] for b, p in enumerate(prompts)]
+    while rows:
+        t0 = time.perf_counter()
+        room = cache.kv.max_len - max(len(contexts[r]) - 1 for r in rows)  # slots left once compacted
+        trees = [trim_tree(drafters[r].propose_tree(contexts[r], features[r], warp, generator), budgets[r] - 1, room)
+                 for r in rows]  # 1. draft, row by row
+        t1 = time.perf_counter()
+        N = max(len(t) for t in trees)
+        cache.room_for(N)
+        s0 = cache.kv.length
+        positions, mask = cache.call_inputs([len(t) for t in trees], [len(contexts[r]) - 1 for r in rows], N)
+        for i, (r, t) in enumerate(zip(rows, trees)):  # each row's tree: its ancestors only, positions by depth
+            mask[i, :len(t), s0:s0 + len(t)] = tree_attention_mask(t, 0, device)
+            positions[i, :len(t)] = tree_positions(t, len(contexts[r]) - 1, device)
+        logits, hidden = target(pad([t.tokens for t in trees], N, device), cache.kv, positions=positions,
+                                attn_mask=mask, return_hidden=True)  # 2. one call: [B, N, V]
+        done, seconds = [], ((t1 - t0) / len(rows), (time.perf_counter() - t1) / len(rows))
+        for i, (r, t) in enumerate(zip(rows, trees)):  # 3. verify each row's tree on its own
+            path, token = verifier.tree(logits[i, :len(t)], warp(logits[i, :len(t)]), t, generator)
+            kept = [0] + path
+            cache.valid[i, s0:s0 + N] = False  # 4. the root and the accepted path stay; the rest become holes
+            cache.valid[i, [s0 + k for k in kept]] = True
+            features[r] = torch.cat([features[r], hidden[i, kept]])
+            new = [t.tokens[k] for k in path] + [token]
+            finished = eot in new
+            new = new[:new.index(eot)] if finished else new
+            stats.record(len(t) - 1, len(path), min(len(path) + 1, max(depths(t))), len(new), *seconds)
+            contexts[r], budgets[r] = contexts[r] + new, budgets[r] - len(new)
+            if finished or budgets[r] <= 0:
+                done.append(i)
+        if done:
+            keep = [i for i in range(len(rows)) if i not in done]
+            cache.keep_rows(keep)
             rows = [rows[i] for i in keep]
     return [c[len(p):] for c, p in zip(contexts, prompts)], stats

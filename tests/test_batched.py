@@ -11,10 +11,13 @@ from hypothesis import strategies as st
 
 import batched
 from batched import (BatchModelDrafter, BatchPromptLookup, CrossSampleLookup, RaggedCache, batch_speculative_generate,
-                     select_drafts)
+                     batch_tree_speculative_generate, select_drafts)
+from drafters import ModelDrafter, PromptLookupDrafter
+from heads import EagleDrafter
 from specdec import generate, load_model
 from tests.conftest import WEIGHTS
 from tests.test_specdec import accept_every_draft
+from tests.test_tree_decoding import first_child_always
 from tests.toy import BrokenRule, chi_square, chi_square_critical, exact_joint, perturbed, toy_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,3 +161,42 @@ def test_samples_that_draft_for_each_other_each_have_the_target_distribution():
 @pytest.mark.slow
 def test_the_multi_sample_law_test_rejects_a_verifier_that_accepts_every_draft():
     assert all(stat > critical for stat, critical in multi_sample_law(400, BrokenRule(chain_fn=accept_every_draft)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched token trees: EAGLE-2 and prompt-lookup tries, one per row.
+
+@pytest.mark.parametrize("kind", ["eagle", "pld"])
+def test_every_row_of_a_batch_of_trees_equals_decoding_it_alone_on_the_shipped_weights(short_references, kind):
+    enc, target, references = short_references
+    prompts = [p[-cut:] for (p, _), cut in zip(references, WEIGHTS_PROMPT_CUTS)] + [references[-1][0]]
+    drafters = [EagleDrafter.from_pretrained(target, WEIGHTS / "eagle", width=2, size=12) if kind == "eagle"
+                else PromptLookupDrafter() for _ in prompts]
+    out, stats = batch_tree_speculative_generate(target, drafters, prompts, 24, eot=enc.eot_token)
+    assert out == [generate(target, p, 24, eot=enc.eot_token) for p in prompts]
+    assert 0 < stats.accepted < stats.drafted
+
+
+def batched_tree_law(n_calls: int, verifier=None) -> list[tuple[float, float]]:
+    """(chi2, critical) per row: ragged rows of top-k draft-model trees (one-hot siblings) at T = 1."""
+    target, draft = toy_pair()
+    generator, samples = torch.Generator().manual_seed(0), [[] for _ in PROMPTS]
+    for _ in range(n_calls):
+        drafters = [ModelDrafter(draft, depth=2, width=2, beam=2, size=4) for _ in PROMPTS]
+        out, _ = batch_tree_speculative_generate(target, drafters, PROMPTS, 3, temperature=1.0, generator=generator,
+                                                 verifier=verifier)
+        for row, o in zip(samples, out):
+            row.append(o)
+    return [(stat, chi_square_critical(dof)) for stat, dof in
+            (chi_square(np.array(s), exact_joint(target, p, 3, temperature=1.0)) for p, s in zip(PROMPTS, samples))]
+
+
+@pytest.mark.slow
+def test_each_row_of_a_sampled_batch_of_trees_has_the_target_distribution():
+    for stat, critical in batched_tree_law(2000):
+        assert stat < critical, f"chi2 {stat:.1f} >= {critical:.1f}"
+
+
+@pytest.mark.slow
+def test_the_batched_tree_law_test_rejects_a_verifier_that_always_takes_the_first_child():
+    assert all(stat > critical for stat, critical in batched_tree_law(300, BrokenRule(tree_fn=first_child_always)))
