@@ -17,6 +17,7 @@ cut just inside a function body, as an editor would send them.
     python bench.py --online --prompts 8 -n 64                 # OSD: acceptance before and after, on a held-out package
 """
 import argparse
+import copy
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from batched import BatchModelDrafter, BatchPromptLookup, CrossSampleLookup, NoDrafts, batch_speculative_generate
+from batched import (BatchModelDrafter, BatchPromptLookup, CrossSampleLookup, NoDrafts, batch_speculative_generate,
+                     batch_tree_speculative_generate)
 from corpus import document_text, package_documents, read_packages
 from draft_length import Adaptive, DraftLength
 from drafters import Drafter
@@ -37,6 +39,7 @@ from train import completion_prompt, function_prompts
 from verify import Verifier
 
 
+SUITE_FAMILIES = ("Autoregressive", "SpS", "PLD", "EAGLE-2", "Lookahead", "SuffixDecoding", "SAM Decoding")
 LOOKAHEAD_SWEEP = [(1, 2, 1), (2, 2, 2), (3, 2, 3), (2, 3, 2), (3, 3, 3), (5, 3, 5), (3, 4, 3), (5, 4, 5), (7, 4, 7)]
 
 
@@ -244,7 +247,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
          temperature: float, top_k: int, top_p: float, seed: int, bf16: bool, tree_size: int, tree_depth: int,
          tree_width: int, drafter: str, verify: str | None, draft_length: str | None, siblings: bool,
          sweep_lookahead: bool, sweep_exit: bool, batch: str | None, plot: str | None, quiet: bool,
-         budget: int | None, samples: int, suite: bool, online: bool, online_package: str, corpus_dir: str,
+         budget: int | None, samples: int, suite: bool, suite_all: bool, online: bool, online_package: str, corpus_dir: str,
          online_lr: float, online_every: int, online_steps: int,
          topk_beta: int, topk_tau: float, bild_rollback: float, bild_fallback: float, lenience: float,
          typical_epsilon: float, typical_delta: float, confidence: float, svip_threshold: float,
@@ -279,12 +282,15 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
 
     if batch or samples:  # survey §9: batched speculative decoding
         draft = load_model(weights / "draft", device, dtype)
-        methods = [("Autoregressive", NoDrafts, None), ("SpS (draft model)", lambda: BatchModelDrafter(draft), None),
-                   ("PLD (prompt lookup)", BatchPromptLookup, None)]
+        eagle = drafter_named("eagle")  # one per row, sharing the head: each keeps its own cache
+        methods = [("Autoregressive", NoDrafts, None, False),
+                   ("SpS (draft model)", lambda: BatchModelDrafter(draft), None, False),
+                   ("PLD (prompt lookup)", BatchPromptLookup, None, False),
+                   ("EAGLE-2 (dynamic tree, drafted row by row)", lambda: copy.copy(eagle), None, True)]
         if budget is not None:
-            methods.append((f"SpS + TETRIS ({budget} drafts/call)", lambda: BatchModelDrafter(draft), budget))
+            methods.append((f"SpS + TETRIS ({budget} drafts/call)", lambda: BatchModelDrafter(draft), budget, False))
         if samples:  # n samples of one prompt: the others' text drafts for each sample
-            methods.append(("Cross-sample lookup (multi-sample SD)", CrossSampleLookup, None))
+            methods.append(("Cross-sample lookup (multi-sample SD)", CrossSampleLookup, None, False))
             batches = [[function_prompts(enc, 1, heldout=True)[0][-128:]] * samples]
         else:
             prompts = [p[-128:] for p in function_prompts(enc, max(batch_sizes(batch)), heldout=True)]
@@ -292,24 +298,6 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                      f"held-out prompts; there are {len(prompts)}")])
             batches = [prompts[:B] for B in batch_sizes(batch)]
         measure_batches(target, batches, methods, args, device, enc.eot_token, plot)
-        return
-    if suite:  # Spec-Bench for code: categories of held-out prompts, a representative method of each family
-        categories = suite_prompts(enc, prompts)
-        rows = [("Autoregressive", None, False), ("SpS (draft model)", "draft", False), ("PLD", "pld", False),
-                ("EAGLE-2", "eagle", True), ("Lookahead", "lookahead", True), ("SuffixDecoding", "suffix", True)]
-        if (DATA_DIR / "datastore.npy").is_file() and (DATA_DIR / "sam.npz").is_file():
-            rows.append(("SAM Decoding", "sam", True))
-        drafters = {key: drafter_named(key) for _, key, _ in rows if key}
-        print(f"{min(map(len, categories.values()))}-{max(map(len, categories.values()))} held-out prompts per "
-              f"category, {max_new_tokens} new tokens max, gamma {gamma}, device {device}, "
-              f"{'bf16' if bf16 else 'fp32'}")
-        for t in (0.0, 1.0):
-            results = {}
-            for category, todo in categories.items():
-                results[category] = [Method(name, drafters.get(key), tree, temperature=t) for name, key, tree in rows]
-                progress(args, f"T {t}, {category}: ")
-                measure(target, results[category], todo, args, device)
-            print_suite(results, t)
         return
     autoregressive = Method("Autoregressive", None)
     if verify:  # one drafter, every rule: speed against quality
@@ -398,6 +386,21 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
             print(f"note: no retrieval datastore in {DATA_DIR}, so no REST and SAM rows "
                   "(python train.py data && python train.py datastore)")
         printer = print_methods
+    if suite:  # Spec-Bench for code: every method of the table, on each category of held-out prompts, T 0 and 1
+        categories = suite_prompts(enc, prompts)
+        print(f"{min(map(len, categories.values()))}-{max(map(len, categories.values()))} held-out prompts per "
+              f"category, {max_new_tokens} new tokens max, gamma {gamma}, device {device}, "
+              f"{'bf16' if bf16 else 'fp32'}")
+        if not suite_all:  # one method of each family: every method is about 30 minutes on a 2-core CPU
+            methods = [m for m in methods if m.name.split(" (")[0] in SUITE_FAMILIES]
+        for t in (0.0, 1.0):
+            results = {c: [Method(m.name, m.drafter, m.use_tree, m.verifier, m.length, temperature=t) for m in methods]
+                       for c in categories}
+            for category, todo in categories.items():
+                progress(args, f"T {t}, {category}: ")
+                measure(target, results[category], todo, args, device)
+            print_suite(results, t)
+        return
     todo = (package_prompts(enc, prompts, online_package, Path(corpus_dir)) if online
             else function_prompts(enc, prompts, heldout=True))
     measure(target, methods, todo, args, device)
@@ -413,24 +416,33 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
 
 def measure_batches(target, batches: list[list[list[int]]], methods: list[tuple], args, device: str, eot: int,
                     plot: str | None) -> None:
-    """Survey §9: tokens per second of each batched method (name, drafter factory, TETRIS budget or None) on each
-    batch of prompts, after an untimed warm-up of that batch; the first method is the baseline of each batch."""
+    """Survey §9: tokens per second of each batched method (name, drafter factory, TETRIS budget or None, trees?)
+    on each batch of prompts, after an untimed warm-up of that batch; the first method is each batch's baseline.
+    A tree method's factory makes one drafter per row (batch_tree_speculative_generate)."""
     rows = []
     for prompts in batches:
-        for name, make, budget in methods:
-            opts = dict(gamma=args.gamma, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot=eot,
-                        budget=budget)
-            batch_speculative_generate(target, make(), prompts, 4, **opts,
-                                       generator=torch.Generator(device).manual_seed(args.seed))  # warm-up
-            drafter, calls = make(), []  # batched calls: Stats count one per active row
-            propose = drafter.propose
-            drafter.propose = lambda *a: calls.append(1) or propose(*a)
+        for name, make, budget, tree in methods:
+            opts = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot=eot)
+            if not tree:
+                opts.update(gamma=args.gamma, budget=budget)
+
+            def decode_batch(n_new: int):
+                if tree:
+                    return batch_tree_speculative_generate(target, [make() for _ in prompts], prompts, n_new, **opts,
+                                                           generator=torch.Generator(device).manual_seed(args.seed))
+                return batch_speculative_generate(target, make(), prompts, n_new, **opts,
+                                                  generator=torch.Generator(device).manual_seed(args.seed))
+
+            decode_batch(4)  # warm-up
+            calls = []  # batched target calls (Stats count one per active row), the prefill included
+            hook = target.register_forward_hook(lambda *_: calls.append(1))
             t0 = time.perf_counter()
-            out, stats = batch_speculative_generate(target, drafter, prompts, args.max_new_tokens, **opts,
-                                                    generator=torch.Generator(device).manual_seed(args.seed))
+            out, stats = decode_batch(args.max_new_tokens)
             if device == "cuda":
                 torch.cuda.synchronize()
-            rows.append((len(prompts), name, stats, sum(map(len, out)) / (time.perf_counter() - t0), len(calls)))
+            seconds = time.perf_counter() - t0
+            hook.remove()
+            rows.append((len(prompts), name, stats, sum(map(len, out)) / seconds, len(calls) - 1))
             progress(args, f"batch {len(prompts)}: {name} done")
     progress(args, "batches done\n")
     print("| batch | method | tau (tokens/row/call) | acceptance | tokens/s (all rows) | speedup over batched "
@@ -449,7 +461,7 @@ def measure_batches(target, batches: list[list[list[int]]], methods: list[tuple]
         except ImportError:
             raise UsageError("--plot needs matplotlib, an optional extra: pip install matplotlib (the table above "
                              "does not)")
-        for name, _, _ in methods:
+        for name, *_ in methods:
             plt.plot([row[0] for row in rows if row[1] == name], [row[3] for row in rows if row[1] == name],
                      marker="o", label=name)
         plt.xscale("log", base=2)
@@ -509,6 +521,8 @@ if __name__ == "__main__":
                     "from the others' text (multi-sample speculative decoding)")
     ap.add_argument("--suite", action="store_true", help="Spec-Bench for code: speedup per category of held-out "
                     "prompts (suite.py), at T 0 and 1; --prompts is the number per category")
+    ap.add_argument("--suite-all", action="store_true", help="--suite with every method of the table, not one "
+                    "per family")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
     ap.add_argument("--plot", default=None, help="--batch: also draw the curve to this image file (needs matplotlib)")
     ap.add_argument("--online", action="store_true", help="Online Speculative Decoding: the fixed draft against "

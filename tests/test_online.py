@@ -48,7 +48,7 @@ def test_online_greedy_output_equals_autoregressive_on_shipped_weights(short_ref
 
 # ---- the sampled law on toy models ------------------------------------------------------------------------------
 
-PROMPT, N_TRUE, N_BROKEN = [1, 4], 4_000, 2_000
+PROMPT, N_TRUE, N_BROKEN = [1, 4], 4_000, 6_000
 KNOBS = dict(lr=0.05, every=1, steps=1, rows="all")  # an update after every call, big enough to move q a lot
 
 
@@ -113,7 +113,8 @@ def test_online_drafting_keeps_the_target_distribution(drafter_class, gamma):
 
 @pytest.mark.slow
 def test_the_law_test_rejects_a_q_from_before_the_update():
-    """gamma 1: every call after the first drafts from a just-updated model (measured: chi2 186 > 143 at 2000)."""
+    """gamma 1: every call after the first drafts from a just-updated model (measured: chi2 250 > 214 at 6000; at
+    2000-3000 samples the statistic sat near the critical value)."""
     stat, critical, _ = law(RestartingStaleQ, N_BROKEN, 1)
     assert stat > critical, f"stale q not detected: chi2 {stat:.1f} <= {critical:.1f}"
 

@@ -208,7 +208,7 @@ def test_a_quantized_target_is_a_close_draft(bits):
     assert overlap.min() > 0.9 and not torch.equal(p, q)
 
 
-N_TRUE, N_BROKEN = 10_000, 1_000
+N_TRUE, N_BROKEN = 6_000, 1_000
 PROMPT = [1, 4, 0, 3]
 
 
