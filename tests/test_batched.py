@@ -74,21 +74,22 @@ def test_rows_that_finish_early_leave_the_batch_and_the_rest_go_on():
 PROMPTS = [[1, 4, 0, 3, 5, 2, 2], [2, 5], [3, 3, 1]]  # different lengths: holes after the shorter prompts
 
 
-def batched_law(n_calls: int, seed: int = 0) -> list[tuple[float, float]]:
-    """(chi2, critical) per row: 3-token continuations of each row, sampled in batches, against its exact joint."""
+def per_row_law(prompts: list[list[int]], n_calls: int, decode_batch) -> list[tuple[float, float]]:
+    """(chi2, critical) per row: n_calls batches of 3-token continuations at T = 1 from decode_batch(target, draft,
+    generator) -> one output per row, each row's samples against its own exact joint."""
     target, draft = toy_pair()
-    generator = torch.Generator().manual_seed(seed)
-    samples = [[] for _ in PROMPTS]
+    generator, samples = torch.Generator().manual_seed(0), [[] for _ in prompts]
     for _ in range(n_calls):
-        out, _ = batch_speculative_generate(target, BatchModelDrafter(draft), PROMPTS, 3, gamma=2, temperature=1.0,
-                                            generator=generator)
-        for row, o in zip(samples, out):
-            row.append(o)
-    result = []
-    for prompt, row in zip(PROMPTS, samples):
-        stat, dof = chi_square(np.array(row), exact_joint(target, prompt, 3, temperature=1.0))
-        result.append((stat, chi_square_critical(dof)))
-    return result
+        for row, out in zip(samples, decode_batch(target, draft, generator)):
+            row.append(out)
+    return [(stat, chi_square_critical(dof)) for stat, dof in
+            (chi_square(np.array(s), exact_joint(target, p, 3, temperature=1.0)) for p, s in zip(prompts, samples))]
+
+
+def batched_law(n_calls: int) -> list[tuple[float, float]]:
+    """Ragged rows of draft-model chains."""
+    return per_row_law(PROMPTS, n_calls, lambda target, draft, generator: batch_speculative_generate(
+        target, BatchModelDrafter(draft), PROMPTS, 3, gamma=2, temperature=1.0, generator=generator)[0])
 
 
 def slot_positions(self, real, first_positions, T):
@@ -140,16 +141,10 @@ def test_a_verification_budget_keeps_every_row_equal_to_decoding_it_alone(short_
 
 
 def multi_sample_law(n_calls: int, verifier=None) -> list[tuple[float, float]]:
-    """(chi2, critical) per sample: 3 samples of one prompt drafting for each other, 3-token continuations."""
-    target, prompt = toy_pair()[0], [1, 4, 0, 3]
-    generator, samples = torch.Generator().manual_seed(0), [[] for _ in range(3)]
-    for _ in range(n_calls):
-        out, _ = batch_speculative_generate(target, CrossSampleLookup(), [prompt] * 3, 3, gamma=2, temperature=1.0,
-                                            generator=generator, verifier=verifier)
-        for row, o in zip(samples, out):
-            row.append(o)
-    joint = exact_joint(target, prompt, 3, temperature=1.0)
-    return [(stat, chi_square_critical(dof)) for stat, dof in (chi_square(np.array(s), joint) for s in samples)]
+    """3 samples of one prompt drafting for each other."""
+    prompts = [[1, 4, 0, 3]] * 3
+    return per_row_law(prompts, n_calls, lambda target, draft, generator: batch_speculative_generate(
+        target, CrossSampleLookup(), prompts, 3, gamma=2, temperature=1.0, generator=generator, verifier=verifier)[0])
 
 
 @pytest.mark.slow
@@ -178,17 +173,10 @@ def test_every_row_of_a_batch_of_trees_equals_decoding_it_alone_on_the_shipped_w
 
 
 def batched_tree_law(n_calls: int, verifier=None) -> list[tuple[float, float]]:
-    """(chi2, critical) per row: ragged rows of top-k draft-model trees (one-hot siblings) at T = 1."""
-    target, draft = toy_pair()
-    generator, samples = torch.Generator().manual_seed(0), [[] for _ in PROMPTS]
-    for _ in range(n_calls):
-        drafters = [ModelDrafter(draft, depth=2, width=2, beam=2, size=4) for _ in PROMPTS]
-        out, _ = batch_tree_speculative_generate(target, drafters, PROMPTS, 3, temperature=1.0, generator=generator,
-                                                 verifier=verifier)
-        for row, o in zip(samples, out):
-            row.append(o)
-    return [(stat, chi_square_critical(dof)) for stat, dof in
-            (chi_square(np.array(s), exact_joint(target, p, 3, temperature=1.0)) for p, s in zip(PROMPTS, samples))]
+    """Ragged rows of top-k draft-model trees (one-hot siblings)."""
+    return per_row_law(PROMPTS, n_calls, lambda target, draft, generator: batch_tree_speculative_generate(
+        target, [ModelDrafter(draft, depth=2, width=2, beam=2, size=4) for _ in PROMPTS], PROMPTS, 3,
+        temperature=1.0, generator=generator, verifier=verifier)[0])
 
 
 @pytest.mark.slow

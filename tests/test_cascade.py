@@ -15,11 +15,11 @@ from drafters import ModelDrafter, PromptLookupDrafter
 from retrieval import RestDrafter
 from specdec import speculative_generate, tree_speculative_generate, warp_for
 from suffix import suffix_array
-from tests.test_specdec import WARPINGS, acceptance_matches_theory, speculative_chi_square, toy_draft
+from tests.test_specdec import (WARPINGS, acceptance_matches_theory, assert_cache_holds, speculative_chi_square,
+                                toy_draft)
 from tree import Tree, children, depths, path_to
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # batch-1 forwards: one thread is fastest on a shared CPU
 
 
@@ -144,12 +144,7 @@ def test_cascade_cache_after_accept_holds_context_and_accepted_drafts(n_accepted
     drafts, _ = drafter.propose(context, gamma, greedy, None)
     assert len(drafts) == gamma and drafter.draft_calls < gamma  # lookup's tokens saved draft calls
     drafter.accept(n_accepted)
-    kept = context + drafts[:min(n_accepted, gamma - 1)]
-    fresh_cache = draft.new_cache()
-    draft(torch.tensor([kept]), fresh_cache)
-    assert drafter.cache.length == len(kept)
-    for ours, fresh in zip(drafter.cache.k + drafter.cache.v, fresh_cache.k + fresh_cache.v):
-        assert torch.allclose(ours[:, :, :len(kept)], fresh[:, :, :len(kept)], atol=ATOL, rtol=0)
+    assert_cache_holds(drafter.cache, draft, context + drafts[:min(n_accepted, gamma - 1)])
     correction = (drafts[n_accepted] + 1) % 6 if n_accepted < gamma else 0
     next_context = context + drafts[:n_accepted] + [correction]
     fresh_drafter = CascadeDrafter(draft, PromptLookupDrafter())

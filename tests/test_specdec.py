@@ -148,6 +148,15 @@ def test_every_verification_runs_on_a_cache_of_exactly_the_accepted_text(gamma):
     assert len(stats.accept_counts) == gamma + 1 and all(stats.accept_counts)  # every rollback, and full accepts
 
 
+def assert_cache_holds(cache, model, tokens: list[int]) -> None:
+    """The cache holds exactly `tokens`: its length, and K/V equal to a fresh prefill of them."""
+    fresh = model.new_cache()
+    model(torch.tensor([tokens]), fresh)
+    assert cache.length == len(tokens)
+    for ours, theirs in zip(cache.k + cache.v, fresh.k + fresh.v):
+        assert torch.allclose(ours[:, :, :len(tokens)], theirs[:, :, :len(tokens)], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("n_accepted", [0, 1, 2, 3])
 @torch.inference_mode()
 def test_model_drafter_cache_after_accept_holds_context_and_accepted_drafts(n_accepted):
@@ -157,12 +166,7 @@ def test_model_drafter_cache_after_accept_holds_context_and_accepted_drafts(n_ac
     drafts, _ = drafter.propose(context, gamma, greedy, None)
     drafter.accept(n_accepted)
     # the last draft is never fed to the draft model, so a full accept keeps one fewer
-    kept = context + drafts[:min(n_accepted, gamma - 1)]
-    fresh_cache = draft.new_cache()
-    draft(torch.tensor([kept]), fresh_cache)
-    assert drafter.cache.length == len(kept)
-    for ours, fresh in zip(drafter.cache.k + drafter.cache.v, fresh_cache.k + fresh_cache.v):
-        assert torch.allclose(ours[:, :, :len(kept)], fresh[:, :, :len(kept)], atol=ATOL, rtol=0)
+    assert_cache_holds(drafter.cache, draft, context + drafts[:min(n_accepted, gamma - 1)])
     # next round: the target's correction (or bonus token) follows the accepted drafts
     correction = (drafts[n_accepted] + 1) % 6 if n_accepted < gamma else 0
     next_context = context + drafts[:n_accepted] + [correction]
