@@ -18,6 +18,7 @@ cut just inside a function body, as an editor would send them.
 """
 import argparse
 import copy
+import importlib.util
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Method:
     nll: float = 0.0  # summed -log p_target(token | text before it), temperature 1
     identical: int = 0  # outputs equal to the autoregressive run's, token for token
     per_prompt: list[Stats] = field(default_factory=list)  # the loop's counts of each prompt, in order
+    rates: list[float] = field(default_factory=list)  # tokens per second of each prompt, in order
 
 
 def continuation_quality(target, prompt: list[int], out: list[int]) -> tuple[int, float]:
@@ -85,8 +87,10 @@ def run(target, method: Method, prompt: list[int], args, device: str) -> list[in
                         top_k=args.top_k, top_p=args.top_p, generator=torch.Generator(device).manual_seed(args.seed))
     if device == "cuda":
         torch.cuda.synchronize()
-    method.seconds += time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    method.seconds += seconds
     method.tokens += len(out)
+    method.rates.append(len(out) / seconds)
     if stats:
         method.stats.merge(stats)
         method.per_prompt.append(stats)
@@ -99,7 +103,7 @@ def measure(target, methods: list[Method], prompts: list[list[int]], args, devic
     warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 8})
     for method in methods:
         run(target, method, prompts[0][:64], warm, device)
-        method.tokens, method.seconds, method.stats, method.per_prompt = 0, 0.0, Stats(), []
+        method.tokens, method.seconds, method.stats, method.per_prompt, method.rates = 0, 0.0, Stats(), [], []
     for i, prompt in enumerate(prompts):
         reference = None
         for method in methods:
@@ -114,21 +118,25 @@ def measure(target, methods: list[Method], prompts: list[list[int]], args, devic
 
 
 def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
-    """Spec-Bench's Table 5 layout: each method's speedup per category, the mean over categories, its overall tau,
-    then each method's accepted-length histogram over all categories."""
+    """Spec-Bench's Table 5 layout: each method's speedup per category and overall, its tau over all categories,
+    then each method's accepted-length histogram. A speedup is Spec-Bench's (its evaluation/speed.py): the mean of
+    the method's per-prompt tokens/s over the mean of the baseline's, "overall" pooling every category's prompts."""
     print(f"\nT = {temperature}\n")
-    print("| Method | " + " | ".join(CATEGORIES) + " | mean speedup | tau |")
+    print("| Method | " + " | ".join(CATEGORIES) + " | overall | tau |")
     print("|---|" + "---|" * (len(CATEGORIES) + 2))
+
+    def speedup(rows: list[Method], base: list[Method]) -> float:
+        mean = lambda ms: sum(r for m in ms for r in m.rates) / sum(len(m.rates) for m in ms)
+        return mean(rows) / mean(base)
+
     totals = []  # each method over every category, for the histograms
     for i, name in enumerate(m.name for m in results[CATEGORIES[0]]):
-        speedups, total = [], Method(name, None)
-        for category in CATEGORIES:
-            m, base = results[category][i], results[category][0]
-            speedups.append((m.tokens / m.seconds) / (base.tokens / base.seconds))
+        rows, base, total = [results[c][i] for c in CATEGORIES], [results[c][0] for c in CATEGORIES], Method(name, None)
+        for m in rows:
             total.stats.merge(m.stats)
         tau = f"{total.stats.tau:.2f}" if total.stats.target_calls else "1.00"
-        print(f"| {name} | " + " | ".join(f"{s:.2f}x" for s in speedups) +
-              f" | {sum(speedups) / len(speedups):.2f}x | {tau} |")
+        print(f"| {name} | " + " | ".join(f"{speedup([m], [b]):.2f}x" for m, b in zip(rows, base)) +
+              f" | {speedup(rows, base):.2f}x | {tau} |")
         totals.append(total)
     print_histograms(totals)
 
@@ -255,6 +263,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     args = argparse.Namespace(max_new_tokens=max_new_tokens, gamma=gamma, temperature=temperature, top_k=top_k,
                               top_p=top_p, seed=seed, quiet=quiet)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    suite = suite or suite_all  # --suite-all is the suite with every method
     check_args("bench", max_new_tokens, temperature, top_k, top_p, min(gamma, max_gamma), drafter, device,
                tree_size, tree_depth, tree_width, seed)
     refuse([(prompts < 1, f"--prompts must be at least 1, got {prompts}"),
@@ -267,6 +276,8 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
             (samples < 0 or samples == 1, f"--samples must be at least 2, got {samples}"),
             (samples > 0 and temperature == 0, "--samples draws several samples of one prompt: use -t > 0"),
             (plot is not None and not batch, "--plot draws the --batch curve: add --batch"),
+            (plot is not None and importlib.util.find_spec("matplotlib") is None,
+             "--plot needs matplotlib, an optional extra: pip install matplotlib (the table alone does not)"),
             (not 0 < online_lr < float("inf") or online_every < 1 or online_steps < 1,
              "--online-lr must be > 0, --online-every and --online-steps at least 1"),
             (bool(verify) and drafter == "none", "--verify needs a drafter whose drafts the rules verify"),
@@ -434,33 +445,34 @@ def measure_batches(target, batches: list[list[list[int]]], methods: list[tuple]
                                                   generator=torch.Generator(device).manual_seed(args.seed))
 
             decode_batch(4)  # warm-up
-            calls = []  # batched target calls (Stats count one per active row), the prefill included
-            hook = target.register_forward_hook(lambda *_: calls.append(1))
+            calls = []  # [start, end] of each batched target call (Stats count one per active row), prefill first
+            hooks = (target.register_forward_pre_hook(lambda *_: calls.append([time.perf_counter()])),
+                     target.register_forward_hook(lambda *_: calls[-1].append(time.perf_counter())))
             t0 = time.perf_counter()
             out, stats = decode_batch(args.max_new_tokens)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
-            hook.remove()
-            rows.append((len(prompts), name, stats, sum(map(len, out)) / seconds, len(calls) - 1))
+            for hook in hooks:
+                hook.remove()
+            prefill = calls[0][1] - calls[0][0]  # unsynchronised on a GPU: the launch, not the work
+            rows.append((len(prompts), name, stats, sum(map(len, out)) / seconds, len(calls) - 1, seconds, prefill))
             progress(args, f"batch {len(prompts)}: {name} done")
     progress(args, "batches done\n")
     print("| batch | method | tau (tokens/row/call) | acceptance | tokens/s (all rows) | speedup over batched "
-          "autoregressive | target ms/call |")
-    print("|---|---|---|---|---|---|---|")
-    base = {B: rate for B, name, _, rate, _ in rows if name == methods[0][0]}
-    for B, name, s, rate, calls in rows:
+          "autoregressive | prefill ms | draft ms/call | target ms/call | overhead ms/call |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = {B: rate for B, name, _, rate, *_ in rows if name == methods[0][0]}
+    for B, name, s, rate, calls, seconds, prefill in rows:  # per batched call; the Stats times are the whole batch's
         acceptance = f"{s.acceptance_rate:.2f}" if s.drafted else "-"
+        other = seconds - prefill - s.draft_seconds - s.verify_seconds  # per-row acceptance rule, cache bookkeeping
+        per_call = [1000 * t / max(1, calls) for t in (s.draft_seconds, s.verify_seconds, other)]
         print(f"| {B} | {name} | {s.tau:.2f} | {acceptance} | {rate:.1f} | {rate / base[B]:.2f}x | "
-              f"{1000 * s.verify_seconds / max(1, calls):.1f} |")  # verify_seconds: the whole batch's
+              f"{1000 * prefill:.0f} | " + " | ".join(f"{ms:.1f}" for ms in per_call) + " |")
     if plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise UsageError("--plot needs matplotlib, an optional extra: pip install matplotlib (the table above "
-                             "does not)")
+        import matplotlib  # an optional extra, checked before the run (main)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
         for name, *_ in methods:
             plt.plot([row[0] for row in rows if row[1] == name], [row[3] for row in rows if row[1] == name],
                      marker="o", label=name)
@@ -514,7 +526,7 @@ if __name__ == "__main__":
     ap.add_argument("--sweep-lookahead", action="store_true", help="Lookahead decoding with several (W, N, G)")
     ap.add_argument("--sweep-exit", action="store_true", help="LayerSkip's early exit at every exit layer E")
     ap.add_argument("--batch", default=None, help="batched decoding at these batch sizes (comma-separated, e.g. "
-                    "1,2,4,8,16): tokens/s of autoregressive, SpS and PLD against batch size")
+                    "1,2,4,8,16): tokens/s of autoregressive, SpS, PLD and EAGLE-2 against batch size")
     ap.add_argument("--budget", type=int, default=None, help="--batch/--samples: add a row of SpS with TETRIS's "
                     "draft selection, at most this many drafts verified per batched call")
     ap.add_argument("--samples", type=int, default=0, help="n samples of one prompt at -t > 0, batched: each drafts "

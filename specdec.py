@@ -482,7 +482,7 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
          bild_fallback: float, lenience: float, typical_epsilon: float, typical_delta: float, draft_length: str | None,
          confidence: float, svip_threshold: float, disco_threshold: float | None, ddd_threshold: float,
          jacobi_block: int, lookahead_window: int, lookahead_ngram: int, lookahead_candidates: int,
-         suffix_alpha: float, cascade_horizontal: int, exit_layer: int, quant_bits: int, show_tree: bool,
+         suffix_alpha: float, cascade_horizontal: int, exit_layer: int | None, quant_bits: int | None, show_tree: bool,
          compare: bool, no_color: bool, bf16: bool, online: bool = False, online_lr: float = 1e-5,
          online_every: int = 32, online_steps: int = 4, online_rows: str = "rejected") -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -498,6 +498,9 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
             (not 0 < suffix_alpha < math.inf, f"--suffix-alpha must be a finite number > 0, got {suffix_alpha}"),
             (cascade_horizontal < 0, f"--cascade-horizontal must be >= 0 (0 = off), got {cascade_horizontal}"),
             (cascade_horizontal > 0 and drafter != "cascade", "--cascade-horizontal is an option of -d cascade"),
+            (exit_layer is not None and drafter not in ("earlyexit", "del"),
+             "--exit-layer is an option of -d earlyexit and -d del"),
+            (quant_bits is not None and drafter != "quant", "--quant-bits is an option of -d quant"),
             (tree and drafter in CHAIN_ONLY, f"-d {drafter} drafts chains: drop --tree"),
             (not 0 <= bild_fallback <= 1, f"--bild-fallback must be in [0, 1], got {bild_fallback}"),
             (drafter == "none" and (verify != "exact" or draft_length != "fixed"),
@@ -527,7 +530,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
     draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
         drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings, jacobi_block,
         (lookahead_window, lookahead_ngram, lookahead_candidates), suffix_alpha=suffix_alpha,
-        cascade_horizontal=cascade_horizontal, exit_layer=exit_layer, quant_bits=quant_bits))
+        cascade_horizontal=cascade_horizontal, exit_layer=8 if exit_layer is None else exit_layer,
+        quant_bits=8 if quant_bits is None else quant_bits))
     if online:  # OSD (online.py): a private copy of the draft model, distilled on the verify calls' logits
         draft = OnlineDrafter(draft.model, online_lr, online_every, online_steps, online_rows)
     prompt_ids = enc.encode_ordinary(prompt)
@@ -654,10 +658,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "acceptance probability is below this (default: the trained one)")
     ap.add_argument("--ddd-threshold", type=float, default=0.1, help="dynamic: stop growing the tree when the "
                     "frontier's total path probability is below this")
-    ap.add_argument("--exit-layer", type=int, default=8, help="earlyexit: draft with this many blocks of the "
-                    "target (LayerSkip's E); del: the first step's E")
-    ap.add_argument("--quant-bits", type=int, default=8, help="quant: 8 (int8 matmuls, CPU) or 4 (int4 weights, "
-                    "dequantized: shows acceptance, not speed)")
+    ap.add_argument("--exit-layer", type=int, default=None, help="earlyexit: draft with this many blocks of the "
+                    "target (LayerSkip's E); del: the first step's E (default 8)")
+    ap.add_argument("--quant-bits", type=int, default=None, help="quant: 8 (int8 matmuls, CPU) or 4 (int4 weights, "
+                    "dequantized: shows acceptance, not speed); default 8")
     ap.add_argument("--jacobi-block", type=int, default=4, help="jacobi: guesses refined per call")
     ap.add_argument("--lookahead-window", type=int, default=3, help="lookahead: window W (places per level)")
     ap.add_argument("--lookahead-ngram", type=int, default=3, help="lookahead: n-gram size N (N - 1 levels)")

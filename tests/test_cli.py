@@ -80,6 +80,8 @@ BAD_INPUTS = {
     "exit layer past the last block": ["-p", PROMPT, "-d", "del", "--exit-layer", "12"],
     "early exit as a tree": ["-p", PROMPT, "-d", "earlyexit", "--tree"],
     "quant bits 3": ["-p", PROMPT, "-d", "quant", "--quant-bits", "3"],
+    "exit layer on another drafter": ["-p", PROMPT, "-d", "draft", "--exit-layer", "4"],
+    "quant bits on another drafter": ["-p", PROMPT, "-d", "layerskip", "--quant-bits", "4"],
     "int8 quant in bf16": ["-p", PROMPT, "-d", "quant", "--bf16"],
     "sampled siblings at temperature 0": ["-p", PROMPT, "-d", "eagle", "--sampled-siblings"],
     "verification without a drafter": ["-p", PROMPT, "-d", "none", "-v", "topk"],
@@ -210,7 +212,8 @@ def test_argparse_errors_are_one_line_with_exit_code_2_too(cli):
 
 
 @pytest.mark.parametrize("args", [["--prompts", "0"], ["-w", "/nonexistent"], ["-t", "-1"], ["-g", "0"],
-                                  ["--batch", "0,2"], ["--samples", "3"]])
+                                  ["--batch", "0,2"], ["--samples", "3"], ["--plot", "curve.png"],
+                                  ["--suite-all", "--batch", "2"]])
 def test_bench_bad_input_is_one_line_on_stderr_and_exit_code_2(args):
     r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -1,0 +1,38 @@
+"""bench.py's arithmetic, on hand-made counts: the suite's speedups are Spec-Bench's (evaluation/speed.py), the
+mean of a method's per-prompt tokens/s over the mean of the baseline's, "overall" pooling every category."""
+from bench import Method, print_suite
+from suite import CATEGORIES
+
+
+def row_of(name: str, printed: str) -> list[str]:
+    line = next(line for line in printed.splitlines() if line.startswith(f"| {name} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def test_suite_speedups_are_ratios_of_mean_per_prompt_speeds(capsys):
+    results = {}
+    for i, category in enumerate(CATEGORIES):
+        base, fast = Method("Autoregressive", None), Method("Fast", None)
+        base.rates = [10.0, 30.0]  # mean 20 in every category
+        fast.rates = [20.0, 20.0 + 40.0 * i]  # mean 20 + 20 i: speedup 1 + i
+        results[category] = [base, fast]
+    print_suite(results, 0.0)
+    cells = row_of("Fast", capsys.readouterr().out)
+    assert cells[:len(CATEGORIES)] == [f"{1 + i:.2f}x" for i in range(len(CATEGORIES))]
+    pooled = sum(20 + 20 * i for i in range(len(CATEGORIES))) / len(CATEGORIES) / 20
+    assert cells[len(CATEGORIES)] == f"{pooled:.2f}x"  # = the mean of the speedups here: equal prompt counts
+
+
+def test_overall_weighs_each_prompt_not_each_category(capsys):
+    results = {}
+    for i, category in enumerate(CATEGORIES):
+        base, fast = Method("Autoregressive", None), Method("Fast", None)
+        base.rates = [10.0] * (1 if i else 5)  # the first category has five prompts, the others one
+        fast.rates = [20.0 if i else 40.0] * len(base.rates)
+        results[category] = [base, fast]
+    print_suite(results, 1.0)
+    cells = row_of("Fast", capsys.readouterr().out)
+    overall = (5 * 40 + 20 * (len(CATEGORIES) - 1)) / (len(CATEGORIES) + 4) / 10
+    assert cells[len(CATEGORIES)] == f"{overall:.2f}x"
+    unweighted = (4 + 2 * (len(CATEGORIES) - 1)) / len(CATEGORIES)  # the mean of the six speedups: not it
+    assert cells[len(CATEGORIES)] != f"{unweighted:.2f}x"
