@@ -11,9 +11,10 @@ cut just inside a function body, as an editor would send them.
     python bench.py --siblings                                 # deterministic vs sampled tree siblings, T 0.7 and 1
     python bench.py --sweep-lookahead --prompts 8 -n 64        # Lookahead decoding's W, N, G on this machine
     python bench.py --sweep-exit --prompts 8 -n 64             # LayerSkip's early exit at every exit layer E
-    python bench.py --batch 1,2,4,8,16 -n 64 --budget 8        # batched speculative decoding against batch size
+    python bench.py --batch 1,2,4,8,16,32 -n 64 --budget 8     # batched speculative decoding against batch size
     python bench.py --samples 8 -t 1 -n 64                     # 8 samples of one prompt drafting for each other
-    python bench.py --suite --prompts 10 -n 48                 # Spec-Bench for code: speedup per prompt category
+    python bench.py --suite --prompts 10 -n 32                 # Spec-Bench for code: speedup per prompt category
+    python bench.py --suite-all --prompts 10 -n 32             # ... every method (27 minutes on 2 CPU cores)
     python bench.py --online --prompts 8 -n 64                 # OSD: acceptance before and after, on a held-out package
 """
 import argparse
