@@ -32,8 +32,8 @@ from batched import (BatchModelDrafter, BatchPromptLookup, CrossSampleLookup, No
 from corpus import document_text, package_documents, read_packages
 from draft_length import Adaptive, DraftLength
 from drafters import Drafter
-from specdec import (DATA_DIR, DRAFT_LENGTHS, TREE_ONLY, VERIFIERS, OneLineParser, Stats, UsageError, check_args, decode,
-                     load_checked, load_model, make_draft_length, make_drafter, make_verifier, refuse)
+from specdec import (DATA_DIR, DRAFT_LENGTHS, EXIT_LAYER, TREE_ONLY, VERIFIERS, OneLineParser, Stats, UsageError,
+                     check_args, decode, load_checked, load_model, make_draft_length, make_drafter, make_verifier, refuse)
 from online import OnlineDrafter
 from suite import CATEGORIES, suite_prompts
 from tokenizer import load_tokenizer
@@ -288,7 +288,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
     enc = load_checked("tokenizer", weights / "tokenizer.tiktoken", load_tokenizer)
     target = load_model(weights / "target", device, dtype)
 
-    def drafter_named(name: str, sampled: bool = False, exit_layer: int = 8) -> Drafter:
+    def drafter_named(name: str, sampled: bool = False, exit_layer: int = EXIT_LAYER) -> Drafter:
         return load_checked(f"{name} drafter", weights, lambda _: make_drafter(
             name, weights, target, dtype, tree_size, tree_depth, tree_width, sampled, exit_layer=exit_layer))
 
@@ -377,7 +377,7 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
                    Method("SuffixDecoding (suffix tries, learns across prompts)", drafter_named("suffix"), True),
                    Method("Draft & Verify (sublayers skipped, adaptive stop)", drafter_named("layerskip"),
                           length=Adaptive(max_gamma)),
-                   Method("LayerSkip early exit (E 8, shared cache)", drafter_named("earlyexit")),
+                   Method(f"LayerSkip early exit (E {EXIT_LAYER}, shared cache)", drafter_named("earlyexit")),
                    Method("DEL (exit layer and length chosen per step)", drafter_named("del")),
                    Method("ML-SpecQD (int8 self-draft)", drafter_named("quant")),
                    Method("CS Drafting (vertical: PLD under the draft model)", drafter_named("cascade")),

@@ -256,6 +256,8 @@ VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
 DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "adaptive", "svip", "disco", "dynamic")
 # no propose_tree: the early exits share the target's cache by slot; SpecDec's NAR drafter drafts one chain of k
 CHAIN_ONLY = ("cascade", "earlyexit", "del", "specdec")
+EXIT_LAYER = 8  # earlyexit and del: the default E, 8 of the shipped target's 12 blocks (README: the early-exit sweep)
+QUANT_BITS = 8  # quant: int8 by default, the one kernel that is faster than fp32 here
 MIN_TEMPERATURE = 1e-3  # logits / T must stay finite in float32 (fp32 max 3.4e38; logits here are < 1e3)
 
 
@@ -305,8 +307,8 @@ def load_model(path: Path, device: str, dtype: torch.dtype) -> Transformer:
 def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dtype, tree_size: int,
                  tree_depth: int, tree_width: int, sampled_siblings: bool = False, jacobi_block: int = 4,
                  lookahead: tuple[int, int, int] = (3, 3, 3), data_dir: Path = DATA_DIR,
-                 suffix_alpha: float = 2.0, cascade_horizontal: int = 0, exit_layer: int = 8,
-                 quant_bits: int = 8) -> Drafter | None:
+                 suffix_alpha: float = 2.0, cascade_horizontal: int = 0,
+                 exit_layer: int = EXIT_LAYER, quant_bits: int = QUANT_BITS) -> Drafter | None:
     device, shape = target.lm_head.weight.device, dict(width=tree_width, size=tree_size)
     L = target.config.num_hidden_layers
     refuse([(name in ("earlyexit", "del") and not 1 <= exit_layer < L,
@@ -530,8 +532,8 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
     draft = load_checked(f"{drafter} drafter", weights, lambda _: make_drafter(
         drafter, weights, target, dtype, tree_size, tree_depth, tree_width, sampled_siblings, jacobi_block,
         (lookahead_window, lookahead_ngram, lookahead_candidates), suffix_alpha=suffix_alpha,
-        cascade_horizontal=cascade_horizontal, exit_layer=8 if exit_layer is None else exit_layer,
-        quant_bits=8 if quant_bits is None else quant_bits))
+        cascade_horizontal=cascade_horizontal, exit_layer=EXIT_LAYER if exit_layer is None else exit_layer,
+        quant_bits=QUANT_BITS if quant_bits is None else quant_bits))
     if online:  # OSD (online.py): a private copy of the draft model, distilled on the verify calls' logits
         draft = OnlineDrafter(draft.model, online_lr, online_every, online_steps, online_rows)
     prompt_ids = enc.encode_ordinary(prompt)
@@ -659,9 +661,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ddd-threshold", type=float, default=0.1, help="dynamic: stop growing the tree when the "
                     "frontier's total path probability is below this")
     ap.add_argument("--exit-layer", type=int, default=None, help="earlyexit: draft with this many blocks of the "
-                    "target (LayerSkip's E); del: the first step's E (default 8)")
+                    f"target (LayerSkip's E); del: the first step's E (default {EXIT_LAYER})")
     ap.add_argument("--quant-bits", type=int, default=None, help="quant: 8 (int8 matmuls, CPU) or 4 (int4 weights, "
-                    "dequantized: shows acceptance, not speed); default 8")
+                    f"dequantized: shows acceptance, not speed); default {QUANT_BITS}")
     ap.add_argument("--jacobi-block", type=int, default=4, help="jacobi: guesses refined per call")
     ap.add_argument("--lookahead-window", type=int, default=3, help="lookahead: window W (places per level)")
     ap.add_argument("--lookahead-ngram", type=int, default=3, help="lookahead: n-gram size N (N - 1 levels)")
