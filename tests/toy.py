@@ -1,4 +1,5 @@
 """Tiny random models, scripted drafters and a chi-square test, shared by tests/test_specdec.py."""
+import copy
 import math
 import multiprocessing
 import os
@@ -120,7 +121,10 @@ CHUNKS = 2  # fixed, so the samples do not depend on how many workers run them
 
 
 def _sample_chunk(args) -> tuple[np.ndarray, specdec.Stats]:
-    target, drafter, prompt, n_tokens, n_samples, seed, opts = args
+    # Private copies: a forked worker receives its tensors in shared memory (torch's pickling), so without them two
+    # workers would write one drafter's weights (an online drafter trains them) or cache at once, a race; and in one
+    # process a chunk would start where the last one left a stateful drafter. Each chunk starts from `args`.
+    target, drafter, prompt, n_tokens, n_samples, seed, opts = copy.deepcopy(args)
     generator = torch.Generator().manual_seed(seed)
     out, total = np.empty((n_samples, n_tokens), dtype=np.int64), specdec.Stats()
     for i in range(n_samples):
