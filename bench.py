@@ -19,7 +19,6 @@ cut just inside a function body, as an editor would send them.
 """
 import argparse
 import copy
-import importlib.util
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from corpus import document_text, package_documents, read_packages
 from draft_length import Adaptive, DraftLength
 from drafters import Drafter
 from specdec import (DATA_DIR, DRAFT_LENGTHS, EXIT_LAYER, TREE_ONLY, VERIFIERS, OneLineParser, Stats, UsageError,
-                     check_args, decode, load_checked, load_model, make_draft_length, make_drafter, make_verifier, refuse)
+                     check_args, decode, load_checked, load_model, make_draft_length, make_drafter, make_verifier,
+                     refuse)
 from online import OnlineDrafter
 from suite import CATEGORIES, suite_prompts
 from tokenizer import load_tokenizer
@@ -42,6 +42,7 @@ from verify import Verifier
 
 
 SUITE_FAMILIES = ("Autoregressive", "SpS", "PLD", "EAGLE-2", "Lookahead", "SuffixDecoding", "SAM Decoding")
+PLOT_FORMATS = (".png", ".pdf", ".svg")  # what --plot writes (matplotlib's Agg backend writes each)
 LOOKAHEAD_SWEEP = [(1, 2, 1), (2, 2, 2), (3, 2, 3), (2, 3, 2), (3, 3, 3), (5, 3, 5), (3, 4, 3), (5, 4, 5), (7, 4, 7)]
 
 
@@ -77,18 +78,21 @@ def continuation_quality(target, prompt: list[int], out: list[int]) -> tuple[int
     return int((logits.argmax(dim=-1) == tokens).sum()), float(nll)
 
 
+def clock(device: str) -> float:
+    """time.perf_counter once the GPU has finished what was queued (its kernels run asynchronously)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def run(target, method: Method, prompt: list[int], args, device: str) -> list[int]:
     """Decode one prompt with `method`, add its counts to the method's totals, return the output."""
     temperature = args.temperature if method.temperature is None else method.temperature
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock(device)
     out, stats = decode(target, method.drafter, method.use_tree, prompt, args.max_new_tokens, args.gamma,
                         verifier=method.verifier, draft_length=method.length, temperature=temperature,
                         top_k=args.top_k, top_p=args.top_p, generator=torch.Generator(device).manual_seed(args.seed))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds = clock(device) - t0
     method.seconds += seconds
     method.tokens += len(out)
     method.rates.append(len(out) / seconds)
@@ -118,6 +122,15 @@ def measure(target, methods: list[Method], prompts: list[list[int]], args, devic
     progress(args, f"{len(prompts)} prompts done\n")
 
 
+def mean_rate(methods: list[Method]) -> float:
+    """Tokens/s averaged over every prompt of these Methods (Spec-Bench averages per prompt, not per token)."""
+    return sum(r for m in methods for r in m.rates) / sum(len(m.rates) for m in methods)
+
+
+def spec_bench_speedup(methods: list[Method], baselines: list[Method]) -> float:
+    return mean_rate(methods) / mean_rate(baselines)
+
+
 def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
     """Spec-Bench's Table 5 layout: each method's speedup per category and overall, its tau over all categories,
     then each method's accepted-length histogram. A speedup is Spec-Bench's (its evaluation/speed.py): the mean of
@@ -125,19 +138,16 @@ def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
     print(f"\nT = {temperature}\n")
     print("| Method | " + " | ".join(CATEGORIES) + " | overall | tau |")
     print("|---|" + "---|" * (len(CATEGORIES) + 2))
-
-    def speedup(rows: list[Method], base: list[Method]) -> float:
-        mean = lambda ms: sum(r for m in ms for r in m.rates) / sum(len(m.rates) for m in ms)
-        return mean(rows) / mean(base)
-
     totals = []  # each method over every category, for the histograms
     for i, name in enumerate(m.name for m in results[CATEGORIES[0]]):
-        rows, base, total = [results[c][i] for c in CATEGORIES], [results[c][0] for c in CATEGORIES], Method(name, None)
+        rows = [results[c][i] for c in CATEGORIES]
+        base = [results[c][0] for c in CATEGORIES]
+        total = Method(name, None)
         for m in rows:
             total.stats.merge(m.stats)
         tau = f"{total.stats.tau:.2f}" if total.stats.target_calls else "1.00"
-        print(f"| {name} | " + " | ".join(f"{speedup([m], [b]):.2f}x" for m, b in zip(rows, base)) +
-              f" | {speedup(rows, base):.2f}x | {tau} |")
+        print(f"| {name} | " + " | ".join(f"{spec_bench_speedup([m], [b]):.2f}x" for m, b in zip(rows, base)) +
+              f" | {spec_bench_speedup(rows, base):.2f}x | {tau} |")
         totals.append(total)
     print_histograms(totals)
 
@@ -271,14 +281,17 @@ def main(weights: str, device: str | None, prompts: int, max_new_tokens: int, ga
             (sum(map(bool, (verify, draft_length, siblings, sweep_lookahead, sweep_exit, batch, samples, suite,
                             online))) > 1,
              "--verify, --draft-length, --siblings, --sweep-lookahead, --sweep-exit, --batch, --samples, --suite "
-             "and --online are separate tables: one at a time"),
+             "(or --suite-all) and --online are separate tables: one at a time"),
             (budget is not None and not (batch or samples), "--budget caps batched calls: add --batch or --samples"),
             (budget is not None and budget < 0, f"--budget must be >= 0, got {budget}"),
             (samples < 0 or samples == 1, f"--samples must be at least 2, got {samples}"),
             (samples > 0 and temperature == 0, "--samples draws several samples of one prompt: use -t > 0"),
             (plot is not None and not batch, "--plot draws the --batch curve: add --batch"),
-            (plot is not None and importlib.util.find_spec("matplotlib") is None,
+            (plot is not None and matplotlib_missing(),
              "--plot needs matplotlib, an optional extra: pip install matplotlib (the table alone does not)"),
+            (plot is not None and not Path(plot or ".").parent.is_dir(), f"--plot {plot}: that folder does not exist"),
+            (plot is not None and Path(plot or ".").suffix.lower() not in PLOT_FORMATS,
+             f"--plot writes {', '.join(PLOT_FORMATS)} images, got {plot}"),
             (not 0 < online_lr < float("inf") or online_every < 1 or online_steps < 1,
              "--online-lr must be > 0, --online-every and --online-steps at least 1"),
             (bool(verify) and drafter == "none", "--verify needs a drafter whose drafts the rules verify"),
@@ -446,32 +459,36 @@ def measure_batches(target, batches: list[list[list[int]]], methods: list[tuple]
                                                   generator=torch.Generator(device).manual_seed(args.seed))
 
             decode_batch(4)  # warm-up
-            calls = []  # [start, end] of each batched target call (Stats count one per active row), prefill first
-            hooks = (target.register_forward_pre_hook(lambda *_: calls.append([time.perf_counter()])),
-                     target.register_forward_hook(lambda *_: calls[-1].append(time.perf_counter())))
-            t0 = time.perf_counter()
+            # [start, end] of each call of the target's forward, one per batched call (Stats count one per active
+            # row). The EAGLE head reads only the target's embedding and head, submodules these hooks do not see.
+            forwards = []
+            hooks = (target.register_forward_pre_hook(lambda *_: forwards.append([clock(device)])),
+                     target.register_forward_hook(lambda *_: forwards[-1].append(clock(device))))
+            t0 = clock(device)
             out, stats = decode_batch(args.max_new_tokens)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
+            seconds = clock(device) - t0
             for hook in hooks:
                 hook.remove()
-            prefill = calls[0][1] - calls[0][0]  # unsynchronised on a GPU: the launch, not the work
-            rows.append((len(prompts), name, stats, sum(map(len, out)) / seconds, len(calls) - 1, seconds, prefill))
+            times = [end - start for start, end in forwards]
+            prefilled = max(map(len, prompts)) > 1  # a batch of one-token prompts has nothing to prefill
+            prefill, verify = (times[0], times[1:]) if prefilled else (0.0, times)
+            rows.append((len(prompts), name, stats, sum(map(len, out)) / seconds, seconds, prefill, verify))
             progress(args, f"batch {len(prompts)}: {name} done")
     progress(args, "batches done\n")
     print("| batch | method | tau (tokens/row/call) | acceptance | tokens/s (all rows) | speedup over batched "
           "autoregressive | prefill ms | draft ms/call | target ms/call | overhead ms/call |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     base = {B: rate for B, name, _, rate, *_ in rows if name == methods[0][0]}
-    for B, name, s, rate, calls, seconds, prefill in rows:  # per batched call; the Stats times are the whole batch's
+    for B, name, s, rate, seconds, prefill, verify in rows:  # the Stats' draft time is the whole batch's
         acceptance = f"{s.acceptance_rate:.2f}" if s.drafted else "-"
-        other = seconds - prefill - s.draft_seconds - s.verify_seconds  # per-row acceptance rule, cache bookkeeping
-        per_call = [1000 * t / max(1, calls) for t in (s.draft_seconds, s.verify_seconds, other)]
+        # overhead: setting up the caches and drafters, masks and positions, each row's acceptance rule (Python,
+        # row by row), dropping finished rows. The drafters' own prefill counts as drafting.
+        other = seconds - prefill - s.draft_seconds - sum(verify)
+        per_call = [1000 * t / max(1, len(verify)) for t in (s.draft_seconds, sum(verify), other)]
         print(f"| {B} | {name} | {s.tau:.2f} | {acceptance} | {rate:.1f} | {rate / base[B]:.2f}x | "
               f"{1000 * prefill:.0f} | " + " | ".join(f"{ms:.1f}" for ms in per_call) + " |")
     if plot:
-        import matplotlib  # an optional extra, checked before the run (main)
+        import matplotlib  # an optional extra, checked before the run (matplotlib_missing)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         for name, *_ in methods:
@@ -482,6 +499,14 @@ def measure_batches(target, batches: list[list[list[int]]], methods: list[tuple]
         plt.ylabel("tokens/s, all rows")
         plt.legend()
         plt.savefig(plot, dpi=120)
+
+
+def matplotlib_missing() -> bool:
+    try:
+        import matplotlib  # noqa: F401 (only --plot needs it)
+    except ImportError:
+        return True
+    return False
 
 
 def batch_sizes(value: str) -> list[int]:

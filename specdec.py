@@ -256,6 +256,7 @@ VERIFIERS = ("exact", "typical", "topk", "bild", "lenient")
 DRAFT_LENGTHS = ("fixed", "heuristic", "confidence", "adaptive", "svip", "disco", "dynamic")
 # no propose_tree: the early exits share the target's cache by slot; SpecDec's NAR drafter drafts one chain of k
 CHAIN_ONLY = ("cascade", "earlyexit", "del", "specdec")
+EXIT_DRAFTERS = ("earlyexit", "del")  # the drafters that take --exit-layer
 EXIT_LAYER = 8  # earlyexit and del: the default E, 8 of the shipped target's 12 blocks (README: the early-exit sweep)
 QUANT_BITS = 8  # quant: int8 by default, the one kernel that is faster than fp32 here
 MIN_TEMPERATURE = 1e-3  # logits / T must stay finite in float32 (fp32 max 3.4e38; logits here are < 1e3)
@@ -311,7 +312,7 @@ def make_drafter(name: str, weights: Path, target: Transformer, dtype: torch.dty
                  exit_layer: int = EXIT_LAYER, quant_bits: int = QUANT_BITS) -> Drafter | None:
     device, shape = target.lm_head.weight.device, dict(width=tree_width, size=tree_size)
     L = target.config.num_hidden_layers
-    refuse([(name in ("earlyexit", "del") and not 1 <= exit_layer < L,
+    refuse([(name in EXIT_DRAFTERS and not 1 <= exit_layer < L,
              f"--exit-layer must be in [1, {L - 1}] for this {L}-layer target, got {exit_layer}"),
             (name == "quant" and quant_bits not in (4, 8), f"--quant-bits must be 8 or 4, got {quant_bits}"),
             (name == "quant" and quant_bits == 8 and (device.type != "cpu" or dtype != torch.float32),
@@ -500,7 +501,7 @@ def main(prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p
             (not 0 < suffix_alpha < math.inf, f"--suffix-alpha must be a finite number > 0, got {suffix_alpha}"),
             (cascade_horizontal < 0, f"--cascade-horizontal must be >= 0 (0 = off), got {cascade_horizontal}"),
             (cascade_horizontal > 0 and drafter != "cascade", "--cascade-horizontal is an option of -d cascade"),
-            (exit_layer is not None and drafter not in ("earlyexit", "del"),
+            (exit_layer is not None and drafter not in EXIT_DRAFTERS,
              "--exit-layer is an option of -d earlyexit and -d del"),
             (quant_bits is not None and drafter != "quant", "--quant-bits is an option of -d quant"),
             (tree and drafter in CHAIN_ONLY, f"-d {drafter} drafts chains: drop --tree"),

@@ -213,8 +213,19 @@ def test_argparse_errors_are_one_line_with_exit_code_2_too(cli):
 
 @pytest.mark.parametrize("args", [["--prompts", "0"], ["-w", "/nonexistent"], ["-t", "-1"], ["-g", "0"],
                                   ["--batch", "0,2"], ["--samples", "3"], ["--plot", "curve.png"],
-                                  ["--suite-all", "--batch", "2"]])
+                                  ["--suite-all", "--batch", "2"], ["--batch", "1", "--plot", "no/such/dir/c.png"],
+                                  ["--batch", "1", "--plot", "curve.xyz"]])
 def test_bench_bad_input_is_one_line_on_stderr_and_exit_code_2(args):
     r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("bench.py: error: ")
+
+
+def test_bench_plot_without_matplotlib_is_refused_before_the_run():
+    """matplotlib is an optional extra: hidden here (a None entry in sys.modules makes its import fail), --plot is
+    refused at once, before any model loads or anything is measured."""
+    hide = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['bench.py', '--batch', '1', '--plot', "
+            "'curve.png']; runpy.run_path('bench.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.startswith("bench.py: error: --plot needs matplotlib") and len(r.stderr.splitlines()) == 1

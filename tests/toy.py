@@ -124,12 +124,18 @@ def _sample_chunk(args) -> tuple[np.ndarray, specdec.Stats]:
     # Private copies: a forked worker receives its tensors in shared memory (torch's pickling), so without them two
     # workers would write one drafter's weights (an online drafter trains them) or cache at once, a race; and in one
     # process a chunk would start where the last one left a stateful drafter. Each chunk starts from `args`.
+    # One thread, as in the workers: the thread count can change a float sum's order, and so a sample.
     target, drafter, prompt, n_tokens, n_samples, seed, opts = copy.deepcopy(args)
     generator = torch.Generator().manual_seed(seed)
     out, total = np.empty((n_samples, n_tokens), dtype=np.int64), specdec.Stats()
-    for i in range(n_samples):
-        out[i], stats = specdec.speculative_generate(target, drafter, prompt, n_tokens, generator=generator, **opts)
-        add_stats(total, stats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(n_samples):
+            out[i], stats = specdec.speculative_generate(target, drafter, prompt, n_tokens, generator=generator, **opts)
+            add_stats(total, stats)
+    finally:
+        torch.set_num_threads(threads)
     return out, total
 
 
@@ -154,8 +160,9 @@ def sample_speculative(target, drafter, prompt, n_tokens: int, n_samples: int, s
     if workers == 1:
         results = [_sample_chunk(c) for c in chunks]
     else:
-        # one thread each: on toy tensors, thread hand-offs would cost more than the arithmetic
-        with multiprocessing.get_context("fork").Pool(workers, torch.set_num_threads, (1,)) as pool:
+        # one thread each (_sample_chunk): on toy tensors, thread hand-offs would cost more than the arithmetic.
+        # The parent's tensors are left in shared memory by the pickling.
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
             results = pool.map_async(_sample_chunk, chunks).get(timeout=600)
     total = specdec.Stats()
     for _, stats in results:
