@@ -12,6 +12,7 @@ Each reduces to the lossless rule at its exact end, which the tests check: Typic
 beta = 1, BiLD with rollback = 0, Lenient with lenience = 1. They share verify.py's Verifier interface.
 p = target, q = draft (Leviathan et al.).
 """
+
 import math
 
 import torch

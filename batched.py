@@ -14,6 +14,7 @@ are simpler to read than left padding, which would shift every row's positions b
 Greedy: each row's output equals decoding that row alone (tests/test_batched.py). Sampling: each row is verified
 by the exact rule (verify.exact) with its own draft distributions, so each row has the target's law.
 """
+
 import time
 
 import torch
@@ -41,7 +42,7 @@ class RaggedCache:
         j = torch.arange(T, device=device)
         positions = (torch.tensor(first_positions, device=device)[:, None] + j).clamp(max=self.max_position)
         text = j[None] < torch.tensor(real, device=device)[:, None]  # [B, T]
-        self.valid[:, s0:s0 + T] = text
+        self.valid[:, s0 : s0 + T] = text
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         mask = torch.cat([self.valid[:, None, :s0].expand(-1, T, -1), causal[None] & text[:, None, :]], dim=-1)
         mask[:, j, s0 + j] = True  # padding sees itself, so no row of the mask is all False (NaN attention)
@@ -59,7 +60,7 @@ class RaggedCache:
         for b in range(len(counts)):
             slots = self.valid[b].nonzero()[:, 0]  # ascending, so the gather reads before the copy overwrites
             for buf in self.kv.k + self.kv.v:
-                buf[b, :, :len(slots)] = buf[b, :, slots]
+                buf[b, :, : len(slots)] = buf[b, :, slots]
         self.valid = torch.arange(self.kv.max_len, device=self.valid.device)[None] < counts[:, None]
         self.kv.length = int(counts.max())
 
@@ -84,8 +85,9 @@ class BatchModelDrafter:
     def reset(self, prompts: list[list[int]]) -> None:
         self.cache, self.seen, self.draft_slots = RaggedCache(self.model, len(prompts)), [0] * len(prompts), []
 
-    def propose(self, contexts: list[list[int]], gamma: int, warp: Warp, generator: torch.Generator | None
-                ) -> list[tuple[list[int], Tensor]]:
+    def propose(
+        self, contexts: list[list[int]], gamma: int, warp: Warp, generator: torch.Generator | None
+    ) -> list[tuple[list[int], Tensor]]:
         device = self.model.lm_head.weight.device
         if gamma == 0:  # nothing to draft (a row is at its end): the context is caught up next time
             self.draft_slots = []
@@ -131,8 +133,9 @@ class BatchPromptLookup:
     def reset(self, prompts: list[list[int]]) -> None:
         pass
 
-    def propose(self, contexts: list[list[int]], gamma: int, warp: Warp, generator: torch.Generator | None
-                ) -> list[tuple[list[int], Tensor | None, list[float] | None]]:
+    def propose(
+        self, contexts: list[list[int]], gamma: int, warp: Warp, generator: torch.Generator | None
+    ) -> list[tuple[list[int], Tensor | None, list[float] | None]]:
         return [(*self.lookup.propose(c, gamma, warp, generator), None) for c in contexts]
 
     def accept(self, n_accepted: list[int]) -> None:
@@ -177,7 +180,7 @@ def select_drafts(confidence: list[list[float] | None], lengths: list[int], budg
             chance *= conf[i] if conf is not None else 1.0
             ranked.append((chance, -i, -b))  # ties: earlier positions, then earlier rows
     keep = [0] * len(lengths)
-    for _, _, b in sorted(ranked, reverse=True)[:max(0, budget)]:
+    for _, _, b in sorted(ranked, reverse=True)[: max(0, budget)]:
         keep[-b] += 1
     return keep
 
@@ -186,11 +189,21 @@ BatchDrafter = BatchModelDrafter | BatchPromptLookup
 
 
 @torch.inference_mode()
-def batch_speculative_generate(target: Transformer, drafter: BatchDrafter, prompts: list[list[int]],
-                               max_new_tokens: int, *, gamma: int = 4, temperature: float = 0.0, top_k: int = 0,
-                               top_p: float = 1.0, generator: torch.Generator | None = None, eot: int | None = None,
-                               budget: int | None = None, verifier: Verifier | None = None
-                               ) -> tuple[list[list[int]], Stats]:
+def batch_speculative_generate(
+    target: Transformer,
+    drafter: BatchDrafter,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    gamma: int = 4,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eot: int | None = None,
+    budget: int | None = None,
+    verifier: Verifier | None = None,
+) -> tuple[list[list[int]], Stats]:
     """Algorithm 2 for B prompts at once (survey §9). Each step: every active row drafts, ONE target call verifies
     all rows' chains (padded to the longest), each row keeps its own accepted prefix. Stats count per row, so tau
     is tokens per row per call. `budget` caps the drafts verified per call, across rows, chosen by TETRIS
@@ -214,11 +227,11 @@ def batch_speculative_generate(target: Transformer, drafter: BatchDrafter, promp
         # share the slots a call writes
         g = min(gamma, min(budgets[r] for r in rows) - 1)
         proposals = drafter.propose([contexts[r] for r in rows], g, warp, generator)  # 1. draft, every row
-        drafts = [d[:max(0, budgets[r] - 1)] for (d, _, _), r in zip(proposals, rows)]
+        drafts = [d[: max(0, budgets[r] - 1)] for (d, _, _), r in zip(proposals, rows)]
         if budget is not None:
             keep = select_drafts([c for _, _, c in proposals], [len(d) for d in drafts], budget)
             drafts = [d[:k] for d, k in zip(drafts, keep)]
-        qs = [q[:len(d)] if q is not None else None for (_, q, _), d in zip(proposals, drafts)]
+        qs = [q[: len(d)] if q is not None else None for (_, q, _), d in zip(proposals, drafts)]
         t1 = time.perf_counter()
         G = max(len(d) for d in drafts)
         cache.room_for(1 + G)
@@ -229,16 +242,17 @@ def batch_speculative_generate(target: Transformer, drafter: BatchDrafter, promp
         accepted, done = [], []
         seconds = (t1 - t0) / len(rows), (time.perf_counter() - t1) / len(rows)
         for i, (r, d, q) in enumerate(zip(rows, drafts, qs)):  # 3. verify each row on its own
-            row_logits = logits[i, :1 + len(d)]
+            row_logits = logits[i, : 1 + len(d)]
             p, draft_tokens = warp(row_logits), torch.tensor(d, dtype=torch.long, device=device)
             n, token = verifier.chain(row_logits, p, q, draft_tokens, generator)
-            cache.valid[i, s0 + 1 + n:s0 + 1 + G] = False  # 4. the rejected drafts become holes
+            cache.valid[i, s0 + 1 + n : s0 + 1 + G] = False  # 4. the rejected drafts become holes
             new = d[:n] + [token]
             finished = eot in new
-            new = new[:new.index(eot)] if finished else new
+            new = new[: new.index(eot)] if finished else new
             compared = min(n + 1, len(d))
-            stats.record(len(d), n, compared, len(new), *seconds,
-                         theory_acceptance(p[:compared], q, draft_tokens[:compared]))
+            stats.record(
+                len(d), n, compared, len(new), *seconds, theory_acceptance(p[:compared], q, draft_tokens[:compared])
+            )
             contexts[r], budgets[r] = contexts[r] + new, budgets[r] - len(new)
             accepted.append(n)
             if finished or budgets[r] <= 0:
@@ -249,15 +263,23 @@ def batch_speculative_generate(target: Transformer, drafter: BatchDrafter, promp
             cache.keep_rows(keep)
             drafter.keep_rows(keep)
             rows = [rows[i] for i in keep]
-    return [c[len(p):] for c, p in zip(contexts, prompts)], stats
+    return [c[len(p) :] for c, p in zip(contexts, prompts)], stats
 
 
 @torch.inference_mode()
-def batch_tree_speculative_generate(target: Transformer, drafters: list, prompts: list[list[int]],
-                                    max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
-                                    top_p: float = 1.0, generator: torch.Generator | None = None,
-                                    eot: int | None = None, verifier: Verifier | None = None
-                                    ) -> tuple[list[list[int]], Stats]:
+def batch_tree_speculative_generate(
+    target: Transformer,
+    drafters: list,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eot: int | None = None,
+    verifier: Verifier | None = None,
+) -> tuple[list[list[int]], Stats]:
     """Token trees (§6.3) for B prompts at once, one tree drafter per row (EAGLE-2's head keeps a cache per row,
     so drafting runs row by row; the target call, the costly part, is batched). ONE target call scores every row's
     tree, padded to the largest, with each row's tree mask and positions (prefix + depth). A node off its row's
@@ -278,34 +300,38 @@ def batch_tree_speculative_generate(target: Transformer, drafters: list, prompts
     T = max(len(p) - 1 for p in prompts)
     if T > 0:  # prefill, right-padded, keeping each row's hidden states for its drafter
         positions, mask = cache.call_inputs([len(p) - 1 for p in prompts], [0] * len(prompts), T)
-        _, hidden = target(pad([p[:-1] for p in prompts], T, device), cache.kv, positions=positions, attn_mask=mask,
-                           return_hidden=True)
-        features = [hidden[b, :len(p) - 1] for b, p in enumerate(prompts)]
+        _, hidden = target(
+            pad([p[:-1] for p in prompts], T, device), cache.kv, positions=positions, attn_mask=mask, return_hidden=True
+        )
+        features = [hidden[b, : len(p) - 1] for b, p in enumerate(prompts)]
     while rows:
         t0 = time.perf_counter()
         room = cache.kv.max_len - max(len(contexts[r]) - 1 for r in rows)  # slots left once compacted
-        trees = [trim_tree(drafters[r].propose_tree(contexts[r], features[r], warp, generator), budgets[r] - 1, room)
-                 for r in rows]  # 1. draft, row by row
+        trees = [
+            trim_tree(drafters[r].propose_tree(contexts[r], features[r], warp, generator), budgets[r] - 1, room)
+            for r in rows
+        ]  # 1. draft, row by row
         t1 = time.perf_counter()
         N = max(len(t) for t in trees)
         cache.room_for(N)
         s0 = cache.kv.length
         positions, mask = cache.call_inputs([len(t) for t in trees], [len(contexts[r]) - 1 for r in rows], N)
         for i, (r, t) in enumerate(zip(rows, trees)):  # each row's tree: its ancestors only, positions by depth
-            mask[i, :len(t), s0:s0 + len(t)] = tree_attention_mask(t, 0, device)
-            positions[i, :len(t)] = tree_positions(t, len(contexts[r]) - 1, device)
-        logits, hidden = target(pad([t.tokens for t in trees], N, device), cache.kv, positions=positions,
-                                attn_mask=mask, return_hidden=True)  # 2. one call: [B, N, V]
+            mask[i, : len(t), s0 : s0 + len(t)] = tree_attention_mask(t, 0, device)
+            positions[i, : len(t)] = tree_positions(t, len(contexts[r]) - 1, device)
+        logits, hidden = target(
+            pad([t.tokens for t in trees], N, device), cache.kv, positions=positions, attn_mask=mask, return_hidden=True
+        )  # 2. one call: [B, N, V]
         done, seconds = [], ((t1 - t0) / len(rows), (time.perf_counter() - t1) / len(rows))
         for i, (r, t) in enumerate(zip(rows, trees)):  # 3. verify each row's tree on its own
-            path, token = verifier.tree(logits[i, :len(t)], warp(logits[i, :len(t)]), t, generator)
+            path, token = verifier.tree(logits[i, : len(t)], warp(logits[i, : len(t)]), t, generator)
             kept = [0] + path
-            cache.valid[i, s0:s0 + N] = False  # 4. the root and the accepted path stay; the rest become holes
+            cache.valid[i, s0 : s0 + N] = False  # 4. the root and the accepted path stay; the rest become holes
             cache.valid[i, [s0 + k for k in kept]] = True
             features[r] = torch.cat([features[r], hidden[i, kept]])
             new = [t.tokens[k] for k in path] + [token]
             finished = eot in new
-            new = new[:new.index(eot)] if finished else new
+            new = new[: new.index(eot)] if finished else new
             stats.record(len(t) - 1, len(path), min(len(path) + 1, max(depths(t))), len(new), *seconds)
             contexts[r], budgets[r] = contexts[r] + new, budgets[r] - len(new)
             if finished or budgets[r] <= 0:
@@ -314,4 +340,4 @@ def batch_tree_speculative_generate(target: Transformer, drafters: list, prompts
             keep = [i for i in range(len(rows)) if i not in done]
             cache.keep_rows(keep)
             rows = [rows[i] for i in keep]
-    return [c[len(p):] for c, p in zip(contexts, prompts)], stats
+    return [c[len(p) :] for c, p in zip(contexts, prompts)], stats

@@ -10,6 +10,7 @@ The cascade's q rows are the draft model's own warped distributions: the inner v
 token a sample of exactly that distribution (Leviathan et al. 2023, Thm 3.1, applied to the draft model as the
 "target" and prompt lookup as its "draft"), so the target's verifier sees what it would see from plain SpS.
 """
+
 import sys
 
 import torch
@@ -39,8 +40,9 @@ class CascadeDrafter:
     def reset(self) -> None:
         self.cache, self.start = self.model.new_cache(), 0
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
-                keep: KeepDrafting = always) -> tuple[list[int], Tensor | None]:
+    def propose(
+        self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
+    ) -> tuple[list[int], Tensor | None]:
         device = self.model.lm_head.weight.device
         # The draft model verifies prompt lookup exactly as the target verifies the draft model (Algorithm 2 one
         # level down): greedy matching without a generator (temperature 0), else rejection sampling against the
@@ -55,7 +57,7 @@ class CascadeDrafter:
             # model scores [its last unfed token] + ys in ONE call. Never more than the model's positions left.
             ys, _ = self.lookup.propose(seq, n_model - len(tokens) - 1, warp, generator)
             fed = self.cache.length
-            logits = self.model(torch.tensor([seq[fed:] + ys], device=device), self.cache)[0, -1 - len(ys):]
+            logits = self.model(torch.tensor([seq[fed:] + ys], device=device), self.cache)[0, -1 - len(ys) :]
             q = warp(logits)  # [len(ys) + 1, V]: the draft's distribution before each y, and after the last
             n, token = inner.chain(logits, q, None, torch.tensor(ys, dtype=torch.long, device=device), generator)
             self.cache.truncate(len(seq) + n)  # keep the accepted ys; the new token is not fed yet (as in SpS)
@@ -135,8 +137,14 @@ class CollectiveDrafter:
     lossless for every fixed tree at any temperature. SpecInfer boost-tunes its small models to differ; ours are
     different kinds of drafter instead, which disagree for free."""
 
-    def __init__(self, model: ModelDrafter | None, lookup: PromptLookupDrafter | None, rest: RestDrafter | None,
-                 size: int = 12, depth: int = 6):
+    def __init__(
+        self,
+        model: ModelDrafter | None,
+        lookup: PromptLookupDrafter | None,
+        rest: RestDrafter | None,
+        size: int = 12,
+        depth: int = 6,
+    ):
         if model is not None and model.sampled:
             raise ValueError("collective trees merge deterministic candidates: the draft model must use top-k siblings")
         self.drafters = [d for d in (model, lookup, rest) if d is not None]  # the model first: its best path leads
@@ -146,14 +154,24 @@ class CollectiveDrafter:
         for drafter in self.drafters:
             drafter.reset()
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
-        proposals = [ranked_paths(d.propose_tree(context, features, warp, generator, keep), self.depth)
-                     for d in self.drafters]
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
+        proposals = [
+            ranked_paths(d.propose_tree(context, features, warp, generator, keep), self.depth) for d in self.drafters
+        ]
         return merge_proposals(context[-1], proposals, self.size, self.depth)
 
 
 def note_without_rest(data_dir) -> None:
     """Said once, when the collective is built without a datastore."""
-    print(f"note: no retrieval datastore in {data_dir}, so -d collective merges the draft model and prompt lookup "
-          "only, without REST (python train.py data && python train.py datastore)", file=sys.stderr)
+    print(
+        f"note: no retrieval datastore in {data_dir}, so -d collective merges the draft model and prompt lookup "
+        "only, without REST (python train.py data && python train.py datastore)",
+        file=sys.stderr,
+    )

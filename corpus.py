@@ -8,6 +8,7 @@ Every package is pinned to an exact version in corpus_packages.txt, so anyone wi
 packages after the `# heldout` line are never trained on: they are whole packages the models have not seen, which
 tells more about generalisation than held-out files of a package whose neighbours were trained on.
 """
+
 import hashlib
 import math
 import shutil
@@ -42,6 +43,7 @@ class Document(NamedTuple):
 
 # ---- package list ---------------------------------------------------------------------------------------------
 
+
 def read_packages(path: str | Path) -> list[Package]:
     """`name==version` lines; a comment line starting with `# heldout` starts the held-out section."""
     packages, heldout = [], False
@@ -61,6 +63,7 @@ def read_packages(path: str | Path) -> list[Package]:
 
 # ---- download and extraction ----------------------------------------------------------------------------------
 
+
 def download(pkg: Package, dest: Path) -> Path:
     """The package's archive, fetched by pip at its exact version: a Linux x86_64 / Python 3.11 wheel (wheels with
     compiled parts still hold the .py files), or the sdist where no wheel exists. Kept, so reruns are offline."""
@@ -68,8 +71,18 @@ def download(pkg: Package, dest: Path) -> Path:
     found = sorted(folder.glob("*")) if folder.exists() else []
     if found:
         return found[0]
-    pip = [sys.executable, "-m", "pip", "download", f"{pkg.name}=={pkg.version}", "--no-deps", "-d", str(folder),
-           "--disable-pip-version-check", "-q"]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        f"{pkg.name}=={pkg.version}",
+        "--no-deps",
+        "-d",
+        str(folder),
+        "--disable-pip-version-check",
+        "-q",
+    ]
     wheel = ["--only-binary=:all:", "--platform", "manylinux2014_x86_64", "--python-version", "3.11"]
     for extra in (wheel, ["--no-binary=:all:"]):
         run = subprocess.run(pip + extra, capture_output=True, text=True)
@@ -130,6 +143,7 @@ def fetch_corpus(packages: list[Package], corpus_dir: Path) -> None:
 
 # ---- documents and splits -------------------------------------------------------------------------------------
 
+
 def package_documents(pkg: Package, corpus_dir: Path) -> list[Document]:
     folder = corpus_dir / "packages" / f"{pkg.name}-{pkg.version}"
     if not folder.is_dir():
@@ -153,8 +167,9 @@ def dedupe(docs: list[Document], seen: set[bytes]) -> list[Document]:
     return kept
 
 
-def split_documents(stdlib_train: list[Document], stdlib_val: list[Document], packages: list[Package],
-                    corpus_dir: Path) -> dict[str, list[Document]]:
+def split_documents(
+    stdlib_train: list[Document], stdlib_val: list[Document], packages: list[Package], corpus_dir: Path
+) -> dict[str, list[Document]]:
     """{'train': ..., 'stdlib': held-out stdlib files, <held-out package>: its files}. Held-out groups claim their
     contents first, so a training file identical to a held-out one is dropped from training, never the reverse.
     Vendored folders of training packages are skipped: they are other projects' code (possibly a held-out one)."""
@@ -176,6 +191,7 @@ def document_text(doc: Document) -> str:
 
 
 # ---- bits per byte --------------------------------------------------------------------------------------------
+
 
 def token_stream(enc, texts: list[str]) -> list[int]:
     """<|endoftext|>, then each text followed by <|endoftext|>, as the training data joins files."""
@@ -207,13 +223,14 @@ def spans_nll(model, ids: list[int], spans: list[tuple[int, int]], context: int)
         begin = max(0, end - context)
         if begin >= start:  # the window must also hold the token before the first one it scores
             raise CorpusError(f"span {start}..{end} does not fit a window of {context} tokens")
-        logits = model(torch.tensor([ids[begin:end]]))[0, start - begin - 1:end - begin - 1]
+        logits = model(torch.tensor([ids[begin:end]]))[0, start - begin - 1 : end - begin - 1]
         total += F.cross_entropy(logits.float(), torch.tensor(ids[start:end]), reduction="sum").item()
     return total
 
 
-def bits_per_byte(model, enc, texts: list[str], context: int, stride: int,
-                  max_bytes: int | None = None) -> tuple[float, int]:
+def bits_per_byte(
+    model, enc, texts: list[str], context: int, stride: int, max_bytes: int | None = None
+) -> tuple[float, int]:
     """NLL in bits / UTF-8 bytes, over the token stream of `texts` (end-of-text predictions included; they are 0
     bytes). Sliding windows of `context` tokens advance by `stride` and score their last `stride` tokens, so each
     token has at least context - stride tokens before it. With max_bytes, only evenly spaced windows holding about

@@ -10,6 +10,7 @@ and reset() when a generation starts, so every run reproduces on its own. Polici
 distribution see its raw (temperature 1) logits: at temperature 0 the warped distribution is one-hot and says
 nothing about confidence. Prompt lookup has no distribution, so only gamma applies to it.
 """
+
 import json
 import math
 from pathlib import Path
@@ -94,8 +95,15 @@ class Adaptive(Confidence):
     threshold then moves part way there, t <- b2 t + (1 - b2) aim. Defaults: the authors' code (b1 0.5, target
     0.9, step 0.01, b2 0.9; a first threshold of 0.8 at -t 0)."""
 
-    def __init__(self, gamma: int, threshold: float = 0.8, target_rate: float = 0.9, step: float = 0.01,
-                 b1: float = 0.5, b2: float = 0.9):
+    def __init__(
+        self,
+        gamma: int,
+        threshold: float = 0.8,
+        target_rate: float = 0.9,
+        step: float = 0.01,
+        b1: float = 0.5,
+        b2: float = 0.9,
+    ):
         self.gamma, self.start, self.target_rate, self.step = gamma, threshold, target_rate, step
         self.b1, self.b2 = b1, b2
         self.reset()
@@ -170,8 +178,9 @@ class DiscoClassifier(nn.Module):
     def save(self, path: str | Path, threshold: float) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps({"hidden": self.net[0].out_features, "threshold": threshold,
-                                                      "top": DISCO_TOP}, indent=2) + "\n")
+        (path / "config.json").write_text(
+            json.dumps({"hidden": self.net[0].out_features, "threshold": threshold, "top": DISCO_TOP}, indent=2) + "\n"
+        )
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
 
     @classmethod

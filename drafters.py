@@ -25,7 +25,9 @@ one-hot q is lossless for every tree), or, with sampled=True at temperature > 0,
 the warped draft distribution, recorded in tree.q (SpecInfer's multi-step sampling; SpecTr): the i.i.d. rule is
 lossless averaged over that drawing (peer-pitfalls: say which multi-draft variant is used).
 """
-from typing import Callable, Protocol
+
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,8 +52,9 @@ class ChainDrafter(Protocol):
 
     def reset(self) -> None: ...
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
-                keep: KeepDrafting = always) -> tuple[list[int], Tensor | None]: ...
+    def propose(
+        self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
+    ) -> tuple[list[int], Tensor | None]: ...
 
     def accept(self, n_accepted: int) -> None: ...
 
@@ -61,16 +64,30 @@ class TreeDrafter(Protocol):
 
     def reset(self) -> None: ...
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree: ...
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree: ...
 
 
 Drafter = ChainDrafter | TreeDrafter
 
 
-def grow_tree(root: int, root_logits: Tensor, expand: Callable[[Tree, list[int]], Tensor], depth: int, width: int,
-              beam: int, size: int, keep: KeepGrowing = always, sample: tuple[Warp, torch.Generator] | None = None
-              ) -> Tree:
+def grow_tree(
+    root: int,
+    root_logits: Tensor,
+    expand: Callable[[Tree, list[int]], Tensor],
+    depth: int,
+    width: int,
+    beam: int,
+    size: int,
+    keep: KeepGrowing = always,
+    sample: tuple[Warp, torch.Generator] | None = None,
+) -> Tree:
     """EAGLE-2's dynamic draft tree (Li et al. 2024; survey §6.3): each depth expands the `beam` best nodes into
     their top `width` children, a node scored by the draft log-probability of its whole path; the `size` best
     nodes are kept at the end. expand(tree, nodes) returns the drafter's next-token logits for those nodes [F, V].
@@ -105,8 +122,9 @@ def grow_tree(root: int, root_logits: Tensor, expand: Callable[[Tree, list[int]]
     return subtree(tree, list(range(min(len(tree), size + 1))))
 
 
-def tree_step_inputs(tree: Tree, nodes: list[int], slot: dict[int, int], committed: int, root_position: int,
-                     device) -> tuple[Tensor, Tensor]:
+def tree_step_inputs(
+    tree: Tree, nodes: list[int], slot: dict[int, int], committed: int, root_position: int, device
+) -> tuple[Tensor, Tensor]:
     """Positions [F] and attention mask [F, first free slot + F] for feeding `nodes` of a growing tree to a
     drafter's own cache: each node sees the committed cache, the slots of its drafted ancestors and itself (the
     mask of §6.3, laid out by cache slot). Assigns the nodes their slots."""
@@ -127,8 +145,16 @@ class ModelDrafter:
     The model may be the target itself made cheaper (survey §5.2, selfdraft.py): with sublayers in `skip`
     (Draft & Verify) or with quantized weights (ML-SpecQD); its cache is its own either way."""
 
-    def __init__(self, model: Transformer, depth: int = 5, width: int = 4, beam: int = 4, size: int = 24,
-                 sampled: bool = False, skip: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        model: Transformer,
+        depth: int = 5,
+        width: int = 4,
+        beam: int = 4,
+        size: int = 24,
+        sampled: bool = False,
+        skip: frozenset[str] = frozenset(),
+    ):
         self.model, self.skip = model, skip
         self.depth, self.width, self.beam, self.size, self.sampled = depth, width, beam, size, sampled
         self.cache, self.start = None, 0
@@ -136,12 +162,13 @@ class ModelDrafter:
     def reset(self) -> None:
         self.cache, self.start = self.model.new_cache(), 0
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
-                keep: KeepDrafting = always):
+    def propose(
+        self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
+    ):
         device = self.model.lm_head.weight.device
         # Catch up on the context this cache has not seen: the whole prompt at first, then the target's correction
         # or bonus token, and after a full accept also our own last draft, which was never fed (peer-pitfalls).
-        new = torch.tensor([context[self.cache.length:]], device=device)
+        new = torch.tensor([context[self.cache.length :]], device=device)
         logits = self.model(new, self.cache, skip=self.skip)[0, -1]
         self.start = len(context)
         tokens, qs = [], []
@@ -158,12 +185,19 @@ class ModelDrafter:
         # The cache holds context + drafts[:-1]; keep the context and the accepted drafts only.
         self.cache.truncate(min(self.cache.length, self.start + n_accepted))
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
         device = self.model.lm_head.weight.device
         self.cache.truncate(min(self.cache.length, self.start, len(context) - 1))  # drop the last tree; refeed the root
-        root_logits = self.model(torch.tensor([context[self.cache.length:]], device=device), self.cache,
-                                 skip=self.skip)[0, -1]
+        root_logits = self.model(
+            torch.tensor([context[self.cache.length :]], device=device), self.cache, skip=self.skip
+        )[0, -1]
         self.start, slot = len(context), {0: len(context) - 1}
         depth = min(self.depth, (self.cache.max_len - self.start) // self.beam)  # room in our own cache
 
@@ -172,8 +206,17 @@ class ModelDrafter:
             tokens = torch.tensor([[tree.tokens[n] for n in nodes]], device=device)
             return self.model(tokens, self.cache, positions=positions, attn_mask=mask, skip=self.skip)[0]
 
-        return grow_tree(context[-1], root_logits, expand, depth, self.width, self.beam, self.size, keep,
-                         (warp, generator) if self.sampled else None)
+        return grow_tree(
+            context[-1],
+            root_logits,
+            expand,
+            depth,
+            self.width,
+            self.beam,
+            self.size,
+            keep,
+            (warp, generator) if self.sampled else None,
+        )
 
 
 class PromptLookupDrafter:
@@ -196,18 +239,25 @@ class PromptLookupDrafter:
             windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)  # every earlier n-gram
             hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
             if len(hits):
-                return [ids[h + n:h + n + length].tolist() for h in hits[::-1][:count]]
+                return [ids[h + n : h + n + length].tolist() for h in hits[::-1][:count]]
         return []
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
-                keep: KeepDrafting = always):
+    def propose(
+        self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
+    ):
         found = self.continuations(context, gamma, 1)  # no distribution to consult: keep is not asked
         return (found[0] if found else []), None
 
     def accept(self, n_accepted: int) -> None:
         pass
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
         # Several matches, merged into a prefix-sharing trie (SpecInfer's token tree merge).
         return tree_from_sequences(context[-1], self.continuations(context, self.depth, self.matches))

@@ -4,6 +4,7 @@ Each head reads the target's last hidden states (`features`, passed to propose_t
 frozen LM head; none has its own vocabulary projection, which keeps weights/ small. Their trees are verified by
 tree_speculative_generate like every other drafter's (drafters.py has the drafter interface).
 """
+
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from drafters import KeepGrowing, Warp, always, grow_tree, tree_step_inputs
 from model import Block, KVCache, ModelConfig, Transformer, precompute_rope, run_blocks
 from tree import Tree, default_tree_choices, path_to, static_tree
+
 
 class MedusaHeads(nn.Module):
     """K residual SiLU blocks on the target's last hidden state h_t; head k (1-based) guesses token t+1+k, k places
@@ -74,8 +76,10 @@ def save_head(module: nn.Module, config: dict, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in module.state_dict().items()},
-              path / "model.safetensors")
+    save_file(
+        {k: v.detach().to(torch.bfloat16).contiguous() for k, v in module.state_dict().items()},
+        path / "model.safetensors",
+    )
 
 
 def load_head(path: str | Path) -> tuple[dict, dict]:
@@ -107,8 +111,14 @@ class MedusaDrafter:
     def reset(self) -> None:
         pass
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
         if len(features) == 0:  # a one-token prompt: no hidden state yet
             return Tree.from_root(context[-1])
         # Head k on the hidden state of context[-2] guesses the token k places after the root.
@@ -120,8 +130,15 @@ class HydraDrafter:
     """Hydra's tree (Ankner et al. 2024), grown as EAGLE-2's dynamic tree: a node at depth d is extended by head d+1,
     which reads the target's hidden state h_t and the embeddings of the node's path from the root (token t+1)."""
 
-    def __init__(self, target: Transformer, heads: HydraHeads, width: int = 4, beam: int = 4, size: int = 24,
-                 sampled: bool = False):
+    def __init__(
+        self,
+        target: Transformer,
+        heads: HydraHeads,
+        width: int = 4,
+        beam: int = 4,
+        size: int = 24,
+        sampled: bool = False,
+    ):
         self.target, self.heads = target, heads
         self.width, self.beam, self.size, self.sampled = width, beam, size, sampled
 
@@ -132,8 +149,14 @@ class HydraDrafter:
     def reset(self) -> None:
         pass
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
         if len(features) == 0:  # a one-token prompt: no hidden state yet
             return Tree.from_root(context[-1])
         h = features[-1]  # the hidden state of context[-2]; the root context[-1] is token t+1
@@ -145,16 +168,33 @@ class HydraDrafter:
         def expand(tree: Tree, nodes: list[int]) -> Tensor:
             return heads_logits([[tree.tokens[a] for a in path_to(tree, n)] for n in nodes])
 
-        return grow_tree(context[-1], heads_logits([[context[-1]]])[0], expand, len(self.heads.linears), self.width,
-                         self.beam, self.size, keep, (warp, generator) if self.sampled else None)
+        return grow_tree(
+            context[-1],
+            heads_logits([[context[-1]]])[0],
+            expand,
+            len(self.heads.linears),
+            self.width,
+            self.beam,
+            self.size,
+            keep,
+            (warp, generator) if self.sampled else None,
+        )
 
 
 class EagleDrafter:
     """EAGLE's feature-level drafting with EAGLE-2's dynamic tree (Li et al. 2024a, 2024b). The head keeps its own
     KV cache: slot j holds the pair (f_j, x_{j+1}), with true target features for the committed context."""
 
-    def __init__(self, target: Transformer, head: EagleHead, depth: int = 6, width: int = 4, beam: int = 4,
-                 size: int = 24, sampled: bool = False):
+    def __init__(
+        self,
+        target: Transformer,
+        head: EagleHead,
+        depth: int = 6,
+        width: int = 4,
+        beam: int = 4,
+        size: int = 24,
+        sampled: bool = False,
+    ):
         self.target, self.head = target, head
         self.depth, self.width, self.beam, self.size, self.sampled = depth, width, beam, size, sampled
         self.cache, self.committed_before = None, 0
@@ -168,9 +208,15 @@ class EagleDrafter:
         return cls(target, head.to(w.device, w.dtype).eval(), **tree_options)
 
     def reset(self) -> None:
-        self.cache = KVCache(1, 1, self.head.config.num_key_value_heads, self.target.config.max_position_embeddings,
-                             self.head.config.head_dim, self.target.lm_head.weight.dtype,
-                             self.target.lm_head.weight.device)
+        self.cache = KVCache(
+            1,
+            1,
+            self.head.config.num_key_value_heads,
+            self.target.config.max_position_embeddings,
+            self.head.config.head_dim,
+            self.target.lm_head.weight.dtype,
+            self.target.lm_head.weight.device,
+        )
         self.committed_before = 0
 
     def run(self, features: Tensor, tokens: list[int], **kw) -> Tensor:
@@ -178,14 +224,20 @@ class EagleDrafter:
         embeds = self.target.embed_tokens(torch.tensor([tokens], device=features.device))
         return self.head(features[None], embeds, self.cache, **kw)[0]
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
         committed = len(context) - 1  # pairs (f_j, x_{j+1}) for j < len(context) - 1 use true features
         if committed == 0:
             return Tree.from_root(context[-1])
         self.cache.truncate(min(self.cache.length, self.committed_before, committed - 1))  # drop the last tree's nodes
         start = self.cache.length
-        predicted = self.run(features[start:committed], context[start + 1:])  # catch up: [committed - start, C]
+        predicted = self.run(features[start:committed], context[start + 1 :])  # catch up: [committed - start, C]
         self.committed_before, feats, slot = committed, {0: predicted[-1]}, {0: committed - 1}
         depth = min(self.depth, (self.cache.max_len - committed) // self.beam)
 
@@ -197,5 +249,14 @@ class EagleDrafter:
             return self.target.lm_head(out)
 
         root_logits = self.target.lm_head(predicted[-1])
-        return grow_tree(context[-1], root_logits, expand, depth, self.width, self.beam, self.size, keep,
-                         (warp, generator) if self.sampled else None)
+        return grow_tree(
+            context[-1],
+            root_logits,
+            expand,
+            depth,
+            self.width,
+            self.beam,
+            self.size,
+            keep,
+            (warp, generator) if self.sampled else None,
+        )

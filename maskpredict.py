@@ -9,6 +9,7 @@ call as the candidates, verifies only the candidates, and hands the call's logit
 Their candidates are deterministic (argmax guesses, pool n-grams), so under sampling the one-hot multi-draft rule
 applies and decoding stays lossless (peer-pitfalls: retrieval and mask-predict drafters are deterministic).
 """
+
 from pathlib import Path
 
 import torch
@@ -39,24 +40,34 @@ class JacobiDrafter:
     def reset(self) -> None:
         self.guesses = []
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
-        guesses = self.guesses[:self.block]
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
+        guesses = self.guesses[: self.block]
         while len(guesses) < self.block:
             guesses.append(next_after(context + guesses, (context + guesses)[-1]))
         tree = Tree.from_root(context[-1])
         for i, token in enumerate(guesses):
             tree.add(i, token, 0.0)  # a chain: node i + 1 is guess i
         device = self.target.lm_head.weight.device  # no extra tokens: Jacobi reads the candidates' own outputs
-        tree.lookahead = Lookahead(torch.zeros(0, self.target.config.hidden_size, device=device,
-                                               dtype=self.target.lm_head.weight.dtype), [],
-                                   torch.zeros(0, len(tree), dtype=torch.bool), self.read, [])
+        tree.lookahead = Lookahead(
+            torch.zeros(0, self.target.config.hidden_size, device=device, dtype=self.target.lm_head.weight.dtype),
+            [],
+            torch.zeros(0, len(tree), dtype=torch.bool),
+            self.read,
+            [],
+        )
         return tree
 
     def read(self, logits: Tensor, path: list[int]) -> None:
         """logits [N, V] of the chain's nodes; row i predicts the token after node i. Row len(path) was emitted
         (the correction, or the bonus token); the rows after it are the next guesses, one Jacobi iteration on."""
-        self.guesses = logits.argmax(dim=-1).tolist()[len(path) + 1:]
+        self.guesses = logits.argmax(dim=-1).tolist()[len(path) + 1 :]
 
 
 def next_after(context: list[int], token: int) -> int:
@@ -96,37 +107,47 @@ class LookaheadDrafter:
         sees = torch.zeros(levels * W, levels * W, dtype=torch.bool)
         for l in range(levels):
             for i in range(W):
-                sees[l * W + i, :i + 1] = True  # level 0, places 0..i
+                sees[l * W + i, : i + 1] = True  # level 0, places 0..i
                 sees[l * W + i, [k * W + i for k in range(1, l + 1)]] = True  # its own column, levels 1..l
         return sees
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
         if not self.levels:  # start from the context's last tokens: no random numbers, no special tokens
             m = self.W * (self.N - 1)
             tail = (context * (m // len(context) + 1))[-m:]
-            self.levels = [tail[l * self.W:(l + 1) * self.W] for l in range(self.N - 1)]
-        grams = self.pool.get(context[-1], [])[:self.G]
+            self.levels = [tail[l * self.W : (l + 1) * self.W] for l in range(self.N - 1)]
+        grams = self.pool.get(context[-1], [])[: self.G]
         tree = tree_from_sequences(context[-1], [list(g) for g in grams])  # verification branch
         window = [t for level in self.levels for t in level]
         device = self.target.lm_head.weight.device
         sees = torch.cat([torch.zeros(len(window), len(tree), dtype=torch.bool), self.sees], dim=1)
         sees[:, 0] = True  # every window token follows the root
-        tree.lookahead = Lookahead(self.target.embed_tokens(torch.tensor(window, device=device)),
-                                   [l + i + 1 for l in range(self.N - 1) for i in range(self.W)], sees, self.read,
-                                   window)
+        tree.lookahead = Lookahead(
+            self.target.embed_tokens(torch.tensor(window, device=device)),
+            [l + i + 1 for l in range(self.N - 1) for i in range(self.W)],
+            sees,
+            self.read,
+            window,
+        )
         return tree
 
     def read(self, logits: Tensor, path: list[int]) -> None:
         """logits [N_tree + M, V]: the top level's outputs are the new guesses; every column closes an n-gram."""
-        top = logits[-self.W:].argmax(dim=-1).tolist()  # outputs of level N - 2, the last W extra tokens
+        top = logits[-self.W :].argmax(dim=-1).tolist()  # outputs of level N - 2, the last W extra tokens
         for i in range(self.W):
             gram = tuple(level[i] for level in self.levels) + (top[i],)
             known = self.pool.setdefault(gram[0], [])
             if gram[1:] in known:
                 known.remove(gram[1:])
             known.insert(0, gram[1:])  # newest first, each n-gram once
-            del known[self.G:]  # G per key, as the reference's guess set: the newest are the likeliest to recur
+            del known[self.G :]  # G per key, as the reference's guess set: the newest are the likeliest to recur
         self.levels = self.levels[1:] + [top]
 
 
@@ -153,8 +174,9 @@ class PassDrafter:
     def from_pretrained(cls, target: Transformer, path: str | Path) -> "PassDrafter":
         cfg, state = load_head(path)
         if cfg["hidden_size"] != target.config.hidden_size:
-            raise ValueError(f"{path}: embeddings of width {cfg['hidden_size']}, the target's is "
-                             f"{target.config.hidden_size}")
+            raise ValueError(
+                f"{path}: embeddings of width {cfg['hidden_size']}, the target's is {target.config.hidden_size}"
+            )
         module = PassEmbeddings(cfg["num_tokens"], cfg["hidden_size"])
         module.load_state_dict(state)
         w = target.lm_head.weight
@@ -163,8 +185,14 @@ class PassDrafter:
     def reset(self) -> None:
         self.drafts = []
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
         tree, k = Tree.from_root(context[-1]), len(self.embeds)
         for i, token in enumerate(self.drafts):
             tree.add(i, token, 0.0)  # a chain

@@ -5,6 +5,7 @@ no biases. Tensor names are HF's (`model.layers.0.self_attn.q_proj.weight`, ...)
 `transformers.LlamaForCausalLM` and real Llama checkpoints (config.json + model.safetensors) load here.
 This file imports nothing from the project.
 """
+
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,13 +38,23 @@ class ModelConfig:
         raw = json.loads(Path(path).read_text())
         if raw.get("rope_scaling"):  # Llama 3.1's frequency rescaling is not implemented here
             raise ValueError(f"{path}: rope_scaling={raw['rope_scaling']} is not supported")
-        if raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"]) * raw["num_attention_heads"] != raw["hidden_size"]:
+        if (
+            raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"]) * raw["num_attention_heads"]
+            != raw["hidden_size"]
+        ):
             raise ValueError(f"{path}: head_dim * num_attention_heads must equal hidden_size")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     def to_json(self, path: str | Path, dtype: str = "bfloat16") -> None:
-        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "torch_dtype": dtype, "bos_token_id": None, "eos_token_id": self.vocab_size - 1}
+        hf = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "torch_dtype": dtype,
+            "bos_token_id": None,
+            "eos_token_id": self.vocab_size - 1,
+        }
         Path(path).write_text(json.dumps({**hf, **asdict(self)}, indent=2) + "\n")
 
 
@@ -54,8 +65,16 @@ class KVCache:
     keeping an accepted token-tree path is a gather + copy into contiguous slots.
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -65,8 +84,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, H_kv, T, D] after the current entries; return everything cached so far for this layer."""
         end = self.length + k.shape[2]  # run_blocks has checked that it fits
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def truncate(self, length: int) -> None:
@@ -83,7 +102,7 @@ class KVCache:
         """
         start = int(indices[0])
         for buf in self.k + self.v:
-            buf[:, :, start:start + len(indices)] = buf[:, :, indices]  # the gather copies before the write
+            buf[:, :, start : start + len(indices)] = buf[:, :, indices]  # the gather copies before the write
         self.length = start + len(indices)
 
 
@@ -134,8 +153,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, H_kv, L + T, D]
         # enable_gqa repeats each K/V head for n_heads / n_kv_heads consecutive query heads, as HF's repeat_kv.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and cache is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -184,13 +209,27 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         cfg, w = self.config, self.lm_head.weight
-        return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads,
-                       max_len or cfg.max_position_embeddings, cfg.head_dim, w.dtype, w.device)
+        return KVCache(
+            cfg.num_hidden_layers,
+            batch_size,
+            cfg.num_key_value_heads,
+            max_len or cfg.max_position_embeddings,
+            cfg.head_dim,
+            w.dtype,
+            w.device,
+        )
 
-    def forward(self, tokens: torch.Tensor | None, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, return_hidden: bool = False,
-                inputs_embeds: torch.Tensor | None = None, layers: range | None = None,
-                skip: frozenset[str] = frozenset()):
+    def forward(
+        self,
+        tokens: torch.Tensor | None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        layers: range | None = None,
+        skip: frozenset[str] = frozenset(),
+    ):
         """tokens [B, T] -> logits [B, T, V] (and the final normed hidden states [B, T, C] if return_hidden).
 
         With a cache, the new keys/values are appended after `cache.length` entries. `positions` [T] default to
@@ -207,9 +246,15 @@ class Transformer(nn.Module):
         logits = self.lm_head(h)
         return (logits, h) if return_hidden else logits
 
-    def blocks(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-               attn_mask: torch.Tensor | None = None, layers: range | None = None,
-               skip: frozenset[str] = frozenset()) -> torch.Tensor:
+    def blocks(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        layers: range | None = None,
+        skip: frozenset[str] = frozenset(),
+    ) -> torch.Tensor:
         """The residual stream x [B, T, C] through the blocks in `layers` (default: all), minus the sublayers named
         in `skip` ("3.attn", "3.mlp": Draft & Verify's self-draft). Self-drafting by early exit runs range(E) to
         draft and range(E, L) on the saved residual stream to finish verifying (survey §5.2)."""
@@ -243,9 +288,17 @@ class Transformer(nn.Module):
         save_file(state, path / "model.safetensors", metadata={"format": "pt"})
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
-               cache: KVCache | None, positions: torch.Tensor | None, attn_mask: torch.Tensor | None,
-               layers: range | None = None, skip: frozenset[str] = frozenset()) -> torch.Tensor:
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    rope_cos: torch.Tensor,
+    rope_sin: torch.Tensor,
+    cache: KVCache | None,
+    positions: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    layers: range | None = None,
+    skip: frozenset[str] = frozenset(),
+) -> torch.Tensor:
     """x [B, T, C] through decoder blocks `layers` (default all); shared by Transformer and the one-layer EAGLE head
     (heads.py). The cache's length then counts these T tokens as written, though only `layers` wrote them: the
     caller that runs a partial range writes the other layers' slots later (self-drafting by early exit, §5.2)."""

@@ -14,6 +14,7 @@ sequence-level knowledge distillation, the target's greedy continuations as labe
 SpecDec verifies with a lossy top-beta rule (approximate.TopK); here the drafts go through the same lossless rules
 as every other drafter (greedy matching, or speculative sampling with the q below).
 """
+
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -38,14 +39,14 @@ def query_layout(past: int, n: int, cuts: list[int], k: int, device=None) -> tup
     puts many cuts after one window, so one forward trains on many contexts."""
     rows, total = n + len(cuts) * k, past + n + len(cuts) * k
     mask = torch.zeros(rows, total, dtype=torch.bool, device=device)
-    mask[:n, :past + n] = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)
+    mask[:n, : past + n] = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)
     positions = [torch.arange(past, past + n, device=device)]
     for b, t in enumerate(cuts):
         if not past < t <= past + n:
             raise ValueError(f"cut {t} outside the context ({past} cached + {n} new tokens)")
         block = slice(n + b * k, n + (b + 1) * k)
         mask[block, :t] = True
-        mask[block, past + block.start:past + block.stop] = True  # bidirectional among its own k queries
+        mask[block, past + block.start : past + block.stop] = True  # bidirectional among its own k queries
         positions.append(torch.arange(t, t + k, device=device))
     return torch.cat(positions), mask
 
@@ -62,8 +63,9 @@ class NarModel(nn.Module):
     def num_queries(self) -> int:
         return len(self.queries)
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None, cuts: list[int] | None = None,
-                k: int | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, cache: KVCache | None = None, cuts: list[int] | None = None, k: int | None = None
+    ) -> Tensor:
         """tokens [B, n] (the context tokens the cache has not seen) -> logits [B, len(cuts), k, V] of the queries
         after each cut (default: one cut at the end of the context; k default: all queries). With a cache, the
         context tokens' K/V are appended and the queries' K/V are dropped again: the cache holds the context."""
@@ -93,8 +95,11 @@ class NarModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         raw = {"model_type": "specdec_nar", **asdict(self.lm.config), "num_queries": self.num_queries}
         (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.state_dict().items()
-                 if not (k == "lm.lm_head.weight" and self.lm.config.tie_word_embeddings)}
+        state = {
+            k: v.detach().to(torch.bfloat16).contiguous()
+            for k, v in self.state_dict().items()
+            if not (k == "lm.lm_head.weight" and self.lm.config.tie_word_embeddings)
+        }
         save_file(state, path / "model.safetensors", metadata={"format": "pt"})
 
     @classmethod
@@ -129,14 +134,15 @@ class NarDrafter:
     def reset(self) -> None:
         self.cache = self.model.lm.new_cache()
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
-                keep: KeepDrafting = always) -> tuple[list[int], Tensor | None]:
+    def propose(
+        self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
+    ) -> tuple[list[int], Tensor | None]:
         room = self.model.lm.config.max_position_embeddings - len(context)  # the queries' positions must exist
         k = min(self.model.num_queries, room)
         if gamma < 1 or k < 1:
             return [], None
         device = self.model.lm.lm_head.weight.device
-        new = torch.tensor([context[self.cache.length:]], dtype=torch.long, device=device)
+        new = torch.tensor([context[self.cache.length :]], dtype=torch.long, device=device)
         logits = self.model(new, self.cache, k=k)[0, 0]  # [k, V]: one call for all k positions
         n = min(gamma, k)
         for i in range(n):  # the policy sees every drafted position, the last one too

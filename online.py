@@ -22,6 +22,7 @@ context with the new ones (a draft forward of the context, counted in the timing
 The model trained is a private deepcopy, so the shared loaded draft (and every other bench row) never changes. The
 update draws no random numbers (full-batch Adam, fixed order), so a run reproduces from --seed alone.
 """
+
 import copy
 import time
 
@@ -60,7 +61,7 @@ def distill_loss(model: Transformer, buffer: Buffer) -> Tensor:
     total, count = 0.0, 0
     device = model.lm_head.weight.device
     for text, positions, ps in buffer.entries:
-        tokens = torch.tensor([text[:max(positions) + 1]], device=device)
+        tokens = torch.tensor([text[: max(positions) + 1]], device=device)
         h = model.norm(model.blocks(model.embed_tokens(tokens))[0, positions])  # the LM head at buffered rows only
         logits = model.lm_head(h).float()  # [n, V]
         p = torch.stack(ps).to(device).float()  # a new tensor made outside inference mode: autograd may save it
@@ -74,8 +75,15 @@ class OnlineDrafter:
     """A ModelDrafter whose private copy of the draft model is distilled on the target's verify logits as it
     serves (OSD, Liu et al. 2023). Carry one across requests (bench.py --online) and it learns across them."""
 
-    def __init__(self, draft: Transformer, lr: float = 1e-5, every: int = 32, steps: int = 4, rows: str = "rejected",
-                 **drafter_options):
+    def __init__(
+        self,
+        draft: Transformer,
+        lr: float = 1e-5,
+        every: int = 32,
+        steps: int = 4,
+        rows: str = "rejected",
+        **drafter_options,
+    ):
         if rows not in ("rejected", "all"):
             raise ValueError(f"rows must be 'rejected' or 'all', got {rows!r}")
         self.model = copy.deepcopy(draft)  # never train the shared loaded draft in place
@@ -94,14 +102,17 @@ class OnlineDrafter:
 
     def attach(self, target: Transformer, cache: KVCache):
         """The loop's optional hook: we only watch the verify call, we never change it."""
+
         def verify_forward(tokens: Tensor, cache: KVCache) -> Tensor:
             logits = target(tokens, cache)
             self.logits = logits[0]
             return logits
+
         return verify_forward
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
-                keep: KeepDrafting = always) -> tuple[list[int], Tensor | None]:
+    def propose(
+        self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
+    ) -> tuple[list[int], Tensor | None]:
         drafts, q = self.inner.propose(context, gamma, warp, generator, keep)  # q: the model that drew the drafts
         self.context, self.drafts = context, drafts
         return drafts, q

@@ -13,6 +13,7 @@ Datastore files, built by `python train.py datastore` from data/train.bin (uint1
     data/datastore.npy   int32 suffix array of train.bin, sorted by the first SA_WIDTH tokens
     data/sam.npz         FrozenAutomaton of the first SAM_TOKENS tokens of train.bin
 """
+
 import heapq
 import math
 import time
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from drafters import KeepGrowing, Warp, always
-from suffix import (FrozenAutomaton, SuffixAutomaton, SuffixTrie, sa_longest_match, sam_step, suffix_array)
+from suffix import FrozenAutomaton, SuffixAutomaton, SuffixTrie, sa_longest_match, sam_step, suffix_array
 from tree import Tree, subtree, top_m_nodes
 
 SA_WIDTH = 16  # the longest context suffix REST looks up; the suffix array is sorted this deep
@@ -36,14 +37,18 @@ def build_datastore(data_dir: Path, sam_tokens: int = SAM_TOKENS) -> None:
     tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16)
     t0 = time.time()
     np.save(data_dir / "datastore.npy", suffix_array(tokens, SA_WIDTH))
-    print(f"suffix array: {len(tokens) / 1e6:.2f}M tokens, {(data_dir / 'datastore.npy').stat().st_size / 1e6:.0f} MB "
-          f"(+ {tokens.nbytes / 1e6:.0f} MB of tokens), {time.time() - t0:.1f}s")
+    print(
+        f"suffix array: {len(tokens) / 1e6:.2f}M tokens, {(data_dir / 'datastore.npy').stat().st_size / 1e6:.0f} MB "
+        f"(+ {tokens.nbytes / 1e6:.0f} MB of tokens), {time.time() - t0:.1f}s"
+    )
     t0, sam = time.time(), SuffixAutomaton()
     for token in tokens[:sam_tokens].tolist():
         sam.extend(token)
     FrozenAutomaton.freeze(sam).save(data_dir / "sam.npz")
-    print(f"suffix automaton: first {min(sam_tokens, len(tokens)) / 1e6:.2f}M tokens, {len(sam.length) / 1e6:.2f}M "
-          f"states, {(data_dir / 'sam.npz').stat().st_size / 1e6:.0f} MB, {time.time() - t0:.1f}s")
+    print(
+        f"suffix automaton: first {min(sam_tokens, len(tokens)) / 1e6:.2f}M tokens, {len(sam.length) / 1e6:.2f}M "
+        f"states, {(data_dir / 'sam.npz').stat().st_size / 1e6:.0f} MB, {time.time() - t0:.1f}s"
+    )
 
 
 def frequency_tree(root: int, continuations: Counter, size: int) -> Tree:
@@ -67,8 +72,15 @@ class RestDrafter:
     """REST (He et al. 2023; survey §5.1, §6.3): look up the longest context suffix in a suffix array of a corpus,
     count what followed its first `occurrences` matches, and draft the most frequent continuations as a trie."""
 
-    def __init__(self, tokens: np.ndarray, sa: np.ndarray, depth: int = 6, size: int = 12, max_match: int = SA_WIDTH,
-                 occurrences: int = 500):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        sa: np.ndarray,
+        depth: int = 6,
+        size: int = 12,
+        max_match: int = SA_WIDTH,
+        occurrences: int = 500,
+    ):
         self.tokens, self.sa = tokens, sa  # [n] uint16, [n] int32
         self.depth, self.size, self.max_match, self.occurrences = depth, size, max_match, occurrences
 
@@ -80,13 +92,19 @@ class RestDrafter:
     def reset(self) -> None:
         pass
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
         length, lo, hi = sa_longest_match(self.tokens, self.sa, context, self.max_match)
         if length == 0:
             return Tree.from_root(context[-1])
-        starts = self.sa[lo:min(hi, lo + self.occurrences)].astype(np.int64) + length  # REST caps the matches read
-        found = Counter(tuple(self.tokens[s:s + self.depth].tolist()) for s in starts)
+        starts = self.sa[lo : min(hi, lo + self.occurrences)].astype(np.int64) + length  # REST caps the matches read
+        found = Counter(tuple(self.tokens[s : s + self.depth].tolist()) for s in starts)
         return frequency_tree(context[-1], found, self.size)
 
 
@@ -125,15 +143,22 @@ class SuffixDrafter:
                     heapq.heappush(heap, (-trie.count[c], d + 1, index, t, c))
         return score, tree
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
         if self.prompt_len is None:
             self.prompt_len = len(context)
-        for token in context[self.seen:]:  # accepted tokens only: context never contains a rejected draft
+        for token in context[self.seen :]:  # accepted tokens only: context never contains a rejected draft
             self.current.append(token)
-        self.seen, self.output = len(context), context[self.prompt_len:]
-        return max(self.speculate(self.current, context), self.speculate(self.history, context),
-                   key=lambda scored: scored[0])[1]
+        self.seen, self.output = len(context), context[self.prompt_len :]
+        return max(
+            self.speculate(self.current, context), self.speculate(self.history, context), key=lambda scored: scored[0]
+        )[1]
 
 
 class SamDrafter:
@@ -161,9 +186,15 @@ class SamDrafter:
         if self.d_state and self.d_len <= self.dynamic.length[self.dynamic.link[self.d_state]]:
             self.d_state = self.dynamic.link[self.d_state]  # the extension cloned our state: the clone holds our match
 
-    def propose_tree(self, context: list[int], features: Tensor, warp: Warp, generator: torch.Generator | None,
-                     keep: KeepGrowing = always) -> Tree:
-        for token in context[self.seen:]:
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
+        for token in context[self.seen :]:
             self.feed(token)
         self.seen = len(context)
         if self.d_len >= self.s_len and self.d_len > 0:  # ties: the request's own text is the more relevant
@@ -173,6 +204,6 @@ class SamDrafter:
         else:
             return Tree.from_root(context[-1])
         tree = Tree.from_root(context[-1])
-        for token in list(text[end + 1:end + 1 + self.length]):
+        for token in list(text[end + 1 : end + 1 + self.length]):
             tree.add(len(tree) - 1, int(token), 0.0)
         return tree

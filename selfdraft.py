@@ -1,21 +1,22 @@
 """Self-drafting: the target drafts for itself, made cheaper (survey §5.2 "Early Exiting"; reading list).
 
-  -d layerskip  Draft & Verify (Zhang et al. 2023): the draft is the target with some attention and MLP sublayers
-                skipped, found by a search on training prompts (search_skip_set, `train.py layerskip`); drafting
-                stops when the draft's confidence falls below a threshold that follows the acceptance rate
-                (draft_length.Adaptive). The skipped model computes different activations in every later layer,
-                so its K/V are its own: it is a drafters.ModelDrafter with its own cache (peer-pitfalls).
-  -d earlyexit  LayerSkip's self-speculation (Elhoushi et al. 2024): draft with blocks [0, E), read out through the
-                final norm and LM head; verification runs only blocks [E, L) on the drafted tokens, from the residual
-                stream the draft saved, and reuses the K/V that drafting wrote for blocks [0, E) in the target's own
-                cache: the draft's work is not done twice (EarlyExitDrafter).
-  -d del        DEL (Entezari Zarch et al. 2025): the same, with E and the draft length chosen before every step
-                from running per-layer acceptance estimates ("shadow tokens", DynamicExitDrafter).
-  -d quant      ML-SpecQD (Georganas et al. 2025): the target's own weights quantized are its draft (quantized).
+-d layerskip  Draft & Verify (Zhang et al. 2023): the draft is the target with some attention and MLP sublayers
+              skipped, found by a search on training prompts (search_skip_set, `train.py layerskip`); drafting
+              stops when the draft's confidence falls below a threshold that follows the acceptance rate
+              (draft_length.Adaptive). The skipped model computes different activations in every later layer,
+              so its K/V are its own: it is a drafters.ModelDrafter with its own cache (peer-pitfalls).
+-d earlyexit  LayerSkip's self-speculation (Elhoushi et al. 2024): draft with blocks [0, E), read out through the
+              final norm and LM head; verification runs only blocks [E, L) on the drafted tokens, from the residual
+              stream the draft saved, and reuses the K/V that drafting wrote for blocks [0, E) in the target's own
+              cache: the draft's work is not done twice (EarlyExitDrafter).
+-d del        DEL (Entezari Zarch et al. 2025): the same, with E and the draft length chosen before every step
+              from running per-layer acceptance estimates ("shadow tokens", DynamicExitDrafter).
+-d quant      ML-SpecQD (Georganas et al. 2025): the target's own weights quantized are its draft (quantized).
 """
+
 import copy
-import math
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from drafters import KeepDrafting, Warp, always
 from model import KVCache, Transformer
 from verify import sample_token
 
-
 # ---- Draft & Verify: which sublayers to skip ------------------------------------------------------------------
+
 
 def sublayer_costs(cfg) -> dict[str, float]:
     """Each sublayer's share of a one-token forward, by its weights' multiply-adds (the LM head included in the
@@ -36,26 +37,34 @@ def sublayer_costs(cfg) -> dict[str, float]:
     C, I, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
     attn, mlp = 2 * C * C + 2 * C * kv, 3 * C * I
     total = cfg.num_hidden_layers * (attn + mlp) + C * cfg.vocab_size
-    return {f"{i}.{kind}": cost / total for i in range(cfg.num_hidden_layers)
-            for kind, cost in (("attn", attn), ("mlp", mlp))}
+    return {
+        f"{i}.{kind}": cost / total
+        for i in range(cfg.num_hidden_layers)
+        for kind, cost in (("attn", attn), ("mlp", mlp))
+    }
 
 
 @torch.inference_mode()
-def greedy_agreement(target: Transformer, sequences: list[tuple[list[int], list[int]]],
-                     skip: frozenset[str] = frozenset(), layers: range | None = None) -> float:
+def greedy_agreement(
+    target: Transformer,
+    sequences: list[tuple[list[int], list[int]]],
+    skip: frozenset[str] = frozenset(),
+    layers: range | None = None,
+) -> float:
     """Share of the target's own greedy tokens that the cheaper model predicts too, teacher-forced on (prompt,
     target continuation) pairs: the acceptance rate of a greedy self-draft, measured without decoding."""
     agree = total = 0
     for prompt, out in sequences:
         ids = torch.tensor([prompt + out], device=target.lm_head.weight.device)
-        draft = target(ids, skip=skip, layers=layers)[0, len(prompt) - 1:-1].argmax(-1)
+        draft = target(ids, skip=skip, layers=layers)[0, len(prompt) - 1 : -1].argmax(-1)
         agree += int((draft == torch.tensor(out, device=ids.device)).sum())
         total += len(out)
     return agree / max(total, 1)
 
 
-def search_skip_set(target: Transformer, sequences: list[tuple[list[int], list[int]]], max_skipped: int,
-                    gamma: int = 4, log=print) -> tuple[frozenset[str], list[dict]]:
+def search_skip_set(
+    target: Transformer, sequences: list[tuple[list[int], list[int]]], max_skipped: int, gamma: int = 4, log=print
+) -> tuple[frozenset[str], list[dict]]:
     """Greedy search for Draft & Verify's skip set (the paper uses Bayesian optimisation): at each step skip the
     one more sublayer that keeps the greedy agreement highest. Returns the set with the best modelled speedup,
     E[tokens per step] / (gamma x draft cost + 1), and the whole curve (skipped, agreement, draft cost)."""
@@ -65,11 +74,19 @@ def search_skip_set(target: Transformer, sequences: list[tuple[list[int], list[i
         best = max(scores, key=scores.get)
         skip = skip | {best}
         alpha, cost = scores[best], 1 - sum(costs[s] for s in skip)
-        tokens = sum(alpha ** i for i in range(gamma + 1))  # 1 + alpha + ... + alpha^gamma (Leviathan et al.)
-        curve.append(dict(skipped=sorted(skip, key=lambda s: (int(s.split(".")[0]), s)), agreement=round(alpha, 4),
-                          draft_cost=round(cost, 4), modelled_speedup=round(tokens / (gamma * cost + 1), 4)))
-        log(f"skip {len(skip):2d} sublayers (+{best}): agreement {alpha:.3f}, draft cost {cost:.2f} of a forward, "
-            f"modelled speedup {curve[-1]['modelled_speedup']:.2f}x")
+        tokens = sum(alpha**i for i in range(gamma + 1))  # 1 + alpha + ... + alpha^gamma (Leviathan et al.)
+        curve.append(
+            dict(
+                skipped=sorted(skip, key=lambda s: (int(s.split(".")[0]), s)),
+                agreement=round(alpha, 4),
+                draft_cost=round(cost, 4),
+                modelled_speedup=round(tokens / (gamma * cost + 1), 4),
+            )
+        )
+        log(
+            f"skip {len(skip):2d} sublayers (+{best}): agreement {alpha:.3f}, draft cost {cost:.2f} of a forward, "
+            f"modelled speedup {curve[-1]['modelled_speedup']:.2f}x"
+        )
     chosen = max(curve, key=lambda row: row["modelled_speedup"])
     return frozenset(chosen["skipped"]), curve
 
@@ -84,6 +101,7 @@ def load_skip_set(path: Path) -> frozenset[str]:
 
 
 # ---- LayerSkip: early exit with a shared cache ----------------------------------------------------------------
+
 
 class EarlyExitDrafter:
     """LayerSkip's self-speculation (Elhoushi et al. 2024; survey §5.2): draft token i + 1 from the residual stream
@@ -120,8 +138,9 @@ class EarlyExitDrafter:
     def exit_logits(self, x: Tensor) -> Tensor:
         return self.target.lm_head(self.target.norm(x))
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
-                keep: KeepDrafting = always) -> tuple[list[int], Tensor | None]:
+    def propose(
+        self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
+    ) -> tuple[list[int], Tensor | None]:
         # Loop invariant: the cache holds every context token but the last, in every layer.
         self.start, self.streams, tokens, qs = self.cache.length, [], [], []
         token = context[-1]
@@ -171,8 +190,9 @@ class DynamicExitDrafter(EarlyExitDrafter):
         self.exit, self.gamma = self.first_exit, self.max_gamma
         self.matched, self.compared = torch.zeros(L - 1), torch.zeros(L - 1)  # exits l = 1 .. L-1
 
-    def propose(self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None,
-                keep: KeepDrafting = always) -> tuple[list[int], Tensor | None]:
+    def propose(
+        self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
+    ) -> tuple[list[int], Tensor | None]:
         return super().propose(context, min(gamma, self.gamma), warp, generator, keep)
 
     def verify_forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
@@ -206,6 +226,7 @@ def best_exit(alpha: Tensor, n_layers: int, max_gamma: int) -> tuple[int, int]:
 
 # ---- ML-SpecQD: a quantized copy of the target ----------------------------------------------------------------
 
+
 def quantized(target: Transformer, bits: int = 8) -> Transformer:
     """The target with its decoder blocks' linear layers quantized, as its own draft (ML-SpecQD, Georganas et al.
     2025, which drafts with MXFP4 weights on Intel AMX). bits=8: torch.ao's dynamic quantization, int8 weights per
@@ -218,6 +239,7 @@ def quantized(target: Transformer, bits: int = 8) -> Transformer:
         with warnings.catch_warnings():  # torch.ao's eager quantization warns that it moved to torchao
             warnings.simplefilter("ignore")
             import torch.ao.quantization as tq
+
             draft.layers = tq.quantize_dynamic(draft.layers, {nn.Linear: tq.per_channel_dynamic_qconfig})
         return draft
     for module in draft.layers.modules():

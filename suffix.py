@@ -4,13 +4,14 @@
 Texts are token ids. Every structure answers the same question: the longest suffix of a query that occurs in the
 text, and what followed its occurrences. tests/test_retrieval.py checks each against brute-force substring search.
 """
+
 import bisect
 from pathlib import Path
 
 import numpy as np
 
-
 # ---- suffix array (REST, He et al. 2023) -----------------------------------------------------------------------
+
 
 def suffix_array(tokens: np.ndarray, width: int | None = None) -> np.ndarray:
     """Suffix start positions in lexicographic order, by prefix doubling (Manber & Myers 1990) with numpy sorts.
@@ -21,7 +22,7 @@ def suffix_array(tokens: np.ndarray, width: int | None = None) -> np.ndarray:
     sa, k = np.argsort(rank, kind="stable"), 1
     while n > 1 and (width is None or k < width):
         second = np.full(n, -1, dtype=np.int64)  # -1: the suffix ends first, so it sorts first
-        second[:n - k] = rank[k:]
+        second[: n - k] = rank[k:]
         sa = np.lexsort((second, rank))  # by (first k tokens, next k tokens) = first 2k tokens
         r, s = rank[sa], second[sa]
         bumps = np.concatenate([[0], np.cumsum((r[1:] != r[:-1]) | (s[1:] != s[:-1]))])
@@ -38,7 +39,7 @@ def sa_range(tokens: np.ndarray, sa: np.ndarray, pattern: list[int]) -> tuple[in
     m = len(pattern)
 
     def head(s) -> list[int]:  # list comparison is lexicographic, a shorter list first: the suffix order
-        return tokens[s:s + m].tolist()
+        return tokens[s : s + m].tolist()
 
     return bisect.bisect_left(sa, pattern, key=head), bisect.bisect_right(sa, pattern, key=head)
 
@@ -58,6 +59,7 @@ def sa_longest_match(tokens: np.ndarray, sa: np.ndarray, query: list[int], max_l
 
 
 # ---- suffix trie with counts (SuffixDecoding, Oliaro et al. 2024) ----------------------------------------------
+
 
 class SuffixTrie:
     """Every substring of at most `depth` tokens of the documents added, with its number of occurrences: the paper's
@@ -85,7 +87,7 @@ class SuffixTrie:
                 self.count.append(0)
             self.count[child] += 1
             grown.append(child)
-        self.active = grown[:self.depth]  # a node at depth `depth` cannot grow further
+        self.active = grown[: self.depth]  # a node at depth `depth` cannot grow further
 
     def find(self, pattern: list[int]) -> int | None:
         node = 0
@@ -110,6 +112,7 @@ class SuffixTrie:
 
 
 # ---- suffix automaton (SAM Decoding, Hu et al. 2024) -----------------------------------------------------------
+
 
 class SuffixAutomaton:
     """The smallest automaton accepting every substring of `tokens` (Blumer et al. 1985), built online in amortised
@@ -157,8 +160,15 @@ class FrozenAutomaton:
     """A SuffixAutomaton as flat arrays, for the static datastore: transitions are sorted keys state * 65536 + token
     found by binary search (12 bytes each instead of a dict entry's ~100), saved and loaded with numpy."""
 
-    def __init__(self, keys: np.ndarray, targets: np.ndarray, link: np.ndarray, length: np.ndarray,
-                 end: np.ndarray, tokens: np.ndarray):
+    def __init__(
+        self,
+        keys: np.ndarray,
+        targets: np.ndarray,
+        link: np.ndarray,
+        length: np.ndarray,
+        end: np.ndarray,
+        tokens: np.ndarray,
+    ):
         self.keys, self.targets = keys, targets  # [transitions] int64 sorted, int32
         self.link, self.length, self.end, self.tokens = link, length, end, tokens  # [states] int32; [n] uint16
 
@@ -167,12 +177,25 @@ class FrozenAutomaton:
         pairs = sorted((s * 65536 + t, n) for s, d in enumerate(sam.next) for t, n in d.items())
         keys = np.array([k for k, _ in pairs], dtype=np.int64)
         targets = np.array([n for _, n in pairs], dtype=np.int32)
-        return cls(keys, targets, np.array(sam.link, np.int32), np.array(sam.length, np.int32),
-                   np.array(sam.end, np.int32), np.array(sam.tokens, np.uint16))
+        return cls(
+            keys,
+            targets,
+            np.array(sam.link, np.int32),
+            np.array(sam.length, np.int32),
+            np.array(sam.end, np.int32),
+            np.array(sam.tokens, np.uint16),
+        )
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, keys=self.keys, targets=self.targets, link=self.link, length=self.length, end=self.end,
-                 tokens=self.tokens)
+        np.savez(
+            path,
+            keys=self.keys,
+            targets=self.targets,
+            link=self.link,
+            length=self.length,
+            end=self.end,
+            tokens=self.tokens,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "FrozenAutomaton":

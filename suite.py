@@ -11,6 +11,7 @@ drafters on free generation. Each category takes at most one prompt per file, fi
   prose        inside a docstring or comment block, cut after its first line of text
   scratch      a short prompt from nothing: one `def name(` line, under 16 tokens
 """
+
 import re
 
 from train import is_heldout, stdlib_files
@@ -41,24 +42,34 @@ def cut(text: str, lines: list[str], category: str) -> str | None:
     for start, end in functions(lines):
         body = lines[start + 1] if start + 1 < len(lines) else ""
         if category == "completion" and body.strip():
-            return text[:offsets[start + 2]]
+            return text[: offsets[start + 2]]
         if category == "body" and body.strip().startswith('"""'):
-            closing = next((j for j in range(start + 1, end) if lines[j].rstrip().endswith('"""')
-                            and (j > start + 1 or body.strip().count('"""') == 2)), None)
+            closing = next(
+                (
+                    j
+                    for j in range(start + 1, end)
+                    if lines[j].rstrip().endswith('"""') and (j > start + 1 or body.strip().count('"""') == 2)
+                ),
+                None,
+            )
             if closing is not None and closing + 1 < end:
-                return text[:offsets[closing + 1]]
-        if category == "prose" and body.strip().startswith('"""') and len(body.strip()) > 12 and \
-                body.strip().count('"""') == 1:
-            return text[:offsets[start + 2]]
+                return text[: offsets[closing + 1]]
+        if (
+            category == "prose"
+            and body.strip().startswith('"""')
+            and len(body.strip()) > 12
+            and body.strip().count('"""') == 1
+        ):
+            return text[: offsets[start + 2]]
         if category == "retrieval" and 8 <= end - start <= 40:
-            return text[offsets[start]:offsets[end]] + "\n" + lines[start]
+            return text[offsets[start] : offsets[end]] + "\n" + lines[start]
         if category == "scratch":
             return lines[start].lstrip()
     if category == "repetitive":
         for i in range(len(lines) - 3):
-            heads = {line.strip()[:12] for line in lines[i:i + 3]}
+            heads = {line.strip()[:12] for line in lines[i : i + 3]}
             if len(heads) == 1 and len(lines[i].strip()) >= 12 and not lines[i].lstrip().startswith("#"):
-                return text[:offsets[i + 3]]
+                return text[: offsets[i + 3]]
     return None
 
 

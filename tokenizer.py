@@ -3,6 +3,7 @@
 The file format is tiktoken's own: one `base64(token bytes) rank` line per token, ranks 0..255 being the single
 bytes. `<|endoftext|>` is the one special token, numbered right after the last rank.
 """
+
 import base64
 import heapq
 import re
@@ -14,12 +15,16 @@ import tiktoken
 EOT = "<|endoftext|>"
 # GPT-4's (cl100k) split pattern, less one thing: punctuation does not swallow the newlines after it. With
 # "):\n" a single token, a prompt ending in "):" would stop at a token boundary the model never saw in training.
-SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
-                 r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
 # The same pattern for Python's `re` (no \p{..}): a letter is [^\W\d_], a number \d, and `_` is neither.
 # Only the trainer uses it; a rare mismatch with tiktoken's split costs a little compression, never correctness.
-TRAIN_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|(?:[^\r\n\w]|_)?+[^\W\d_]++|\d{1,3}+| ?(?:[^\s\w]|_)++"""
-                       r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+TRAIN_SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|(?:[^\r\n\w]|_)?+[^\W\d_]++|\d{1,3}+| ?(?:[^\s\w]|_)++"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
 
 
 def load_tokenizer(path: str | Path) -> tiktoken.Encoding:
@@ -27,12 +32,15 @@ def load_tokenizer(path: str | Path) -> tiktoken.Encoding:
     for line in Path(path).read_text().splitlines():
         token, rank = line.split()
         ranks[base64.b64decode(token)] = int(rank)
-    return tiktoken.Encoding(name=Path(path).stem, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)})
+    return tiktoken.Encoding(
+        name=Path(path).stem, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)}
+    )
 
 
 def save_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
-    lines = (f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    lines = (
+        f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    )
     Path(path).write_text("\n".join(lines) + "\n")
 
 

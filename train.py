@@ -18,6 +18,7 @@ The default corpus is the Python standard library of the interpreter running thi
 site-packages excluded), so anyone can rebuild the weights offline; `--data FILE` trains on any text file instead,
 and `--corpus packages` on the standard library plus the packages of corpus_packages.txt (after `train.py corpus`).
 """
+
 import argparse
 import hashlib
 import math
@@ -37,22 +38,30 @@ from draft_length import DiscoClassifier, Recorder
 from drafters import ModelDrafter
 from heads import EagleHead, HydraHeads, MedusaHeads, save_head
 from maskpredict import PassEmbeddings
+from model import ModelConfig, Transformer
 from nar import NarModel
 from selfdraft import save_skip_set, search_skip_set
-from model import ModelConfig, Transformer
 from specdec import generate, speculative_generate
 from tokenizer import EOT, load_tokenizer, save_ranks, train_bpe
 
 HERE = Path(__file__).resolve().parent  # default locations are next to this file, wherever it is run from
 MODEL_SIZES = {
-    "target": ModelConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6,
-                          num_key_value_heads=2),
-    "draft": ModelConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=2, num_attention_heads=3,
-                         num_key_value_heads=1, tie_word_embeddings=True),
+    "target": ModelConfig(
+        hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6, num_key_value_heads=2
+    ),
+    "draft": ModelConfig(
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    ),
 }
 
 
 # ---- corpus ---------------------------------------------------------------------------------------------------
+
 
 def stdlib_files() -> list[tuple[str, Path]]:
     """(relative path, file) for every .py file of this interpreter's standard library, sorted."""
@@ -76,8 +85,11 @@ def corpus_documents(split: str, data_file: str | None = None, args=None) -> lis
     if args is not None and args.corpus == "packages":
         groups = package_splits(args)
         return [corpus.document_text(d) for d in groups["train" if split == "train" else "stdlib"]]
-    return [f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace")
-            for rel, path in stdlib_files() if is_heldout(rel) == (split == "val")]
+    return [
+        f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace")
+        for rel, path in stdlib_files()
+        if is_heldout(rel) == (split == "val")
+    ]
 
 
 def stdlib_documents() -> tuple[list[corpus.Document], list[corpus.Document]]:
@@ -100,8 +112,9 @@ def function_prompts(enc, n: int, context_tokens: int = 384, heldout: bool = Tru
     for rel, path in stdlib_files():
         if is_heldout(rel) != heldout or len(prompts) == n:
             continue
-        prompt = completion_prompt(enc, f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace"),
-                                   context_tokens)
+        prompt = completion_prompt(
+            enc, f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace"), context_tokens
+        )
         prompts += [prompt] if prompt else []
     return prompts
 
@@ -113,13 +126,14 @@ def completion_prompt(enc, text: str, context_tokens: int) -> list[int] | None:
     for line, body in zip(lines, lines[1:]):
         offset += len(line)
         if line.lstrip().startswith("def ") and line.rstrip().endswith(":") and body.strip():
-            ids = enc.encode_ordinary(text[:offset + len(body)])
+            ids = enc.encode_ordinary(text[: offset + len(body)])
             if len(ids) >= context_tokens:
                 return ids[-context_tokens:]
     return None
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------
+
 
 def build_tokenizer(args) -> None:
     t0 = time.time()
@@ -152,8 +166,9 @@ def build_corpus(args) -> None:
     corpus.fetch_corpus(packages, Path(args.corpus_dir))
     groups = package_splits(args)
     enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
-    extracted = {p.name: sorted((Path(args.corpus_dir) / "packages" / f"{p.name}-{p.version}").rglob("*.py"))
-                 for p in packages}
+    extracted = {
+        p.name: sorted((Path(args.corpus_dir) / "packages" / f"{p.name}-{p.version}").rglob("*.py")) for p in packages
+    }
     stdlib_counts = dict(zip(("train", "held out"), map(len, stdlib_documents())))
     versions = {p.name: p.version for p in packages} | {"stdlib": platform.python_version()}
     print("| package | version | split | .py files (before dedupe) | files kept | MB kept | tokens kept |")
@@ -169,8 +184,11 @@ def build_corpus(args) -> None:
             n_tokens = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=1))) + len(texts)  # + <|endoftext|>
             label = "train" if split == "train" else "held out"
             n_extracted = len(extracted[name]) if name in extracted else stdlib_counts[label]
-            print(f"| {name} | {versions[name]} | {label} | {n_extracted} | {len(pkg_docs)} | {n_bytes / 1e6:.1f} | "
-                  f"{n_tokens / 1e6:.2f}M |", flush=True)
+            print(
+                f"| {name} | {versions[name]} | {label} | {n_extracted} | {len(pkg_docs)} | {n_bytes / 1e6:.1f} | "
+                f"{n_tokens / 1e6:.2f}M |",
+                flush=True,
+            )
             totals[label] = [a + b for a, b in zip(totals.get(label, [0, 0, 0]), (len(pkg_docs), n_bytes, n_tokens))]
     for label, (files, n_bytes, n_tokens) in totals.items():
         print(f"| **total {label}** | | | | {files} | {n_bytes / 1e6:.1f} | {n_tokens / 1e6:.2f}M |")
@@ -194,10 +212,16 @@ def evaluate(args) -> None:
         if name == "train":
             continue
         t0, texts = time.time(), [corpus.document_text(d) for d in docs]
-        scores = [corpus.bits_per_byte(m, enc, texts, contexts[key], args.eval_stride, args.eval_bytes)
-                  for key, m in models.items()]
-        print(f"| {name} | {len(docs)} | {sum(len(t.encode()) for t in texts) / 1e6:.1f} | {scores[0][1]:,} | "
-              + " | ".join(f"{s:.3f}" for s, _ in scores) + f" | {time.time() - t0:.0f} |", flush=True)
+        scores = [
+            corpus.bits_per_byte(m, enc, texts, contexts[key], args.eval_stride, args.eval_bytes)
+            for key, m in models.items()
+        ]
+        print(
+            f"| {name} | {len(docs)} | {sum(len(t.encode()) for t in texts) / 1e6:.1f} | {scores[0][1]:,} | "
+            + " | ".join(f"{s:.3f}" for s, _ in scores)
+            + f" | {time.time() - t0:.0f} |",
+            flush=True,
+        )
 
 
 def eval_context(args, model: Transformer) -> int:
@@ -211,13 +235,13 @@ def eval_context(args, model: Transformer) -> int:
 def random_windows(data: np.ndarray, batch_size: int, length: int, gen: torch.Generator, device) -> torch.Tensor:
     """[B, length] token windows cut at random offsets of the token stream."""
     starts = torch.randint(0, len(data) - length, (batch_size,), generator=gen).tolist()
-    return torch.from_numpy(np.stack([data[s:s + length].astype(np.int64) for s in starts])).to(device)
+    return torch.from_numpy(np.stack([data[s : s + length].astype(np.int64) for s in starts])).to(device)
 
 
 def fixed_windows(data: np.ndarray, count: int, length: int, device) -> list[torch.Tensor]:
     """Evenly spaced windows of the held-out split, in batches of 8, for a comparable validation loss."""
     starts = np.linspace(0, len(data) - length - 1, count).astype(np.int64)
-    chunks = torch.from_numpy(np.stack([data[s:s + length].astype(np.int64) for s in starts])).to(device)
+    chunks = torch.from_numpy(np.stack([data[s : s + length].astype(np.int64) for s in starts])).to(device)
     return list(chunks.split(8))
 
 
@@ -234,8 +258,10 @@ def train_loop(args, module: torch.nn.Module, next_batch, loss_fn, val_batches: 
     time budget that fixes the step count once the speed is known. Shared by every stage that trains."""
     device = next(module.parameters()).device
     params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() == 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() == 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     ckpt_path = Path(args.checkpoints) / f"{args.stage}.pt"
     step, steps, gen = 0, args.steps, torch.Generator().manual_seed(args.seed)
@@ -266,9 +292,12 @@ def train_loop(args, module: torch.nn.Module, next_batch, loss_fn, val_batches: 
             print(f"time budget {args.max_minutes} min at {per_step * 1000:.0f} ms/step: {steps} steps")
         if step % args.log_every == 0 or step == steps:
             elapsed = time.time() - t0
-            print(f"step {step}/{steps} loss {loss_sum / n_logged:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"{tokens / elapsed:,.0f} tok/s elapsed {elapsed / 60:.1f} min "
-                  f"eta {(steps - step) * elapsed / (step - start_step) / 60:.1f} min", flush=True)
+            print(
+                f"step {step}/{steps} loss {loss_sum / n_logged:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{tokens / elapsed:,.0f} tok/s elapsed {elapsed / 60:.1f} min "
+                f"eta {(steps - step) * elapsed / (step - start_step) / 60:.1f} min",
+                flush=True,
+            )
             loss_sum, n_logged = 0.0, 0
         if step % args.eval_every == 0 or step == steps:
             module.eval()
@@ -278,15 +307,25 @@ def train_loop(args, module: torch.nn.Module, next_batch, loss_fn, val_batches: 
             print(f"step {step} val_loss {val:.4f}", flush=True)
         if step % args.checkpoint_every == 0 or step == steps:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                        "step": step, "steps": steps}, ckpt_path)
+            torch.save(
+                {
+                    "model": module.state_dict(),
+                    "opt": opt.state_dict(),
+                    "gen": gen.get_state(),
+                    "step": step,
+                    "steps": steps,
+                },
+                ckpt_path,
+            )
     save()
     print(f"saved {args.stage}: {step} steps, {tokens / 1e6:.1f}M tokens this run, {(time.time() - t0) / 60:.1f} min")
 
 
 def load_splits(args) -> tuple[np.ndarray, np.ndarray]:
-    return (np.fromfile(Path(args.data_dir) / "train.bin", dtype=np.uint16),
-            np.fromfile(Path(args.data_dir) / "val.bin", dtype=np.uint16))
+    return (
+        np.fromfile(Path(args.data_dir) / "train.bin", dtype=np.uint16),
+        np.fromfile(Path(args.data_dir) / "val.bin", dtype=np.uint16),
+    )
 
 
 def frozen_target(args, device) -> Transformer:
@@ -301,8 +340,9 @@ def train_lm(args) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     train, val = load_splits(args)
     enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
-    cfg = ModelConfig(**{**MODEL_SIZES[args.stage].__dict__, "vocab_size": enc.n_vocab,
-                         "max_position_embeddings": args.seq_len})
+    cfg = ModelConfig(
+        **{**MODEL_SIZES[args.stage].__dict__, "vocab_size": enc.n_vocab, "max_position_embeddings": args.seq_len}
+    )
     torch.manual_seed(args.seed)
     model = Transformer(cfg).to(device)
     for p in model.parameters():
@@ -318,26 +358,43 @@ def train_lm(args) -> None:
             soft = teacher(chunk[:, :-1]).flatten(0, 1).float().softmax(-1)
         return F.cross_entropy(model(chunk[:, :-1]).flatten(0, 1).float(), soft)
 
-    train_loop(args, model, lambda g: random_windows(train, args.batch_size, args.seq_len + 1, g, device),
-               distill_loss if teacher else next_token_loss, fixed_windows(val, 160, args.seq_len + 1, device),
-               lambda: model.save_pretrained(Path(args.weights) / args.stage), val_fn=next_token_loss)
+    train_loop(
+        args,
+        model,
+        lambda g: random_windows(train, args.batch_size, args.seq_len + 1, g, device),
+        distill_loss if teacher else next_token_loss,
+        fixed_windows(val, 160, args.seq_len + 1, device),
+        lambda: model.save_pretrained(Path(args.weights) / args.stage),
+        val_fn=next_token_loss,
+    )
 
 
 @torch.no_grad()
-def self_distilled_text(target: Transformer, train: np.ndarray, args, device, greedy: bool = False,
-                        sequences: int | None = None, seed: int = 0) -> torch.Tensor:
+def self_distilled_text(
+    target: Transformer,
+    train: np.ndarray,
+    args,
+    device,
+    greedy: bool = False,
+    sequences: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
     """Continuations that the target samples itself from corpus prompts (Medusa's self-distillation, survey §7):
     the heads learn what the target says, not what the corpus says. [n, prompt + new] tokens. greedy: the target's
     argmax continuations instead (SpecDec's sequence-level distillation)."""
     gen, out = torch.Generator(device).manual_seed(args.seed), []
     for i in range(0, sequences or args.distill_sequences, args.distill_batch):
-        prompt = random_windows(train, args.distill_batch, args.distill_prompt,
-                                torch.Generator().manual_seed(seed + i), device)
+        prompt = random_windows(
+            train, args.distill_batch, args.distill_prompt, torch.Generator().manual_seed(seed + i), device
+        )
         cache = target.new_cache(len(prompt), args.distill_prompt + args.distill_new)
         logits, seq = target(prompt, cache)[:, -1], [prompt]
         for _ in range(args.distill_new):
-            seq.append(logits.argmax(-1, keepdim=True) if greedy else
-                       torch.multinomial(logits.float().softmax(-1), 1, generator=gen))
+            seq.append(
+                logits.argmax(-1, keepdim=True)
+                if greedy
+                else torch.multinomial(logits.float().softmax(-1), 1, generator=gen)
+            )
             logits = target(seq[-1], cache)[:, -1]
         out.append(torch.cat(seq, 1))
     return torch.cat(out)
@@ -358,13 +415,13 @@ def train_heads(args) -> None:
 
     def medusa_logits(x, h):  # head k's guesses of x[:, k + 1:], k = 1..K: [B, T - k - 1, V] each
         logits = heads(h, target.lm_head)  # [K, B, T, V]
-        return [logits[k - 1, :, :-k - 1] for k in range(1, K + 1)]
+        return [logits[k - 1, :, : -k - 1] for k in range(1, K + 1)]
 
     def hydra_logits(x, h):
         e, out = target.embed_tokens(x), []  # e [B, T, C]
         for k in range(1, K + 1):
             n = x.shape[1] - k - 1
-            path = torch.stack([e[:, 1 + j:1 + j + n] for j in range(k)], dim=2)  # [B, n, k, C]: tokens t+1 .. t+k
+            path = torch.stack([e[:, 1 + j : 1 + j + n] for j in range(k)], dim=2)  # [B, n, k, C]: tokens t+1 .. t+k
             out.append(heads(k, h[:, :n], path, target.lm_head))
         return out
 
@@ -372,14 +429,22 @@ def train_heads(args) -> None:
         with torch.no_grad():
             _, h = target(x, return_hidden=True)
         logits = (medusa_logits if args.stage == "medusa" else hydra_logits)(x, h)
-        return sum(0.8 ** (k - 1) * F.cross_entropy(y.flatten(0, 1).float(), x[:, k + 1:].flatten())
-                   for k, y in enumerate(logits, start=1))
+        return sum(
+            0.8 ** (k - 1) * F.cross_entropy(y.flatten(0, 1).float(), x[:, k + 1 :].flatten())
+            for k, y in enumerate(logits, start=1)
+        )
 
     def next_batch(g):
         return data[torch.randint(0, len(data), (args.batch_size,), generator=g).to(device)]
 
-    train_loop(args, heads, next_batch, loss_fn, fixed_windows(val, 80, data.shape[1], device),
-               lambda: save_head(heads, {"hidden_size": C, "num_heads": K}, Path(args.weights) / args.stage))
+    train_loop(
+        args,
+        heads,
+        next_batch,
+        loss_fn,
+        fixed_windows(val, 80, data.shape[1], device),
+        lambda: save_head(heads, {"hidden_size": C, "num_heads": K}, Path(args.weights) / args.stage),
+    )
 
 
 def train_eagle(args) -> None:
@@ -397,12 +462,19 @@ def train_eagle(args) -> None:
         noisy = f[:, :-1] + (torch.rand_like(f[:, :-1]) - 0.5) * 0.2 * head.training
         pred = head(noisy, target.embed_tokens(x[:, 1:]))  # predicts f[:, 1:]
         soft = logits[:, 1:].float().softmax(-1)
-        return (F.smooth_l1_loss(pred.float(), f[:, 1:].float())
-                + 0.1 * F.cross_entropy(target.lm_head(pred).flatten(0, 1).float(), soft.flatten(0, 1)))
+        return F.smooth_l1_loss(pred.float(), f[:, 1:].float()) + 0.1 * F.cross_entropy(
+            target.lm_head(pred).flatten(0, 1).float(), soft.flatten(0, 1)
+        )
 
     cfg = {k: v for k, v in head.config.__dict__.items()}
-    train_loop(args, head, lambda g: random_windows(train, args.batch_size, args.seq_len, g, device), loss_fn,
-               fixed_windows(val, 80, args.seq_len, device), lambda: save_head(head, cfg, Path(args.weights) / "eagle"))
+    train_loop(
+        args,
+        head,
+        lambda g: random_windows(train, args.batch_size, args.seq_len, g, device),
+        loss_fn,
+        fixed_windows(val, 80, args.seq_len, device),
+        lambda: save_head(head, cfg, Path(args.weights) / "eagle"),
+    )
 
 
 def time_calls(target: Transformer, prompt: list[int], max_tokens: int, repeats: int = 15) -> list[float]:
@@ -436,8 +508,10 @@ def train_disco(args) -> None:
         _, stats = speculative_generate(target, ModelDrafter(draft), prompt, args.disco_new, draft_length=recorder)
         drafted, draft_seconds = drafted + stats.drafted, draft_seconds + stats.draft_seconds
     features, labels = (t.clone() for t in recorder.labelled())  # out of inference mode, to train on
-    print(f"traces: {len(prompts)} prompts, {len(recorder.steps)} steps, {len(labels)} compared drafts "
-          f"({labels.mean():.2f} accepted) in {time.time() - t0:.0f}s")
+    print(
+        f"traces: {len(prompts)} prompts, {len(recorder.steps)} steps, {len(labels)} compared drafts "
+        f"({labels.mean():.2f} accepted) in {time.time() - t0:.0f}s"
+    )
 
     gen = torch.Generator().manual_seed(args.seed)
     clf = DiscoClassifier(args.disco_hidden)
@@ -446,7 +520,7 @@ def train_disco(args) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
         clf.mean, clf.std = features.mean(0), features.std(0).clamp_min(1e-6)
     order = torch.randperm(len(labels), generator=gen)
-    val, fit = order[:len(labels) // 10], order[len(labels) // 10:]
+    val, fit = order[: len(labels) // 10], order[len(labels) // 10 :]
     opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
     for _ in range(args.disco_epochs):  # full batch: a few thousand rows
         loss = F.binary_cross_entropy_with_logits(clf(features[fit]), labels[fit])
@@ -458,14 +532,18 @@ def train_disco(args) -> None:
         val_loss = F.binary_cross_entropy_with_logits(val_logits, labels[val])
         accuracy = ((val_logits > 0).float() == labels[val]).float().mean()
         majority = max(labels[val].mean(), 1 - labels[val].mean())
-    print(f"classifier: train BCE {loss:.3f}, held-out BCE {val_loss:.3f}, accuracy {accuracy:.3f} "
-          f"(always the majority class: {majority:.3f})")
+    print(
+        f"classifier: train BCE {loss:.3f}, held-out BCE {val_loss:.3f}, accuracy {accuracy:.3f} "
+        f"(always the majority class: {majority:.3f})"
+    )
 
     per_draft = draft_seconds / drafted
     with torch.inference_mode():
         verify = time_calls(target, prompts[0], args.disco_gamma + 1)
-    print(f"costs: {1000 * per_draft:.2f} ms per drafted token; a target call verifying k tokens: "
-          + ", ".join(f"{k + 1}: {1000 * s:.1f} ms" for k, s in enumerate(verify)))
+    print(
+        f"costs: {1000 * per_draft:.2f} ms per drafted token; a target call verifying k tokens: "
+        + ", ".join(f"{k + 1}: {1000 * s:.1f} ms" for k, s in enumerate(verify))
+    )
     best = (0.0, 0.0)
     for threshold in [i / 20 for i in range(20)]:
         produced = seconds = 0.0
@@ -489,11 +567,12 @@ def pass_layout(context: int, k: int, cuts: list[int], device) -> tuple[torch.Te
     n = context + len(cuts) * k
     mask = torch.zeros(n, n, dtype=torch.bool, device=device)
     mask[:context, :context] = torch.ones(context, context, dtype=torch.bool, device=device).tril()
-    positions = torch.cat([torch.arange(context, device=device)] + [torch.arange(c + 1, c + 1 + k, device=device)
-                                                                    for c in cuts])
+    positions = torch.cat(
+        [torch.arange(context, device=device)] + [torch.arange(c + 1, c + 1 + k, device=device) for c in cuts]
+    )
     for b, c in enumerate(cuts):
         rows = slice(context + b * k, context + (b + 1) * k)
-        mask[rows, :c + 1] = True
+        mask[rows, : c + 1] = True
         mask[rows, rows] = torch.ones(k, k, dtype=torch.bool, device=device).tril()
     return positions, mask
 
@@ -510,7 +589,9 @@ def train_pass(args) -> None:
     k, context, C = args.pass_tokens, args.pass_context, target.config.hidden_size
     cuts = [int(c) for c in np.linspace(context // 4, context - k - 2, args.pass_cuts)]  # last token of each context
     positions, mask = pass_layout(context, k, cuts, device)
-    labels = torch.tensor([c + 1 + j for c in cuts for j in range(1, k + 1)], device=device)  # window index of each target
+    labels = torch.tensor(
+        [c + 1 + j for c in cuts for j in range(1, k + 1)], device=device
+    )  # window index of each target
     module = PassEmbeddings(k, C).to(device)
     with torch.no_grad():  # start at the average token embedding: a plausible input for every place
         module.embeds.copy_(target.embed_tokens.weight.mean(0).expand(k, C))
@@ -520,9 +601,14 @@ def train_pass(args) -> None:
         logits = target(None, positions=positions, attn_mask=mask, inputs_embeds=inputs)[:, context:]  # [B, cuts k, V]
         return F.cross_entropy(logits.flatten(0, 1).float(), x[:, labels].flatten())
 
-    train_loop(args, module, lambda g: random_windows(train, args.batch_size, context, g, device), loss_fn,
-               fixed_windows(val, 40, context, device), lambda: save_head(
-                   module, {"num_tokens": k, "hidden_size": C}, Path(args.weights) / "pass"))
+    train_loop(
+        args,
+        module,
+        lambda g: random_windows(train, args.batch_size, context, g, device),
+        loss_fn,
+        fixed_windows(val, 40, context, device),
+        lambda: save_head(module, {"num_tokens": k, "hidden_size": C}, Path(args.weights) / "pass"),
+    )
 
 
 def train_specdec(args) -> None:
@@ -531,9 +617,9 @@ def train_specdec(args) -> None:
     continuations of training-split prompts (--distill-prompt corpus tokens + --distill-new generated ones), and the
     loss is cross-entropy on them: after a context cut at t inside the generated part, query j must predict the
     target's greedy token t + j, which is exactly what greedy verification accepts. Each sequence is cut at
-    --specdec-cuts random places at once (nar.query_layout), fresh every step. The model starts from weights/draft (same width and
-    tokenizer), the queries from its mean token embedding. Validation: the same loss on continuations of held-out
-    prompts."""
+    --specdec-cuts random places at once (nar.query_layout), fresh every step. The model starts from weights/draft
+    (same width and tokenizer), the queries from its mean token embedding. Validation: the same loss on
+    continuations of held-out prompts."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads or torch.get_num_threads())
     train, val = load_splits(args)
@@ -541,8 +627,11 @@ def train_specdec(args) -> None:
     t0 = time.time()
     data = self_distilled_text(target, train, args, device, greedy=True)
     val_data = self_distilled_text(target, val, args, device, greedy=True, sequences=args.distill_batch, seed=10**6)
-    print(f"greedy continuations: {len(data)} + {len(val_data)} held-out sequences of {data.shape[1]} tokens in "
-          f"{time.time() - t0:.0f}s", flush=True)
+    print(
+        f"greedy continuations: {len(data)} + {len(val_data)} held-out sequences of {data.shape[1]} tokens in "
+        f"{time.time() - t0:.0f}s",
+        flush=True,
+    )
     del target
     k, P, S = args.specdec_queries, args.distill_prompt, data.shape[1]
     model = NarModel.from_lm(Transformer.from_pretrained(Path(args.weights) / "draft"), k).to(device)
@@ -554,15 +643,22 @@ def train_specdec(args) -> None:
         return F.cross_entropy(logits.flatten(0, 2).float(), x[:, labels].flatten())
 
     def loss_fn(x):  # fresh cuts every step, all inside the generated part: far more contexts than sequences
-        return loss_at(x, sorted((torch.randperm(S - k - P + 1, generator=cut_gen)[:args.specdec_cuts] + P).tolist()))
+        return loss_at(x, sorted((torch.randperm(S - k - P + 1, generator=cut_gen)[: args.specdec_cuts] + P).tolist()))
 
     fixed_cuts = [int(c) for c in np.linspace(P, S - k, args.specdec_cuts)]  # validation: the same every time
 
     def next_batch(g):
         return data[torch.randint(0, len(data), (args.batch_size,), generator=g).to(device)]
 
-    train_loop(args, model, next_batch, loss_fn, list(val_data.split(8)),
-               lambda: model.save_pretrained(Path(args.weights) / "specdec"), lambda x: loss_at(x, fixed_cuts))
+    train_loop(
+        args,
+        model,
+        next_batch,
+        loss_fn,
+        list(val_data.split(8)),
+        lambda: model.save_pretrained(Path(args.weights) / "specdec"),
+        lambda x: loss_at(x, fixed_cuts),
+    )
 
 
 def search_layerskip(args) -> None:
@@ -577,18 +673,32 @@ def search_layerskip(args) -> None:
     skip, curve = search_skip_set(target, sequences, args.layerskip_max)
     command = "python train.py layerskip " + " ".join(sys.argv[2:])
     save_skip_set(Path(args.weights) / "layerskip.json", skip, curve, command.strip())
-    print(f"{len(prompts)} prompts x {args.layerskip_new} tokens, {time.time() - t0:.0f}s: skipping {len(skip)} "
-          f"sublayers -> {Path(args.weights) / 'layerskip.json'}")
+    print(
+        f"{len(prompts)} prompts x {args.layerskip_new} tokens, {time.time() - t0:.0f}s: skipping {len(skip)} "
+        f"sublayers -> {Path(args.weights) / 'layerskip.json'}"
+    )
 
 
 def main(stage: str, **args) -> None:
     args = argparse.Namespace(stage=stage, **args)
     if args.data_dir is None:  # the wider corpus gets its own token files, so the stdlib ones stay as they were
         args.data_dir = str(HERE / "data" / ("packages" if args.corpus == "packages" else ""))
-    stages = {"tokenizer": build_tokenizer, "data": build_data, "target": train_lm, "draft": train_lm,
-              "datastore": build_datastore, "medusa": train_heads, "hydra": train_heads, "eagle": train_eagle,
-              "disco": train_disco, "pass": train_pass, "corpus": build_corpus, "eval": evaluate,
-              "layerskip": search_layerskip, "specdec": train_specdec}
+    stages = {
+        "tokenizer": build_tokenizer,
+        "data": build_data,
+        "target": train_lm,
+        "draft": train_lm,
+        "datastore": build_datastore,
+        "medusa": train_heads,
+        "hydra": train_heads,
+        "eagle": train_eagle,
+        "disco": train_disco,
+        "pass": train_pass,
+        "corpus": build_corpus,
+        "eval": evaluate,
+        "layerskip": search_layerskip,
+        "specdec": train_specdec,
+    }
     try:
         stages[stage](args)
     except corpus.CorpusError as e:
@@ -597,25 +707,65 @@ def main(stage: str, **args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["tokenizer", "data", "datastore", "target", "draft", "medusa", "hydra", "eagle",
-                                      "disco", "pass", "layerskip", "specdec", "corpus", "eval"], help="what to build (datastore: the retrieval indexes "
-                    "of -d rest and -d sam, after data)")
+    ap.add_argument(
+        "stage",
+        choices=[
+            "tokenizer",
+            "data",
+            "datastore",
+            "target",
+            "draft",
+            "medusa",
+            "hydra",
+            "eagle",
+            "disco",
+            "pass",
+            "layerskip",
+            "specdec",
+            "corpus",
+            "eval",
+        ],
+        help="what to build (datastore: the retrieval indexes of -d rest and -d sam, after data)",
+    )
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
-    ap.add_argument("--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models")
-    ap.add_argument("--data-dir", default=None,
-                    help="where the tokenized corpus is written and read (default: data/, or data/packages/ with "
-                         "--corpus packages)")
-    ap.add_argument("--corpus", choices=["stdlib", "packages"], default="stdlib",
-                    help="stdlib: the standard library (the shipped weights); packages: plus corpus_packages.txt")
-    ap.add_argument("--packages", default=str(HERE / "corpus_packages.txt"),
-                    help="pinned package list (name==version lines; a '# heldout' line starts the held-out ones)")
-    ap.add_argument("--corpus-dir", default=str(HERE / "data" / "corpus"),
-                    help="where `corpus` puts the downloads and the extracted .py files")
-    ap.add_argument("--eval-bytes", type=int, default=100_000,
-                    help="eval: about this many UTF-8 bytes scored per held-out set, in evenly spaced windows")
-    ap.add_argument("--eval-stride", type=int, default=512,
-                    help="eval: tokens a window advances, less than the context (each window scores only its last "
-                         "stride tokens, so each token has at least context - stride tokens before it)")
+    ap.add_argument(
+        "--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models"
+    )
+    ap.add_argument(
+        "--data-dir",
+        default=None,
+        help="where the tokenized corpus is written and read (default: data/, or data/packages/ with "
+        "--corpus packages)",
+    )
+    ap.add_argument(
+        "--corpus",
+        choices=["stdlib", "packages"],
+        default="stdlib",
+        help="stdlib: the standard library (the shipped weights); packages: plus corpus_packages.txt",
+    )
+    ap.add_argument(
+        "--packages",
+        default=str(HERE / "corpus_packages.txt"),
+        help="pinned package list (name==version lines; a '# heldout' line starts the held-out ones)",
+    )
+    ap.add_argument(
+        "--corpus-dir",
+        default=str(HERE / "data" / "corpus"),
+        help="where `corpus` puts the downloads and the extracted .py files",
+    )
+    ap.add_argument(
+        "--eval-bytes",
+        type=int,
+        default=100_000,
+        help="eval: about this many UTF-8 bytes scored per held-out set, in evenly spaced windows",
+    )
+    ap.add_argument(
+        "--eval-stride",
+        type=int,
+        default=512,
+        help="eval: tokens a window advances, less than the context (each window scores only its last "
+        "stride tokens, so each token has at least context - stride tokens before it)",
+    )
     ap.add_argument("--eval-context", type=int, default=0, help="eval: window length in tokens (0 = model's context)")
     ap.add_argument("--checkpoints", default=str(HERE / "checkpoints"), help="where training checkpoints go")
     ap.add_argument("--distill", default=None, help="train on this model's soft labels (a trained target dir)")
@@ -648,8 +798,9 @@ if __name__ == "__main__":
     ap.add_argument("--pass-context", type=int, default=128, help="pass: training window in tokens")
     ap.add_argument("--pass-cuts", type=int, default=16, help="pass: contexts cut from each window, trained at once")
     ap.add_argument("--specdec-queries", type=int, default=4, help="specdec: [MASK] queries (tokens drafted per call)")
-    ap.add_argument("--specdec-cuts", type=int, default=16, help="specdec: contexts cut from each sequence, trained "
-                    "at once")
+    ap.add_argument(
+        "--specdec-cuts", type=int, default=16, help="specdec: contexts cut from each sequence, trained at once"
+    )
     ap.add_argument("--layerskip-prompts", type=int, default=8, help="layerskip: training-split prompts searched on")
     ap.add_argument("--layerskip-context", type=int, default=128, help="layerskip: prompt tokens")
     ap.add_argument("--layerskip-new", type=int, default=32, help="layerskip: target tokens generated per prompt")

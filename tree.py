@@ -13,8 +13,8 @@ Nothing here runs a model: drafters produce the tokens and log-probs, this file 
 """
 
 import heapq
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -58,6 +58,7 @@ class Lookahead:
     """Extra tokens that a mask-predict drafter (survey §5.2: Jacobi, Lookahead, PaSS) adds to the target call after
     the tree's N nodes. They are evaluated only so that the drafter can read their outputs: never verified, and
     never kept in the target's cache (the loop keeps only the root and the accepted path)."""
+
     embeds: torch.Tensor  # [M, C] their input embeddings: the target's embeddings of tokens, or learned (PaSS)
     depths: list[int]  # [M] each sits at the root's position + depth
     sees: torch.Tensor  # bool [M, N + M]: the tree nodes and extra tokens each attends to; the prefix always
@@ -101,9 +102,7 @@ def root_to_leaf_paths(tree: Tree) -> list[list[int]]:
 # Building trees
 
 
-def tree_from_sequences(
-    root: int, sequences: list[list[int]], logprobs: list[list[float]] | None = None
-) -> Tree:
+def tree_from_sequences(root: int, sequences: list[list[int]], logprobs: list[list[float]] | None = None) -> Tree:
     """Merge draft sequences into a prefix-sharing trie (§6.3, SpecInfer (Miao et al. 2024) token tree merge).
 
     Identical prefixes share one node; nodes appear in order of first appearance. logprobs[s][t] (optional) is
@@ -320,8 +319,9 @@ def render_call(tree: Tree, decode: Callable[[int], str]) -> str:
     n, mask = len(tree), tree_attention_mask(tree, 0)  # [N + M, N + M]
     extra = tree.lookahead.tokens if tree.lookahead is not None and tree.lookahead.tokens is not None else []
     labels = [f"node {i} {decode(t)!r}" for i, t in enumerate(tree.tokens)]
-    labels += [f"extra {j} {decode(t)!r}" for j, t in enumerate(extra)] or \
-        [f"extra {j} (embedding)" for j in range(len(mask) - n)]
+    labels += [f"extra {j} {decode(t)!r}" for j, t in enumerate(extra)] or [
+        f"extra {j} (embedding)" for j in range(len(mask) - n)
+    ]
     depth = tree_positions(tree, 0).tolist()
     width = max(len(label) for label in labels)
     lines = [f"{'':{width}}  depth  " + "".join("N" if j < n else "x" for j in range(len(mask)))]

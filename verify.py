@@ -17,13 +17,13 @@ Rules kept everywhere (see shared/notes/peer-pitfalls.md):
 
 Everything here works on one sequence (no batch dim) and returns Python ints.
 """
+
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from tree import Tree, children
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Logit warpers (§6.2: speculative sampling preserves whatever distribution the target samples from, so the same
@@ -126,7 +126,10 @@ def greedy_verify(target_logits: Tensor, draft_tokens: Tensor) -> tuple[int, int
 
 
 def speculative_sample(
-    target_probs: Tensor, draft_probs: Tensor | None, draft_tokens: Tensor, generator: torch.Generator,
+    target_probs: Tensor,
+    draft_probs: Tensor | None,
+    draft_tokens: Tensor,
+    generator: torch.Generator,
     lenience: float = 1.0,
 ) -> tuple[int, int]:
     """Exact rejection sampling of a draft chain (§6.2; Leviathan et al. 2023 Alg. 1; Chen et al. 2023 Alg. 2).
@@ -226,8 +229,9 @@ class Verifier(Protocol):
 
     lossy: bool  # True: the output is NOT distributed as the target's (labelled everywhere it is shown)
 
-    def chain(self, logits: Tensor, p: Tensor, q: Tensor | None, drafts: Tensor,
-              generator: torch.Generator | None) -> tuple[int, int]:
+    def chain(
+        self, logits: Tensor, p: Tensor, q: Tensor | None, drafts: Tensor, generator: torch.Generator | None
+    ) -> tuple[int, int]:
         """logits, p [γ+1, V]; q [γ, V] or None (one-hot); drafts [γ] -> (n_accepted, next_token)."""
 
     def tree(self, logits: Tensor, p: Tensor, tree: Tree, generator: torch.Generator | None) -> tuple[list[int], int]:
@@ -259,8 +263,9 @@ class SpeculativeSampling:
     lossy = False
     lenience = 1.0
 
-    def chain(self, logits: Tensor, p: Tensor, q: Tensor | None, drafts: Tensor,
-              generator: torch.Generator | None) -> tuple[int, int]:
+    def chain(
+        self, logits: Tensor, p: Tensor, q: Tensor | None, drafts: Tensor, generator: torch.Generator | None
+    ) -> tuple[int, int]:
         return speculative_sample(p, q, drafts, generator, self.lenience)
 
     def tree(self, logits: Tensor, p: Tensor, tree: Tree, generator: torch.Generator | None) -> tuple[list[int], int]:

@@ -1,4 +1,5 @@
 """Fixtures shared by several test modules."""
+
 from pathlib import Path
 
 import pytest

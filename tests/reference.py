@@ -4,6 +4,7 @@ It reads only `model.state_dict()` (or a plain dict of HF-named tensors) and `mo
 step with explicit matmuls: no KV cache, no scaled_dot_product_attention, no code shared with model.py.
 Slow and obvious on purpose; use it with toy sizes.
 """
+
 import math
 
 import torch
@@ -89,4 +90,4 @@ def reference_greedy(model, prompt_ids, n):
     for _ in range(n):
         logits = reference_logits(model, torch.tensor([ids]))
         ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]

@@ -2,6 +2,7 @@
 force), accepts at least what the lossless rule accepts, reduces EXACTLY to the lossless rule at its exact end
 (beta = 1, rollback = 0, lenience = 1, temperature 0), and is detectably not the target's distribution otherwise.
 p = target, q = draft (Leviathan et al.)."""
+
 import math
 from pathlib import Path
 
@@ -26,8 +27,11 @@ def trees(draw, distinct_siblings: bool = True):
     vocab, n = draw(st.integers(2, 4)), draw(st.integers(1, 8))
     tree = Tree.from_root(draw(st.integers(0, vocab - 1)))
     for i in range(1, n):
-        open_parents = [j for j in range(i) if not distinct_siblings
-                        or len([c for c in range(1, i) if tree.parents[c] == j]) < vocab]
+        open_parents = [
+            j
+            for j in range(i)
+            if not distinct_siblings or len([c for c in range(1, i) if tree.parents[c] == j]) < vocab
+        ]
         parent = draw(st.sampled_from(open_parents))
         used = {tree.tokens[c] for c in range(1, i) if tree.parents[c] == parent} if distinct_siblings else set()
         tree.add(parent, draw(st.sampled_from([t for t in range(vocab) if t not in used])), 0.0)
@@ -67,18 +71,24 @@ def test_lenience_one_is_exact_speculative_sampling(chain, case, seed):
     logits, drafts = chain
     p = probs_from_logits(logits, 1.0)
     q = probs_from_logits(logits.flip(-1)[:-1], 1.0)  # any draft distribution
-    runs = [rule.chain(logits, p, q, drafts, torch.Generator().manual_seed(seed))
-            for rule in (Lenient(1.0), SpeculativeSampling())]
+    runs = [
+        rule.chain(logits, p, q, drafts, torch.Generator().manual_seed(seed))
+        for rule in (Lenient(1.0), SpeculativeSampling())
+    ]
     assert runs[0] == runs[1]
     logits, tree = case
     tree.q = probs_from_logits(logits.roll(1, dims=-1), 1.0)
     p = probs_from_logits(logits, 1.0)
-    runs = [rule.tree(logits, p, tree, torch.Generator().manual_seed(seed)) for rule in (Lenient(1.0), SpeculativeSampling())]
+    runs = [
+        rule.tree(logits, p, tree, torch.Generator().manual_seed(seed))
+        for rule in (Lenient(1.0), SpeculativeSampling())
+    ]
     assert runs[0] == runs[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Each rule's criterion, against brute force.
+
 
 def brute_force_longest(tree: Tree, ok) -> list[int]:
     """The longest root path of nodes with ok(node) (root excluded), first in index order among the longest."""
@@ -99,7 +109,9 @@ def test_longest_acceptable_path_matches_brute_force(case, data):
 
 
 @no_deadline
-@given(case=trees(distinct_siblings=False), beta=st.integers(1, 4), tau=st.sampled_from([0.0, 0.5, 1.5, math.inf]))  # off the integer gaps
+@given(
+    case=trees(distinct_siblings=False), beta=st.integers(1, 4), tau=st.sampled_from([0.0, 0.5, 1.5, math.inf])
+)  # off the integer gaps
 def test_topk_accepts_drafts_ranked_within_beta_and_tau_of_the_top(case, beta, tau):
     logits, tree = case
     logprobs = torch.log_softmax(logits, dim=-1).tolist()
@@ -164,6 +176,7 @@ def test_typical_accept_takes_longest_path_and_accepts_anything_plausible_when_f
 
 def test_lenient_acceptance_is_min_one_p_over_l_q():
     from verify import acceptance_probability
+
     p, q = torch.tensor([0.1, 0.6, 0.3]), torch.tensor([0.5, 0.2, 0.3])
     assert torch.allclose(acceptance_probability(p, q, 0.5), torch.tensor([0.4, 1.0, 1.0]))
     with pytest.raises(ValueError):
@@ -174,9 +187,11 @@ def test_lenient_acceptance_is_min_one_p_over_l_q():
 # 3. Lossy means lossy: the chi-square test that accepts exact speculative sampling rejects lenience 0.5 (the first
 # token of a chain, gamma = 1, as tests/test_verify.py does for the lossless rule).
 
+
 def lenient_sampler(lenience):
     def sample(target, draft, drafts, generator):
         return Lenient(lenience).chain(target.log(), target, draft, drafts, generator)
+
     return sample
 
 
@@ -205,8 +220,7 @@ def test_exact_ends_in_the_loops_equal_autoregressive_on_the_shipped_weights(sho
     use_tree = drafter == "eagle"
     draft = specdec.make_drafter(drafter, WEIGHTS, target, torch.float32, 12, 6, 2)
     for prompt, expected in references:
-        out, _ = specdec.decode(target, draft, use_tree, prompt, 24, 4, verifier=rule, temperature=0,
-                                eot=enc.eot_token)
+        out, _ = specdec.decode(target, draft, use_tree, prompt, 24, 4, verifier=rule, temperature=0, eot=enc.eot_token)
         assert out == expected
 
 
@@ -217,8 +231,9 @@ def test_lossy_rules_in_the_loop_accept_more_and_change_the_output(short_referen
     for name, rule in {"exact": Greedy(), "topk": TopK(), "bild": BiLD(2.0)}.items():
         accepted[name] = changed[name] = 0
         for prompt, expected in references:
-            out, stats = specdec.decode(target, draft, False, prompt, 24, 4, verifier=rule, temperature=0,
-                                        eot=enc.eot_token)
+            out, stats = specdec.decode(
+                target, draft, False, prompt, 24, 4, verifier=rule, temperature=0, eot=enc.eot_token
+            )
             accepted[name] += stats.accepted
             changed[name] += out != expected
     assert changed["exact"] == 0 and changed["topk"] > 0 and changed["bild"] > 0

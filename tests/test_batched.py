@@ -1,6 +1,7 @@
 """Tests for batched.py: each row of a ragged batch decodes exactly as that row alone (greedy, shipped weights and
 toy models, through compaction and rows that leave early), and each row keeps the target's law at T = 1, while
 the same test rejects a batch whose positions count slots instead of the row's own tokens."""
+
 import math
 
 import numpy as np
@@ -10,8 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import batched
-from batched import (BatchModelDrafter, BatchPromptLookup, CrossSampleLookup, RaggedCache, batch_speculative_generate,
-                     batch_tree_speculative_generate, select_drafts)
+from batched import (
+    BatchModelDrafter,
+    BatchPromptLookup,
+    CrossSampleLookup,
+    RaggedCache,
+    batch_speculative_generate,
+    batch_tree_speculative_generate,
+    select_drafts,
+)
 from drafters import ModelDrafter, PromptLookupDrafter
 from heads import EagleDrafter
 from specdec import generate, load_model
@@ -29,8 +37,11 @@ def test_every_row_of_a_batch_equals_decoding_it_alone_on_the_shipped_weights(sh
     enc, target, references = short_references
     prompts = [p[-cut:] for (p, _), cut in zip(references, WEIGHTS_PROMPT_CUTS)] + [references[-1][0]]
     expected = [generate(target, p, 24, eot=enc.eot_token) for p in prompts]
-    drafter = BatchModelDrafter(load_model(WEIGHTS / "draft", "cpu", torch.float32)) if kind == "draft" \
+    drafter = (
+        BatchModelDrafter(load_model(WEIGHTS / "draft", "cpu", torch.float32))
+        if kind == "draft"
         else BatchPromptLookup()
+    )
     out, stats = batch_speculative_generate(target, drafter, prompts, 24, gamma=4, eot=enc.eot_token)
     assert out == expected
     assert 0 < stats.accepted < stats.drafted
@@ -82,14 +93,23 @@ def per_row_law(prompts: list[list[int]], n_calls: int, decode_batch) -> list[tu
     for _ in range(n_calls):
         for row, out in zip(samples, decode_batch(target, draft, generator)):
             row.append(out)
-    return [(stat, chi_square_critical(dof)) for stat, dof in
-            (chi_square(np.array(s), exact_joint(target, p, 3, temperature=1.0)) for p, s in zip(prompts, samples))]
+    return [
+        (stat, chi_square_critical(dof))
+        for stat, dof in (
+            chi_square(np.array(s), exact_joint(target, p, 3, temperature=1.0)) for p, s in zip(prompts, samples)
+        )
+    ]
 
 
 def batched_law(n_calls: int) -> list[tuple[float, float]]:
     """Ragged rows of draft-model chains."""
-    return per_row_law(PROMPTS, n_calls, lambda target, draft, generator: batch_speculative_generate(
-        target, BatchModelDrafter(draft), PROMPTS, 3, gamma=2, temperature=1.0, generator=generator)[0])
+    return per_row_law(
+        PROMPTS,
+        n_calls,
+        lambda target, draft, generator: batch_speculative_generate(
+            target, BatchModelDrafter(draft), PROMPTS, 3, gamma=2, temperature=1.0, generator=generator
+        )[0],
+    )
 
 
 def slot_positions(self, real, first_positions, T):
@@ -117,13 +137,16 @@ def test_the_law_test_rejects_positions_that_count_slots(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # TETRIS's budgeted draft selection and multi-sample drafting.
 
-@given(st.lists(st.one_of(st.none(), st.lists(st.floats(0.01, 1.0), min_size=0, max_size=5)), min_size=1,
-                max_size=5), st.integers(0, 30))
+
+@given(
+    st.lists(st.one_of(st.none(), st.lists(st.floats(0.01, 1.0), min_size=0, max_size=5)), min_size=1, max_size=5),
+    st.integers(0, 30),
+)
 def test_tetris_keeps_a_prefix_of_each_chain_within_the_budget_and_the_likeliest_drafts(confidence, budget):
     lengths = [len(c) if c is not None else 3 for c in confidence]
     keep = select_drafts(confidence, lengths, budget)
     assert sum(keep) == min(budget, sum(lengths)) and all(0 <= k <= n for k, n in zip(keep, lengths))
-    chance = lambda b, i: math.prod(confidence[b][:i + 1]) if confidence[b] is not None else 1.0
+    chance = lambda b, i: math.prod(confidence[b][: i + 1]) if confidence[b] is not None else 1.0
     kept = [chance(b, k - 1) for b, k in enumerate(keep) if k]
     left = [chance(b, k) for b, k in enumerate(keep) if k < lengths[b]]
     assert not kept or not left or min(kept) >= max(left)  # nothing left out beats anything kept
@@ -143,8 +166,13 @@ def test_a_verification_budget_keeps_every_row_equal_to_decoding_it_alone(short_
 def multi_sample_law(n_calls: int, verifier=None) -> list[tuple[float, float]]:
     """3 samples of one prompt drafting for each other."""
     prompts = [[1, 4, 0, 3]] * 3
-    return per_row_law(prompts, n_calls, lambda target, draft, generator: batch_speculative_generate(
-        target, CrossSampleLookup(), prompts, 3, gamma=2, temperature=1.0, generator=generator, verifier=verifier)[0])
+    return per_row_law(
+        prompts,
+        n_calls,
+        lambda target, draft, generator: batch_speculative_generate(
+            target, CrossSampleLookup(), prompts, 3, gamma=2, temperature=1.0, generator=generator, verifier=verifier
+        )[0],
+    )
 
 
 @pytest.mark.slow
@@ -161,12 +189,17 @@ def test_the_multi_sample_law_test_rejects_a_verifier_that_accepts_every_draft()
 # ---------------------------------------------------------------------------------------------------------------
 # Batched token trees: EAGLE-2 and prompt-lookup tries, one per row.
 
+
 @pytest.mark.parametrize("kind", ["eagle", "pld"])
 def test_every_row_of_a_batch_of_trees_equals_decoding_it_alone_on_the_shipped_weights(short_references, kind):
     enc, target, references = short_references
     prompts = [p[-cut:] for (p, _), cut in zip(references, WEIGHTS_PROMPT_CUTS)] + [references[-1][0]]
-    drafters = [EagleDrafter.from_pretrained(target, WEIGHTS / "eagle", width=2, size=12) if kind == "eagle"
-                else PromptLookupDrafter() for _ in prompts]
+    drafters = [
+        EagleDrafter.from_pretrained(target, WEIGHTS / "eagle", width=2, size=12)
+        if kind == "eagle"
+        else PromptLookupDrafter()
+        for _ in prompts
+    ]
     out, stats = batch_tree_speculative_generate(target, drafters, prompts, 24, eot=enc.eot_token)
     assert out == [generate(target, p, 24, eot=enc.eot_token) for p in prompts]
     assert 0 < stats.accepted < stats.drafted
@@ -174,9 +207,19 @@ def test_every_row_of_a_batch_of_trees_equals_decoding_it_alone_on_the_shipped_w
 
 def batched_tree_law(n_calls: int, verifier=None) -> list[tuple[float, float]]:
     """Ragged rows of top-k draft-model trees (one-hot siblings)."""
-    return per_row_law(PROMPTS, n_calls, lambda target, draft, generator: batch_tree_speculative_generate(
-        target, [ModelDrafter(draft, depth=2, width=2, beam=2, size=4) for _ in PROMPTS], PROMPTS, 3,
-        temperature=1.0, generator=generator, verifier=verifier)[0])
+    return per_row_law(
+        PROMPTS,
+        n_calls,
+        lambda target, draft, generator: batch_tree_speculative_generate(
+            target,
+            [ModelDrafter(draft, depth=2, width=2, beam=2, size=4) for _ in PROMPTS],
+            PROMPTS,
+            3,
+            temperature=1.0,
+            generator=generator,
+            verifier=verifier,
+        )[0],
+    )
 
 
 @pytest.mark.slow

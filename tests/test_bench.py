@@ -1,5 +1,6 @@
 """bench.py's arithmetic, on hand-made counts: the suite's speedups are Spec-Bench's (evaluation/speed.py), the
 mean of a method's per-prompt tokens/s over the mean of the baseline's, "overall" pooling every category."""
+
 from bench import Method, print_suite
 from suite import CATEGORIES
 
@@ -18,7 +19,7 @@ def test_suite_speedups_are_ratios_of_mean_per_prompt_speeds(capsys):
         results[category] = [base, fast]
     print_suite(results, 0.0)
     cells = row_of("Fast", capsys.readouterr().out)
-    assert cells[:len(CATEGORIES)] == [f"{1 + i:.2f}x" for i in range(len(CATEGORIES))]
+    assert cells[: len(CATEGORIES)] == [f"{1 + i:.2f}x" for i in range(len(CATEGORIES))]
     pooled = sum(20 + 20 * i for i in range(len(CATEGORIES))) / len(CATEGORIES) / 20
     assert cells[len(CATEGORIES)] == f"{pooled:.2f}x"  # = the mean of the speedups here: equal prompt counts
 

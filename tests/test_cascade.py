@@ -2,12 +2,14 @@
 the sampled law of the cascade on toy models (chi-square against the exact target joint), with power checks against
 two broken cascades that misreport q; the draft model's cache after each step; and SpecInfer's merge, whose tree
 holds every drafter's proposal as a root path (hypothesis over random proposals)."""
+
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import specdec
 from cascade import CascadeDrafter, CollectiveDrafter, merge_proposals, ranked_paths
@@ -15,8 +17,13 @@ from drafters import ModelDrafter, PromptLookupDrafter
 from retrieval import RestDrafter
 from specdec import speculative_generate, tree_speculative_generate, warp_for
 from suffix import suffix_array
-from tests.test_specdec import (WARPINGS, acceptance_matches_theory, assert_cache_holds, speculative_chi_square,
-                                toy_draft)
+from tests.test_specdec import (
+    WARPINGS,
+    acceptance_matches_theory,
+    assert_cache_holds,
+    speculative_chi_square,
+    toy_draft,
+)
 from tree import Tree, children, depths, path_to
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -25,6 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # batch-1 forwards: one thre
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Greedy identity on the shipped weights (fp32), a few prompts of 24 tokens.
+
 
 @pytest.fixture(scope="module")
 def shipped_draft():
@@ -49,11 +57,17 @@ def test_greedy_cascade_equals_autoregressive_on_shipped_weights(short_reference
 @pytest.mark.parametrize("with_rest", [True, False], ids=["draft+pld+rest", "draft+pld"])
 def test_greedy_collective_equals_autoregressive_on_shipped_weights(short_references, shipped_draft, with_rest):
     enc, target, refs = short_references
-    stream = np.array([t for prompt, _ in refs for t in prompt + [enc.eot_token]] + list(range(300)) * 2,
-                      dtype=np.uint16)  # REST's datastore: the prompts' own tokens, so that it has matches
+    stream = np.array(
+        [t for prompt, _ in refs for t in prompt + [enc.eot_token]] + list(range(300)) * 2, dtype=np.uint16
+    )  # REST's datastore: the prompts' own tokens, so that it has matches
     rest = RestDrafter(stream, suffix_array(stream, 16), depth=6, size=12) if with_rest else None
-    drafter = CollectiveDrafter(ModelDrafter(shipped_draft, depth=6, width=2, beam=2, size=12),
-                                PromptLookupDrafter(depth=6, matches=2), rest, size=12, depth=6)
+    drafter = CollectiveDrafter(
+        ModelDrafter(shipped_draft, depth=6, width=2, beam=2, size=12),
+        PromptLookupDrafter(depth=6, matches=2),
+        rest,
+        size=12,
+        depth=6,
+    )
     for i, (prompt, expected) in enumerate(few(refs)):
         out, stats = tree_speculative_generate(target, drafter, prompt, 24, temperature=0, eot=enc.eot_token)
         assert out == expected, f"prompt {i}"
@@ -135,6 +149,7 @@ def test_cascade_proposals_mark_their_sources_and_report_one_hot_q_for_the_tail(
 # 3. The draft model's cache: after accept(n) it holds exactly the context and the accepted drafts (never the last
 # one, which the draft model has not fed), so the next proposal equals a fresh drafter's.
 
+
 @pytest.mark.parametrize("n_accepted", [0, 1, 2, 4])
 @torch.inference_mode()
 def test_cascade_cache_after_accept_holds_context_and_accepted_drafts(n_accepted):
@@ -144,7 +159,7 @@ def test_cascade_cache_after_accept_holds_context_and_accepted_drafts(n_accepted
     drafts, _ = drafter.propose(context, gamma, greedy, None)
     assert len(drafts) == gamma and drafter.draft_calls < gamma  # lookup's tokens saved draft calls
     drafter.accept(n_accepted)
-    assert_cache_holds(drafter.cache, draft, context + drafts[:min(n_accepted, gamma - 1)])
+    assert_cache_holds(drafter.cache, draft, context + drafts[: min(n_accepted, gamma - 1)])
     correction = (drafts[n_accepted] + 1) % 6 if n_accepted < gamma else 0
     next_context = context + drafts[:n_accepted] + [correction]
     fresh_drafter = CascadeDrafter(draft, PromptLookupDrafter())
@@ -166,6 +181,7 @@ def test_greedy_cascade_drafts_what_the_draft_model_drafts_alone():
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. SpecInfer's merge: one trie that holds every drafter's proposal.
+
 
 def assert_trie(tree: Tree) -> None:
     for kids in children(tree.parents):
@@ -194,7 +210,7 @@ def test_merged_tree_holds_every_proposal_as_a_root_path(proposals, size, depth)
     cut = [[seq[:depth] for seq in drafter] for drafter in proposals]
     for node in range(1, len(tree)):  # nothing invented: every node lies on some proposal
         path = [tree.tokens[i] for i in path_to(tree, node)[1:]]
-        assert any(seq[:len(path)] == path for drafter in cut for seq in drafter)
+        assert any(seq[: len(path)] == path for drafter in cut for seq in drafter)
     if proposals[0]:  # the first drafter's best sequence always fits, as far as the size allows
         assert is_root_path(tree, cut[0][0][:size])
     distinct = {tuple(seq[:k]) for drafter in cut for seq in drafter for k in range(1, len(seq) + 1)}
@@ -209,8 +225,11 @@ def test_collective_tree_holds_each_drafters_tree(context):
     """On toy models: the draft model's top-k tree, prompt lookup's trie and REST's trie all lie in the merged tree
     (its size is large enough here), rooted at the context's last token, deterministic (q is None)."""
     stream = np.array([0, 4, 4, 0, 1, 2, 3, 4, 5] * 3, dtype=np.uint16)
-    parts = [ModelDrafter(toy_draft(), depth=3, width=2, beam=2, size=6), PromptLookupDrafter(depth=3, matches=2),
-             RestDrafter(stream, suffix_array(stream, 16), depth=3, size=6)]
+    parts = [
+        ModelDrafter(toy_draft(), depth=3, width=2, beam=2, size=6),
+        PromptLookupDrafter(depth=3, matches=2),
+        RestDrafter(stream, suffix_array(stream, 16), depth=3, size=6),
+    ]
     collective = CollectiveDrafter(*parts, size=100, depth=3)
     collective.reset()
     warp = warp_for(1.0, 0, 1.0)

@@ -3,6 +3,7 @@ drafter works, greedy speculative output equals plain decoding, sampling is repr
 one line on stderr with exit code 2, never a traceback.
 
 Each run pays for importing torch, so all of them start at once in the `cli` fixture, two at a time."""
+
 import os
 import pty
 import re
@@ -87,16 +88,22 @@ BAD_INPUTS = {
     "verification without a drafter": ["-p", PROMPT, "-d", "none", "-v", "topk"],
     "missing prompt": ["-n", "3"],
 }
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "specdec.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "specdec.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def run_in_terminal(*args: str) -> str:
     """stdout of `python specdec.py ARGS` when it is a terminal (so colour is on unless --no-color)."""
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "specdec.py", *args], cwd=ROOT, stdout=follower,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "specdec.py", *args],
+        cwd=ROOT,
+        stdout=follower,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
     os.close(follower)
     out = b""
     while select.select([leader], [], [], 300)[0]:
@@ -151,10 +158,24 @@ def test_bare_command_prints_the_continuation_then_the_stats(cli):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("run", ["drafter none", "drafter draft", "drafter pld", "drafter blockwise",
-                                 "drafter jacobi", "drafter lookahead", "drafter pass", "drafter cascade",
-                                 "drafter collective", "drafter earlyexit", "drafter quant", "draft length svip",
-                                 "drafter specdec"])
+@pytest.mark.parametrize(
+    "run",
+    [
+        "drafter none",
+        "drafter draft",
+        "drafter pld",
+        "drafter blockwise",
+        "drafter jacobi",
+        "drafter lookahead",
+        "drafter pass",
+        "drafter cascade",
+        "drafter collective",
+        "drafter earlyexit",
+        "drafter quant",
+        "draft length svip",
+        "drafter specdec",
+    ],
+)
 def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, run):
     r = cli[run]
     assert r.returncode == 0, r.stderr
@@ -172,9 +193,14 @@ def test_a_lossy_rule_says_so_in_the_stats_footer(cli):
 def test_ctrl_c_stops_quietly():
     # SIGINT back to its default in the child: a test run started in the background by a shell (`pytest &`) passes
     # SIGINT down ignored, and Python then never installs its KeyboardInterrupt handler
-    proc = subprocess.Popen([sys.executable, "specdec.py", "-p", PROMPT, "-n", "1000", "-d", "none"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "specdec.py", "-p", PROMPT, "-n", "1000", "-d", "none"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert proc.stdout.read(len(PROMPT)) == PROMPT  # generating: the prompt is echoed first
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -211,10 +237,21 @@ def test_argparse_errors_are_one_line_with_exit_code_2_too(cli):
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("specdec.py: error: ")
 
 
-@pytest.mark.parametrize("args", [["--prompts", "0"], ["-w", "/nonexistent"], ["-t", "-1"], ["-g", "0"],
-                                  ["--batch", "0,2"], ["--samples", "3"], ["--plot", "curve.png"],
-                                  ["--suite-all", "--batch", "2"], ["--batch", "1", "--plot", "no/such/dir/c.png"],
-                                  ["--batch", "1", "--plot", "curve.xyz"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--prompts", "0"],
+        ["-w", "/nonexistent"],
+        ["-t", "-1"],
+        ["-g", "0"],
+        ["--batch", "0,2"],
+        ["--samples", "3"],
+        ["--plot", "curve.png"],
+        ["--suite-all", "--batch", "2"],
+        ["--batch", "1", "--plot", "no/such/dir/c.png"],
+        ["--batch", "1", "--plot", "curve.xyz"],
+    ],
+)
 def test_bench_bad_input_is_one_line_on_stderr_and_exit_code_2(args):
     r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -224,8 +261,10 @@ def test_bench_bad_input_is_one_line_on_stderr_and_exit_code_2(args):
 def test_bench_plot_without_matplotlib_is_refused_before_the_run():
     """matplotlib is an optional extra: hidden here (a None entry in sys.modules makes its import fail), --plot is
     refused at once, before any model loads or anything is measured."""
-    hide = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['bench.py', '--batch', '1', '--plot', "
-            "'curve.png']; runpy.run_path('bench.py', run_name='__main__')")
+    hide = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['bench.py', '--batch', '1', '--plot', "
+        "'curve.png']; runpy.run_path('bench.py', run_name='__main__')"
+    )
     r = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr.startswith("bench.py: error: --plot needs matplotlib") and len(r.stderr.splitlines()) == 1

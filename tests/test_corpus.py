@@ -1,5 +1,6 @@
 """The wider corpus (corpus.py): package list, extraction from archives built here, dedupe, the held-out split by
 package, and bits per byte against brute force. Offline: nothing is downloaded."""
+
 import io
 import math
 import os
@@ -22,11 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---- package list ---------------------------------------------------------------------------------------------
 
+
 def test_read_packages_marks_the_heldout_section(tmp_path):
     path = tmp_path / "list.txt"
     path.write_text("# header\nalpha==1.0\n\nbeta==2.0.1  # why\n# heldout: never trained on\npip==24.0\n")
-    assert corpus.read_packages(path) == [Package("alpha", "1.0", False), Package("beta", "2.0.1", False),
-                                          Package("pip", "24.0", True)]
+    assert corpus.read_packages(path) == [
+        Package("alpha", "1.0", False),
+        Package("beta", "2.0.1", False),
+        Package("pip", "24.0", True),
+    ]
     path.write_text("alpha>=1.0\n")
     with pytest.raises(corpus.CorpusError, match="expected name==version"):
         corpus.read_packages(path)
@@ -40,6 +45,7 @@ def test_shipped_package_list_holds_out_pip_and_two_more():
 
 
 # ---- extraction -----------------------------------------------------------------------------------------------
+
 
 def make_wheel(path: Path) -> Path:
     with zipfile.ZipFile(path, "w") as z:
@@ -55,15 +61,21 @@ def make_wheel(path: Path) -> Path:
 
 def test_wheel_gives_its_py_files_only(tmp_path):
     files = dict(corpus.archive_python_files(make_wheel(tmp_path / "demo-1.0-py3-none-any.whl")))
-    assert files == {"demo/__init__.py": b"x = 1\n", "demo/sub/mod.py": b"def f():\n    return 2\n",
-                     "extra.py": b"y = 3\n"}
+    assert files == {
+        "demo/__init__.py": b"x = 1\n",
+        "demo/sub/mod.py": b"def f():\n    return 2\n",
+        "extra.py": b"y = 3\n",
+    }
 
 
 def test_sdist_drops_its_top_folder(tmp_path):
     path = tmp_path / "demo-1.0.tar.gz"
     with tarfile.open(path, "w:gz") as t:
-        for name, text in [("demo-1.0/setup.py", b"setup()\n"), ("demo-1.0/src/demo/a.py", b"a = 1\n"),
-                           ("demo-1.0/README.md", b"# demo\n")]:
+        for name, text in [
+            ("demo-1.0/setup.py", b"setup()\n"),
+            ("demo-1.0/src/demo/a.py", b"a = 1\n"),
+            ("demo-1.0/README.md", b"# demo\n"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(text)
             t.addfile(info, io.BytesIO(text))
@@ -77,18 +89,23 @@ def test_extract_writes_under_name_version_and_replaces_old_files(tmp_path):
     stale.write_text("old\n")
     folder = corpus.extract(pkg, make_wheel(tmp_path / "demo-1.0-py3-none-any.whl"), tmp_path / "out")
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
-        "demo/__init__.py", "demo/sub/mod.py", "extra.py"]
+        "demo/__init__.py",
+        "demo/sub/mod.py",
+        "extra.py",
+    ]
     assert not (tmp_path / "evil.py").exists() and not (tmp_path / "out" / "evil.py").exists()
 
 
 # ---- dedupe and splits ----------------------------------------------------------------------------------------
+
 
 def test_dedupe_keeps_the_first_copy_of_each_content():
     docs = [Document("a", "x.py", b"same"), Document("b", "y.py", b"other"), Document("c", "z.py", b"same")]
     seen = set()
     assert corpus.dedupe(docs, seen) == docs[:2]
     assert corpus.dedupe([Document("d", "w.py", b"other"), Document("d", "v.py", b"new")], seen) == [
-        Document("d", "v.py", b"new")]
+        Document("d", "v.py", b"new")
+    ]
 
 
 def write_package(corpus_dir: Path, name: str, files: dict[str, str]) -> None:
@@ -99,8 +116,16 @@ def write_package(corpus_dir: Path, name: str, files: dict[str, str]) -> None:
 
 
 def test_split_holds_out_whole_packages(tmp_path):
-    write_package(tmp_path, "lib", {"lib/core.py": "core\n", "lib/shared.py": "shared\n", "lib/__init__.py": "",
-                                    "lib/_vendor/pipstuff.py": "vendored\n"})
+    write_package(
+        tmp_path,
+        "lib",
+        {
+            "lib/core.py": "core\n",
+            "lib/shared.py": "shared\n",
+            "lib/__init__.py": "",
+            "lib/_vendor/pipstuff.py": "vendored\n",
+        },
+    )
     write_package(tmp_path, "tool", {"tool/main.py": "main\n", "tool/shared.py": "shared\n", "tool/__init__.py": ""})
     write_package(tmp_path, "pip", {"pip/cli.py": "cli\n", "pip/_vendor/pipstuff.py": "vendored\n"})
     packages = [Package("lib", "1.0", False), Package("tool", "1.0", True), Package("pip", "1.0", True)]
@@ -125,17 +150,32 @@ def test_missing_package_folder_is_a_clear_error(tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "data", "--corpus", "packages",
-                          "--corpus-dir", str(tmp_path / "none"), "--data-dir", str(tmp_path / "d")],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "data",
+            "--corpus",
+            "packages",
+            "--corpus-dir",
+            str(tmp_path / "none"),
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode != 0
     assert len(run.stderr.strip().splitlines()) == 1 and "train.py corpus" in run.stderr
 
 
 # ---- bits per byte --------------------------------------------------------------------------------------------
 
+
 class ByteEncoder:
     """Bytes as tokens 0..255 and <|endoftext|> as 256: the fewest moving parts for the arithmetic."""
+
     eot_token = 256
 
     def encode_ordinary(self, text: str) -> list[int]:
@@ -192,7 +232,8 @@ def test_windows_give_each_token_the_promised_context():
         spans = corpus.window_spans(len(ids), stride)
         assert [t for start, end in spans for t in range(start, end)] == list(range(1, 30))  # each token once
         assert corpus.spans_nll(model, ids, spans, context) == pytest.approx(
-            brute_force_nll(model, ids, range(1, 30), context, stride), rel=1e-5)
+            brute_force_nll(model, ids, range(1, 30), context, stride), rel=1e-5
+        )
 
 
 def test_windows_holding_the_whole_stream_equal_a_prefix_at_a_time():

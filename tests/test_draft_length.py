@@ -1,6 +1,7 @@
 """Tests for draft_length.py: each policy follows its published rule, the drafters and loops consult it where they
 should, every policy keeps greedy output identical to autoregressive decoding (draft length never changes what is
 verified, only how much), and thresholds that never trigger give exactly the fixed-gamma run."""
+
 import math
 from pathlib import Path
 
@@ -8,8 +9,18 @@ import pytest
 import torch
 
 import specdec
-from draft_length import (SVIP, Confidence, Disco, DiscoClassifier, DynamicDepth, FixedLength, Heuristic, Recorder,
-                          disco_features, entropy)
+from draft_length import (
+    SVIP,
+    Confidence,
+    Disco,
+    DiscoClassifier,
+    DynamicDepth,
+    FixedLength,
+    Heuristic,
+    Recorder,
+    disco_features,
+    entropy,
+)
 from drafters import ModelDrafter
 from specdec import generate, speculative_generate, tree_speculative_generate, warp_for
 from tests.toy import perturbed, toy_model
@@ -33,6 +44,7 @@ def logits_with_top(prob: float, vocab: int = 6) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Each policy's rule.
+
 
 def test_heuristic_adds_two_after_a_full_accept_and_takes_one_otherwise():
     h = Heuristic(4)
@@ -96,6 +108,7 @@ def test_disco_features_and_classifier_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Drafters and loops consult the policy.
 
+
 class StopAt(FixedLength):
     """Says stop after token `at`; records every (i) it was asked about."""
 
@@ -140,32 +153,48 @@ def test_the_chain_loop_drafts_what_the_policy_asks_and_reports_every_step():
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Lossless under every policy, and the exact end of every threshold.
 
+
 def toy_policies():
     clf = DiscoClassifier(4)
-    return {"heuristic": Heuristic(2), "confidence": Confidence(6, 0.8), "svip": SVIP(6, 0.2),
-            "disco": Disco(6, clf, 0.5)}
+    return {
+        "heuristic": Heuristic(2),
+        "confidence": Confidence(6, 0.8),
+        "svip": SVIP(6, 0.2),
+        "disco": Disco(6, clf, 0.5),
+    }
 
 
 @pytest.mark.parametrize("name", toy_policies())
 @pytest.mark.parametrize("prompt", [[1], [1, 2, 3], [5, 0, 5, 0]])
 def test_every_policy_keeps_greedy_output_identical_to_autoregressive(name, prompt):
     target = toy_target()
-    out, stats = speculative_generate(target, ModelDrafter(toy_draft()), prompt, 12,
-                                      draft_length=toy_policies()[name])
+    out, stats = speculative_generate(target, ModelDrafter(toy_draft()), prompt, 12, draft_length=toy_policies()[name])
     assert out == generate(target, prompt, 12)
     assert stats.produced == len(out) == 12
 
 
-NEVER = {"confidence 0": lambda g: Confidence(g, 0.0), "svip inf": lambda g: SVIP(g, math.inf),
-         "disco 0": lambda g: Disco(g, DiscoClassifier(4), 0.0)}
+NEVER = {
+    "confidence 0": lambda g: Confidence(g, 0.0),
+    "svip inf": lambda g: SVIP(g, math.inf),
+    "disco 0": lambda g: Disco(g, DiscoClassifier(4), 0.0),
+}
 
 
 @pytest.mark.parametrize("name", NEVER)
 def test_a_threshold_that_never_triggers_drafts_exactly_the_fixed_gamma(name):
     target, prompt = toy_target(), [1, 2, 3]
-    runs = [speculative_generate(target, ModelDrafter(toy_draft()), prompt, 12, temperature=1.0,
-                                 generator=torch.Generator().manual_seed(5), draft_length=policy)
-            for policy in (FixedLength(3), NEVER[name](3))]
+    runs = [
+        speculative_generate(
+            target,
+            ModelDrafter(toy_draft()),
+            prompt,
+            12,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(5),
+            draft_length=policy,
+        )
+        for policy in (FixedLength(3), NEVER[name](3))
+    ]
     assert runs[0][0] == runs[1][0]
     assert runs[0][1].accept_counts == runs[1][1].accept_counts and runs[0][1].drafted == runs[1][1].drafted
 
@@ -173,14 +202,16 @@ def test_a_threshold_that_never_triggers_drafts_exactly_the_fixed_gamma(name):
 # ---------------------------------------------------------------------------------------------------------------
 # 4. On the shipped weights: every chain policy with the draft model, Dynamic Depth Decoding with EAGLE-2.
 
+
 def decode_all(target, enc, references, name, use_tree, length) -> int:
     """Greedy-decodes every reference prompt; asserts each output equals autoregressive decoding; returns the
     total number of drafted tokens."""
     drafter = specdec.make_drafter(name, WEIGHTS, target, torch.float32, 12, 6, 2)
     drafted = 0
     for prompt, expected in references:
-        out, stats = specdec.decode(target, drafter, use_tree, prompt, 24, 6, draft_length=length, temperature=0,
-                                    eot=enc.eot_token)
+        out, stats = specdec.decode(
+            target, drafter, use_tree, prompt, 24, 6, draft_length=length, temperature=0, eot=enc.eot_token
+        )
         assert out == expected
         drafted += stats.drafted
     return drafted
@@ -202,7 +233,13 @@ def test_dynamic_depth_cuts_eagle_trees_short(short_references):
     depths = {}
     for threshold in (0.0, 1.01):  # never stops; always stops after the first level
         trees = []
-        tree_speculative_generate(target, drafter, references[0][0], 8, draft_length=DynamicDepth(threshold),
-                                  on_tree=lambda tree, path: trees.append(tree))
+        tree_speculative_generate(
+            target,
+            drafter,
+            references[0][0],
+            8,
+            draft_length=DynamicDepth(threshold),
+            on_tree=lambda tree, path: trees.append(tree),
+        )
         depths[threshold] = max(len(t) for t in trees)
     assert depths[1.01] <= 3 < depths[0.0]  # one level of width 2, plus the root

@@ -1,6 +1,7 @@
 """Golden outputs on the shipped weights (as llama2.c's tests keep): greedy fp32 continuations recorded when the
 weights were committed. A change to the model code, the loader or the tokenizer that alters them fails here.
 If the weights are retrained on purpose, record the new continuations (specdec.generate, 24 tokens)."""
+
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,110 @@ from tokenizer import load_tokenizer
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 GOLDEN = {
-    ("target", "def fibonacci(n):"): [10, 258, 436, 10, 258, 2432, 320, 1362, 331, 288, 3006, 268, 747, 660, 323,
-                                      3406, 458, 331, 288, 3006, 268, 747, 660, 323],
-    ("target", "class Stack:"): [10, 258, 436, 10, 258, 456, 398, 355, 271, 359, 398, 355, 271, 359, 398, 355, 271,
-                                 359, 398, 355, 271, 359, 398, 355],
-    ("draft", "def fibonacci(n):"): [10, 258, 436, 10, 258, 801, 1013, 362, 331, 1367, 458, 2988, 115, 458, 331, 1367,
-                                     458, 2988, 115, 46, 279, 258, 527, 281],
-    ("draft", "class Stack:"): [10, 258, 436, 10, 258, 456, 114, 799, 58, 10, 259, 456, 114, 799, 58, 10, 276, 456,
-                                114, 799, 58, 10, 326, 456],
+    ("target", "def fibonacci(n):"): [
+        10,
+        258,
+        436,
+        10,
+        258,
+        2432,
+        320,
+        1362,
+        331,
+        288,
+        3006,
+        268,
+        747,
+        660,
+        323,
+        3406,
+        458,
+        331,
+        288,
+        3006,
+        268,
+        747,
+        660,
+        323,
+    ],
+    ("target", "class Stack:"): [
+        10,
+        258,
+        436,
+        10,
+        258,
+        456,
+        398,
+        355,
+        271,
+        359,
+        398,
+        355,
+        271,
+        359,
+        398,
+        355,
+        271,
+        359,
+        398,
+        355,
+        271,
+        359,
+        398,
+        355,
+    ],
+    ("draft", "def fibonacci(n):"): [
+        10,
+        258,
+        436,
+        10,
+        258,
+        801,
+        1013,
+        362,
+        331,
+        1367,
+        458,
+        2988,
+        115,
+        458,
+        331,
+        1367,
+        458,
+        2988,
+        115,
+        46,
+        279,
+        258,
+        527,
+        281,
+    ],
+    ("draft", "class Stack:"): [
+        10,
+        258,
+        436,
+        10,
+        258,
+        456,
+        114,
+        799,
+        58,
+        10,
+        259,
+        456,
+        114,
+        799,
+        58,
+        10,
+        276,
+        456,
+        114,
+        799,
+        58,
+        10,
+        326,
+        456,
+    ],
 }
 
 
@@ -33,7 +130,9 @@ def shipped():
 @pytest.mark.parametrize("model_name, prompt", list(GOLDEN))
 def test_greedy_continuation_matches_the_recorded_golden_tokens(shipped, model_name, prompt):
     enc, models = shipped
-    assert generate(models[model_name], enc.encode_ordinary(prompt), 24, eot=enc.eot_token) == GOLDEN[model_name, prompt]
+    assert (
+        generate(models[model_name], enc.encode_ordinary(prompt), 24, eot=enc.eot_token) == GOLDEN[model_name, prompt]
+    )
 
 
 @pytest.mark.parametrize("prompt", ["def fibonacci(n):", "class Stack:"])

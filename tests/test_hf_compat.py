@@ -3,6 +3,7 @@
 transformers is not a project dependency; this test runs where it is installed (the GPU machine) and is skipped
 elsewhere. The hand-written HF-layout checkpoint test in test_model.py covers the other direction everywhere.
 """
+
 import pytest
 import torch
 
@@ -13,8 +14,15 @@ transformers = pytest.importorskip("transformers")
 
 def test_our_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path):
     torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    cfg = ModelConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=128,
+    )
     ours = Transformer(cfg)
     for p in ours.parameters():
         torch.nn.init.normal_(p, std=0.1)

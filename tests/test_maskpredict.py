@@ -2,6 +2,7 @@
 Jacobi and Lookahead decoding (maskpredict.py): the combined mask against brute force, every row's logits against
 the naive reference forward of that token's visible sequence, nothing of the extra tokens left in the cache, greedy
 identity on the shipped weights, and the sampled law with a power check. p = target, q = draft."""
+
 import random
 
 import pytest
@@ -62,7 +63,7 @@ def test_combined_mask_matches_brute_force(seed, prefix):
     assert mask[:, :prefix].all()  # everyone sees the prefix
     for row in range(n + m):
         assert sorted(torch.nonzero(mask[row, prefix:]).flatten().tolist()) == sorted(chains[row])
-    assert not mask[:n, prefix + n:].any()  # no candidate ever sees an extra token
+    assert not mask[:n, prefix + n :].any()  # no candidate ever sees an extra token
     assert tree_positions(tree, prefix).tolist() == [prefix + len(c) - 1 for c in chains]
 
 
@@ -78,8 +79,13 @@ def test_every_row_of_one_call_equals_its_visible_sequence_run_alone(seed):
     cache = target.new_cache()
     with torch.inference_mode():
         target(torch.tensor([prompt]), cache)
-        logits = target(None, cache, tree_positions(tree, len(prompt)), tree_attention_mask(tree, len(prompt)),
-                        inputs_embeds=call_embeds(target, tree))[0]
+        logits = target(
+            None,
+            cache,
+            tree_positions(tree, len(prompt)),
+            tree_attention_mask(tree, len(prompt)),
+            inputs_embeds=call_embeds(target, tree),
+        )[0]
         for row, chain in enumerate(chains):
             alone = reference_logits(target, torch.tensor([prompt + [all_tokens[i] for i in chain]]))[0, -1]
             assert torch.allclose(logits[row], alone, atol=ATOL, rtol=0), f"row {row}"
@@ -87,6 +93,7 @@ def test_every_row_of_one_call_equals_its_visible_sequence_run_alone(seed):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The loop: nothing of the extra tokens stays in the cache, and greedy output is the target's.
+
 
 class CacheChecked:
     """Wraps the toy target. On every verification call, the cache's K/V in use equal those of prefilling the
@@ -106,7 +113,7 @@ class CacheChecked:
             self.model(torch.tensor([context[:-1]]), fresh)
             assert cache.length == len(context) - 1
             for ours, theirs in zip(cache.k + cache.v, fresh.k + fresh.v):
-                assert torch.allclose(ours[:, :, :cache.length], theirs[:, :, :cache.length], atol=ATOL, rtol=0)
+                assert torch.allclose(ours[:, :, : cache.length], theirs[:, :, : cache.length], atol=ATOL, rtol=0)
             self.checked += 1
         return self.model(tokens, cache, *args, **kw)
 
@@ -184,10 +191,13 @@ def test_mask_predict_drafters_run_to_the_end_of_the_context(name):
     """Near the end of the budget or the context the loop trims the tree; extra tokens laid out for the whole tree
     must then go, not run past the position table."""
     target = toy_model(seed=2)  # 16 positions
-    drafters = {"jacobi": lambda: JacobiDrafter(target, block=4),
-                "lookahead": lambda: LookaheadDrafter(target, window=3, ngram=3, candidates=3),
-                "pass": lambda: PassDrafter(target, torch.randn(4, target.config.hidden_size,
-                                                                generator=torch.Generator().manual_seed(0)))}
+    drafters = {
+        "jacobi": lambda: JacobiDrafter(target, block=4),
+        "lookahead": lambda: LookaheadDrafter(target, window=3, ngram=3, candidates=3),
+        "pass": lambda: PassDrafter(
+            target, torch.randn(4, target.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        ),
+    }
     for n_prompt in range(1, 15):
         prompt = ([1, 2, 3, 1, 2] * 3)[:n_prompt]
         with torch.inference_mode():
@@ -203,28 +213,37 @@ def test_pass_training_layout_equals_one_forward_per_cut():
     tokens = torch.randint(0, 6, (1, T), generator=torch.Generator().manual_seed(0))
     embeds = torch.randn(k, target.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        out = target(None, positions=positions, attn_mask=mask, inputs_embeds=torch.cat(
-            [target.embed_tokens(tokens), embeds.repeat(len(cuts), 1)[None]], dim=1))[0, T:]
+        out = target(
+            None,
+            positions=positions,
+            attn_mask=mask,
+            inputs_embeds=torch.cat([target.embed_tokens(tokens), embeds.repeat(len(cuts), 1)[None]], dim=1),
+        )[0, T:]
         for b, c in enumerate(cuts):
-            alone = target(None, inputs_embeds=torch.cat([target.embed_tokens(tokens[:, :c + 1]), embeds[None]], 1))[0]
-            assert torch.allclose(out[b * k:(b + 1) * k], alone[c + 1:], atol=ATOL, rtol=0)
+            alone = target(None, inputs_embeds=torch.cat([target.embed_tokens(tokens[:, : c + 1]), embeds[None]], 1))[0]
+            assert torch.allclose(out[b * k : (b + 1) * k], alone[c + 1 :], atol=ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Greedy identity on the shipped weights, several knob settings.
 
-SETTINGS = {"jacobi block 2": ("jacobi", dict(jacobi_block=2)), "jacobi block 5": ("jacobi", dict(jacobi_block=5)),
-            "lookahead 3-3-3": ("lookahead", dict(lookahead=(3, 3, 3))),
-            "lookahead 2-4-2": ("lookahead", dict(lookahead=(2, 4, 2))),
-            "lookahead 4-2-4": ("lookahead", dict(lookahead=(4, 2, 4))), "pass": ("pass", {})}
+SETTINGS = {
+    "jacobi block 2": ("jacobi", dict(jacobi_block=2)),
+    "jacobi block 5": ("jacobi", dict(jacobi_block=5)),
+    "lookahead 3-3-3": ("lookahead", dict(lookahead=(3, 3, 3))),
+    "lookahead 2-4-2": ("lookahead", dict(lookahead=(2, 4, 2))),
+    "lookahead 4-2-4": ("lookahead", dict(lookahead=(4, 2, 4))),
+    "pass": ("pass", {}),
+}
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_mask_predict_greedy_decoding_equals_autoregressive_on_shipped_weights(short_references, setting):
     enc, target, references = short_references
     name, knobs = SETTINGS[setting]
-    drafter = specdec.make_drafter(name, specdec.Path(specdec.__file__).parent / "weights", target, torch.float32,
-                                   12, 6, 2, **knobs)
+    drafter = specdec.make_drafter(
+        name, specdec.Path(specdec.__file__).parent / "weights", target, torch.float32, 12, 6, 2, **knobs
+    )
     for prompt, expected in references:
         out, stats = tree_speculative_generate(target, drafter, prompt, 24, temperature=0, eot=enc.eot_token)
         assert out == expected

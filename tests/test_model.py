@@ -1,4 +1,5 @@
 """model.py against a naive cache-free reference (tests/reference.py), and the KV cache against full forwards."""
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,8 +19,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_config(tie=False):
-    return ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, tie_word_embeddings=tie)
+    return ModelConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
 
 
 def toy_model(tie=False, seed=0):
@@ -46,10 +55,15 @@ def close(a, b, atol=ATOL):
 # A token tree after a prefix: root r, branch A = [a1], branch B = [b1, b2 (child of b1)].
 #              r   a1  b1  b2
 TREE_DEPTHS = [0, 1, 1, 2]
-TREE_MASK = torch.tensor([[1, 0, 0, 0],  # r sees itself
-                          [1, 1, 0, 0],  # a1 sees r
-                          [1, 0, 1, 0],  # b1 sees r
-                          [1, 0, 1, 1]], dtype=torch.bool)  # b2 sees r, b1
+TREE_MASK = torch.tensor(
+    [
+        [1, 0, 0, 0],  # r sees itself
+        [1, 1, 0, 0],  # a1 sees r
+        [1, 0, 1, 0],  # b1 sees r
+        [1, 0, 1, 1],
+    ],
+    dtype=torch.bool,
+)  # b2 sees r, b1
 TREE_PATHS = [[0], [0, 1], [0, 2], [0, 2, 3]]  # root path of each node, as indices into the tree
 
 
@@ -65,6 +79,7 @@ def tree_inputs(prefix_len):
 
 
 # ---------------------------------------------------------------------------------------------- full forward
+
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @torch.no_grad()
@@ -88,8 +103,10 @@ def test_forward_with_explicit_positions_and_mask_equals_the_naive_reference():
     positions = torch.randint(0, 64, (T,), generator=torch.Generator().manual_seed(2))
     mask = torch.rand(T, T, generator=torch.Generator().manual_seed(3)) < 0.5
     mask |= torch.eye(T, dtype=torch.bool)  # every row attends to something
-    assert close(model(tokens, positions=positions, attn_mask=mask),
-                 reference_logits(model, tokens, positions=positions, mask=mask))
+    assert close(
+        model(tokens, positions=positions, attn_mask=mask),
+        reference_logits(model, tokens, positions=positions, mask=mask),
+    )
 
 
 @torch.no_grad()
@@ -105,12 +122,13 @@ def test_greedy_decoding_through_the_cache_equals_the_naive_generator():
 
 # ------------------------------------------------------------------------------------------------ KV cache
 
+
 @torch.no_grad()
 def test_decoding_token_by_token_through_the_cache_equals_one_full_forward():
     model = toy_model()
     tokens = random_tokens(2, 16)
     cache = model.new_cache(batch_size=2)
-    stepwise = torch.cat([model(tokens[:, t:t + 1], cache) for t in range(16)], dim=1)
+    stepwise = torch.cat([model(tokens[:, t : t + 1], cache) for t in range(16)], dim=1)
     assert cache.length == 16
     assert close(stepwise, model(tokens))
 
@@ -122,7 +140,7 @@ def test_decoding_in_uneven_chunks_through_the_cache_equals_one_full_forward(chu
     tokens = random_tokens(2, sum(chunks))
     cache, start, pieces = model.new_cache(batch_size=2), 0, []
     for n in chunks:
-        pieces.append(model(tokens[:, start:start + n], cache))
+        pieces.append(model(tokens[:, start : start + n], cache))
         start += n
     assert close(torch.cat(pieces, dim=1), model(tokens))
 
@@ -169,7 +187,7 @@ def test_keep_moves_the_accepted_tree_branch_into_contiguous_slots():
     fresh = model.new_cache()
     model(torch.cat([prefix, tree[:, [0, 2, 3]]], dim=1), fresh)
     for a, b in zip(cache.k + cache.v, fresh.k + fresh.v):
-        assert close(a[:, :, :P + 3], b[:, :, :P + 3])
+        assert close(a[:, :, : P + 3], b[:, :, : P + 3])
     nxt = random_tokens(1, 1, seed=3)
     assert close(model(nxt, cache), model(nxt, fresh))
 
@@ -217,6 +235,7 @@ def test_overflowing_the_default_cache_raises_a_value_error():
 
 # --------------------------------------------------------------------------------------------- checkpoints
 
+
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @torch.no_grad()
 def test_save_then_load_in_float32_gives_the_same_config_and_logits(tmp_path, tie):
@@ -253,13 +272,31 @@ def hand_made_checkpoint(path, tie, seed=0):
     L, C, I, H, H_kv, V = 2, 64, 96, 4, 2, 50
     D = C // H
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "torch_dtype": "bfloat16", "transformers_version": "4.46.0", "bos_token_id": 1, "eos_token_id": 2,
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
-        "initializer_range": 0.02, "use_cache": True, "rope_scaling": None, "head_dim": D,
-        "hidden_size": C, "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": H,
-        "num_key_value_heads": H_kv, "vocab_size": V, "rms_norm_eps": 1e-6, "rope_theta": 500000.0,
-        "max_position_embeddings": 64, "tie_word_embeddings": tie,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.0",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "rope_scaling": None,
+        "head_dim": D,
+        "hidden_size": C,
+        "intermediate_size": I,
+        "num_hidden_layers": L,
+        "num_attention_heads": H,
+        "num_key_value_heads": H_kv,
+        "vocab_size": V,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": tie,
     }
     g = torch.Generator().manual_seed(seed)
 
@@ -269,13 +306,19 @@ def hand_made_checkpoint(path, tie, seed=0):
     tensors = {"model.embed_tokens.weight": rand(V, C), "model.norm.weight": rand(C, mean=1.0)}
     for i in range(L):
         p = f"model.layers.{i}."
-        tensors.update({
-            p + "self_attn.q_proj.weight": rand(H * D, C), p + "self_attn.k_proj.weight": rand(H_kv * D, C),
-            p + "self_attn.v_proj.weight": rand(H_kv * D, C), p + "self_attn.o_proj.weight": rand(C, H * D),
-            p + "mlp.gate_proj.weight": rand(I, C), p + "mlp.up_proj.weight": rand(I, C),
-            p + "mlp.down_proj.weight": rand(C, I),
-            p + "input_layernorm.weight": rand(C, mean=1.0), p + "post_attention_layernorm.weight": rand(C, mean=1.0),
-        })
+        tensors.update(
+            {
+                p + "self_attn.q_proj.weight": rand(H * D, C),
+                p + "self_attn.k_proj.weight": rand(H_kv * D, C),
+                p + "self_attn.v_proj.weight": rand(H_kv * D, C),
+                p + "self_attn.o_proj.weight": rand(C, H * D),
+                p + "mlp.gate_proj.weight": rand(I, C),
+                p + "mlp.up_proj.weight": rand(I, C),
+                p + "mlp.down_proj.weight": rand(C, I),
+                p + "input_layernorm.weight": rand(C, mean=1.0),
+                p + "post_attention_layernorm.weight": rand(C, mean=1.0),
+            }
+        )
     if not tie:
         tensors["lm_head.weight"] = rand(V, C)
     Path(path).mkdir(parents=True, exist_ok=True)
@@ -298,8 +341,13 @@ def test_a_hand_written_hf_checkpoint_loads_with_the_reference_logits(tmp_path, 
 def test_a_config_with_rope_scaling_is_refused(tmp_path):
     hand_made_checkpoint(tmp_path, tie=False)
     raw = json.loads((tmp_path / "config.json").read_text())
-    raw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                           "original_max_position_embeddings": 8192}
+    raw["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="rope_scaling"):
         ModelConfig.from_json(tmp_path / "config.json")

@@ -1,6 +1,7 @@
 """SpecDec's NAR drafter (nar.py): the one-call K-query forward against a naive cache-free forward written from
 scratch, the drafter's own cache after every step, the training layout against one forward per cut, greedy identity
 on the shipped weights, and the sampled law on a toy target with power checks. p = target, q = draft."""
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,8 +25,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def toy_nar(seed: int = 5, k: int = 3, max_len: int = 16, std: float = 0.5) -> NarModel:
     """A random 1-layer NAR drafter for the V = 6 toy target: every weight, the queries included, N(0, std^2)."""
-    cfg = ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=6, max_position_embeddings=max_len)
+    cfg = ModelConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=6,
+        max_position_embeddings=max_len,
+    )
     model, gen = NarModel(cfg, k), torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -43,13 +51,14 @@ def naive_query_logits(model: NarModel, context: list[int]) -> Tensor:
     state["lm_head.weight"] = torch.cat([state["lm_head.weight"], torch.zeros(k, cfg.hidden_size)])
     T = len(context) + k
     mask = torch.ones(T, T, dtype=torch.bool).tril()
-    mask[len(context):, len(context):] = True
+    mask[len(context) :, len(context) :] = True
     tokens = torch.tensor([context + list(range(V, V + k))])
     return reference_logits(None, tokens, mask=mask, config=replace(cfg, vocab_size=V + k), state=state)[0, -k:, :V]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. One call, K outputs, a cache that holds the context only.
+
 
 @pytest.mark.parametrize("split", [0, 3, 9])
 @torch.inference_mode()
@@ -88,7 +97,7 @@ class CheckedNar(NarDrafter):
         self.model.lm(torch.tensor([context]), fresh)
         assert self.cache.length == len(context)
         for mine, theirs in zip(self.cache.k + self.cache.v, fresh.k + fresh.v):
-            assert torch.allclose(mine[:, :, :len(context)], theirs[:, :, :len(context)], atol=ATOL, rtol=0)
+            assert torch.allclose(mine[:, :, : len(context)], theirs[:, :, : len(context)], atol=ATOL, rtol=0)
         self.checked += 1
         return out
 
@@ -96,8 +105,9 @@ class CheckedNar(NarDrafter):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_after_every_step_the_drafters_cache_holds_exactly_the_context(temperature):
     target, drafter = toy_model(seed=2), CheckedNar(toy_nar())
-    out, stats = speculative_generate(target, drafter, [1, 4, 0], 12, gamma=3, temperature=temperature,
-                                      generator=torch.Generator().manual_seed(0))
+    out, stats = speculative_generate(
+        target, drafter, [1, 4, 0], 12, gamma=3, temperature=temperature, generator=torch.Generator().manual_seed(0)
+    )
     assert drafter.checked == stats.target_calls and len(out) == 12
     assert stats.drafted > 0 and stats.accepted < stats.drafted  # rejections happened, so rollbacks were tested
 
@@ -132,6 +142,7 @@ def test_a_missing_specdec_drafter_is_one_usage_error(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Greedy identity on the shipped weights.
 
+
 @pytest.mark.parametrize("length", ["fixed", "confidence"])
 def test_greedy_nar_decoding_equals_autoregressive_on_shipped_weights(short_references, length):
     enc, target, references = short_references
@@ -140,8 +151,9 @@ def test_greedy_nar_decoding_equals_autoregressive_on_shipped_weights(short_refe
     for i, (prompt, expected) in enumerate(references):
         gamma = 1 + i % 6  # below, at and above k
         policy = specdec.make_draft_length(length, gamma, False, "specdec", WEIGHTS, 0.4, 0.3, None, 0.1)
-        out, stats = speculative_generate(target, drafter, prompt, 24, gamma=gamma, temperature=0,
-                                          eot=enc.eot_token, draft_length=policy)
+        out, stats = speculative_generate(
+            target, drafter, prompt, 24, gamma=gamma, temperature=0, eot=enc.eot_token, draft_length=policy
+        )
         assert out == expected, f"prompt {i}, gamma {gamma}"
         accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
     assert 0 < accepted < drafted
@@ -172,8 +184,9 @@ class WrongPosition(NarDrafter):
 
 def law(drafter: NarDrafter, n_samples: int):
     target = toy_model(seed=2)
-    samples, stats = sample_speculative(target, drafter, PROMPT, 3, n_samples, seed=0, eot=None, temperature=1.0,
-                                        gamma=3)
+    samples, stats = sample_speculative(
+        target, drafter, PROMPT, 3, n_samples, seed=0, eot=None, temperature=1.0, gamma=3
+    )
     stat, dof = chi_square(samples, exact_joint(target, PROMPT, 3, temperature=1.0))
     return stat, chi_square_critical(dof), dof, stats
 
@@ -181,8 +194,10 @@ def law(drafter: NarDrafter, n_samples: int):
 @pytest.mark.slow
 def test_nar_sampling_reproduces_the_target_distribution():
     stat, critical, dof, stats = law(NarDrafter(toy_nar()), N_TRUE)
-    print(f"NAR at T=1: chi2 {stat:.1f} < {critical:.1f} (dof {dof}); accepted per call {stats.accept_counts}; "
-          f"acceptance {stats.acceptance_rate:.3f}, theory {stats.predicted_acceptance_rate:.3f}")
+    print(
+        f"NAR at T=1: chi2 {stat:.1f} < {critical:.1f} (dof {dof}); accepted per call {stats.accept_counts}; "
+        f"acceptance {stats.acceptance_rate:.3f}, theory {stats.predicted_acceptance_rate:.3f}"
+    )
     assert stat < critical, f"chi2 = {stat:.1f} >= {critical:.1f} (dof {dof})"
     assert all(stats.accept_counts[:3])  # rejection at once, partial accept, every draft accepted
     assert acceptance_matches_theory(stats)  # accepted drafts agree with sum_x min(p, q) of the reported q

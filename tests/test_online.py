@@ -2,6 +2,7 @@
 verified. Greedy identity on the shipped weights with updates mid-generation, the sampled law on toy models (T=1)
 with a power check against a drafter whose q is stale by one update, the shared draft left untouched, runs that
 reproduce, and an update that lowers the distillation loss on its buffer. p = target, q = draft."""
+
 import copy
 import re
 import subprocess
@@ -11,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import specdec
 from online import Buffer, OnlineDrafter, distill_loss
 from specdec import speculative_generate
 from tests.conftest import WEIGHTS
 from tests.toy import chi_square, chi_square_critical, exact_joint, perturbed, sample_speculative, toy_model
-import specdec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 # ---- greedy identity on the shipped weights ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rows", ["rejected", "all"])
 def test_online_greedy_output_equals_autoregressive_on_shipped_weights(short_references, rows):
@@ -67,7 +69,7 @@ class StaleQDrafter(OnlineDrafter):
             self.update()
         drafts, _ = super().propose(context, gamma, warp, generator)
         with torch.inference_mode():
-            logits = before(torch.tensor([context + drafts]))[0, len(context) - 1:len(context) - 1 + len(drafts)]
+            logits = before(torch.tensor([context + drafts]))[0, len(context) - 1 : len(context) - 1 + len(drafts)]
         return drafts, (warp(logits) if drafts else None)
 
 
@@ -96,8 +98,9 @@ class RestartingStaleQ(Restarting, StaleQDrafter):
 def law(drafter_class, n_samples, gamma):
     target, draft = toy_pair()
     drafter = drafter_class(draft, **KNOBS)
-    samples, stats = sample_speculative(target, drafter, PROMPT, 3, n_samples, seed=0, eot=None, temperature=1.0,
-                                        gamma=gamma)
+    samples, stats = sample_speculative(
+        target, drafter, PROMPT, 3, n_samples, seed=0, eot=None, temperature=1.0, gamma=gamma
+    )
     stat, dof = chi_square(samples, exact_joint(target, PROMPT, 3, temperature=1.0))
     return stat, chi_square_critical(dof), stats
 
@@ -125,8 +128,9 @@ def test_the_toy_updates_move_q_enough_for_the_power_check():
     target, draft = toy_pair()
     drafter = OnlineDrafter(draft, **KNOBS)
     before = copy.deepcopy(drafter.model)
-    speculative_generate(target, drafter, PROMPT, 3, gamma=2, temperature=1.0,
-                         generator=torch.Generator().manual_seed(0))
+    speculative_generate(
+        target, drafter, PROMPT, 3, gamma=2, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert drafter.updates >= 1
     with torch.inference_mode():
         tokens = torch.tensor([PROMPT + [0, 3, 5]])
@@ -136,14 +140,17 @@ def test_the_toy_updates_move_q_enough_for_the_power_check():
 
 # ---- reproducibility and the update itself ----------------------------------------------------------------------
 
+
 def test_online_runs_reproduce_from_the_seed():
     target, draft = toy_pair()
     runs = []
     for _ in range(2):
         drafter = OnlineDrafter(draft, **KNOBS)
         gen = torch.Generator().manual_seed(7)
-        outs = [speculative_generate(target, drafter, PROMPT, 8, gamma=3, temperature=1.0, generator=gen)[0]
-                for _ in range(3)]
+        outs = [
+            speculative_generate(target, drafter, PROMPT, 8, gamma=3, temperature=1.0, generator=gen)[0]
+            for _ in range(3)
+        ]
         runs.append((outs, drafter.model))
     assert runs[0][0] == runs[1][0]
     assert same_weights(runs[0][1], runs[1][1])
@@ -182,6 +189,7 @@ def test_the_buffer_indexes_the_growing_text_of_one_request():
 
 # ---- the command line -------------------------------------------------------------------------------------------
 
+
 def specdec_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "specdec.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -193,12 +201,16 @@ def test_cli_online_matches_plain_greedy_decoding_and_reports_its_updates():
     assert re.search(r"\[online: draft updates [1-9]\d*,", r.stdout), r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-d", "pld", "--online"], "--online trains the draft model as it decodes: use it with -d draft"),
-    (["-d", "draft", "--tree", "--online"], "--online drafts chains"),
-    (["--online", "--online-lr", "0"], "--online-lr must be"),
-    (["--online", "--online-every", "0"], "--online-every and --online-steps"),
-    (["--online", "--online-rows", "some"], "--online-rows must be rejected or all")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-d", "pld", "--online"], "--online trains the draft model as it decodes: use it with -d draft"),
+        (["-d", "draft", "--tree", "--online"], "--online drafts chains"),
+        (["--online", "--online-lr", "0"], "--online-lr must be"),
+        (["--online", "--online-every", "0"], "--online-every and --online-steps"),
+        (["--online", "--online-rows", "some"], "--online-rows must be rejected or all"),
+    ],
+)
 def test_cli_online_bad_input_is_one_line(args, message):
     r = specdec_cli("-p", "def parse(s):", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""

@@ -2,18 +2,20 @@
 substring search on random small token strings (hypothesis), the draft trees are well-formed tries, and greedy
 decoding with each drafter on the shipped weights equals plain decoding. The datastores are built here from a
 synthetic token stream or the prompts' own tokens: nothing needs `train.py data` to have run."""
+
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import specdec
 from retrieval import RestDrafter, SamDrafter, SuffixDrafter, frequency_tree
+from specdec import UsageError, tree_speculative_generate
 from suffix import FrozenAutomaton, SuffixAutomaton, SuffixTrie, sa_longest_match, sa_range, sam_step, suffix_array
-from specdec import UsageError, generate, tree_speculative_generate
 from tree import Tree, depths, path_to
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -23,7 +25,7 @@ queries = st.lists(st.integers(0, 3), min_size=1, max_size=12)
 
 def occurrences(text: list[int], pattern: list[int]) -> list[int]:
     """Brute force: every start of `pattern` in `text`."""
-    return [i for i in range(len(text) - len(pattern) + 1) if text[i:i + len(pattern)] == pattern]
+    return [i for i in range(len(text) - len(pattern) + 1) if text[i : i + len(pattern)] == pattern]
 
 
 def longest_suffix_in(text: list[int], query: list[int], max_len: int, followed: bool = False) -> int:
@@ -38,6 +40,7 @@ def longest_suffix_in(text: list[int], query: list[int], max_len: int, followed:
 
 # ---- structures against brute force ----------------------------------------------------------------------------
 
+
 @settings(max_examples=150, deadline=None)
 @given(texts, st.sampled_from([None, 1, 2, 3, 16]))
 def test_suffix_array_sorts_suffixes(text, width):
@@ -46,7 +49,7 @@ def test_suffix_array_sorts_suffixes(text, width):
     if width is None:
         assert sa == sorted(range(len(text)), key=lambda i: text[i:])
     else:  # sorted by the first `width` tokens, ties in any order
-        heads = [text[i:i + width] for i in sa]
+        heads = [text[i : i + width] for i in sa]
         assert heads == sorted(heads)
 
 
@@ -94,9 +97,9 @@ def test_suffix_automaton_matches_longest_suffixes(text, query):
         state, length = 0, 0
         for i, token in enumerate(query):
             state, length = sam_step(automaton, state, length, token)
-            assert length == longest_suffix_in(text, query[:i + 1], len(query))
+            assert length == longest_suffix_in(text, query[: i + 1], len(query))
             end = int(automaton.end[state])
-            assert length == 0 or text[end - length + 1:end + 1] == query[i + 1 - length:i + 1]  # a real occurrence
+            assert length == 0 or text[end - length + 1 : end + 1] == query[i + 1 - length : i + 1]  # a real occurrence
 
 
 @settings(max_examples=150, deadline=None)
@@ -106,13 +109,14 @@ def test_dynamic_automaton_match_always_has_a_continuation(text):
     drafter = SamDrafter(SuffixAutomaton())
     for i, token in enumerate(text):
         drafter.feed(token)
-        assert drafter.d_len == longest_suffix_in(text[:i], text[:i + 1], i + 1)
+        assert drafter.d_len == longest_suffix_in(text[:i], text[: i + 1], i + 1)
         end = drafter.dynamic.end[drafter.d_state]
         if drafter.d_len:
-            assert end < i and text[end - drafter.d_len + 1:end + 1] == text[i + 1 - drafter.d_len:i + 1]
+            assert end < i and text[end - drafter.d_len + 1 : end + 1] == text[i + 1 - drafter.d_len : i + 1]
 
 
 # ---- draft trees -----------------------------------------------------------------------------------------------
+
 
 def assert_trie(tree: Tree, size: int) -> None:
     assert len(tree) - 1 <= size
@@ -134,7 +138,7 @@ def test_frequency_tree_keeps_the_most_frequent_continuations(seqs, size):
         path = tuple(tree.tokens[n] for n in path_to(tree, i))[1:]
         assert np.isclose(np.exp(tree.scores[i]), prefix_count[path] / max(1, len(seqs)))
     kept = sorted((round(np.exp(s) * len(seqs)) for s in tree.scores[1:]), reverse=True)
-    assert kept == counts[:len(kept)] and len(kept) == min(size, len(counts))  # the most frequent ones
+    assert kept == counts[: len(kept)] and len(kept) == min(size, len(counts))  # the most frequent ones
 
 
 def synthetic_drafters(tokens: list[int], size: int = 12, depth: int = 6):
@@ -142,16 +146,21 @@ def synthetic_drafters(tokens: list[int], size: int = 12, depth: int = 6):
     sam = SuffixAutomaton()
     for t in tokens:
         sam.extend(t)
-    return {"rest": RestDrafter(stream, suffix_array(stream, 16), depth=depth, size=size),
-            "suffix": SuffixDrafter(depth=depth, size=size, alpha=2.0),
-            "sam": SamDrafter(FrozenAutomaton.freeze(sam), depth=depth, size=size)}
+    return {
+        "rest": RestDrafter(stream, suffix_array(stream, 16), depth=depth, size=size),
+        "suffix": SuffixDrafter(depth=depth, size=size, alpha=2.0),
+        "sam": SamDrafter(FrozenAutomaton.freeze(sam), depth=depth, size=size),
+    }
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 3), min_size=1, max_size=60), st.lists(st.integers(0, 3), min_size=1, max_size=30),
-       st.integers(1, 8))
+@given(
+    st.lists(st.integers(0, 3), min_size=1, max_size=60),
+    st.lists(st.integers(0, 3), min_size=1, max_size=30),
+    st.integers(1, 8),
+)
 def test_drafters_propose_well_formed_trees_rooted_at_the_last_token(store, context, size):
-    for name, drafter in synthetic_drafters(store, size=size, depth=3).items():
+    for drafter in synthetic_drafters(store, size=size, depth=3).values():
         drafter.reset()
         for n in range(1, len(context) + 1):  # a growing context, as the loop feeds it
             tree = drafter.propose_tree(context[:n], torch.zeros(0), lambda x: x, None)
@@ -161,6 +170,7 @@ def test_drafters_propose_well_formed_trees_rooted_at_the_last_token(store, cont
 
 
 # ---- on the shipped weights ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def drafters_on(short_references):
@@ -186,8 +196,16 @@ def test_greedy_decoding_with_retrieval_drafters_equals_autoregressive(short_ref
 @pytest.mark.parametrize("name", ["rest", "suffix", "sam"])
 def test_sampling_with_retrieval_drafters_runs_and_stays_in_budget(short_references, drafters_on, name):
     enc, target, refs = short_references
-    out, stats = tree_speculative_generate(target, drafters_on[name], refs[0][0], 20, temperature=0.8, top_k=20,
-                                           generator=torch.Generator().manual_seed(0), eot=enc.eot_token)
+    out, stats = tree_speculative_generate(
+        target,
+        drafters_on[name],
+        refs[0][0],
+        20,
+        temperature=0.8,
+        top_k=20,
+        generator=torch.Generator().manual_seed(0),
+        eot=enc.eot_token,
+    )
     assert len(out) <= 20 and stats.produced == len(out)
 
 
@@ -213,6 +231,7 @@ def test_missing_datastore_is_a_usage_error(short_references, tmp_path):
 def test_datastore_files_round_trip(tmp_path, capsys):
     """train.py datastore's files load into working drafters (a small train.bin here)."""
     from retrieval import build_datastore
+
     np.array(list(range(50)) * 4, dtype=np.uint16).tofile(tmp_path / "train.bin")
     build_datastore(tmp_path)
     assert "suffix array" in capsys.readouterr().out

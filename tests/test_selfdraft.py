@@ -3,6 +3,7 @@ reference's forward with those layers left out; skipping nothing or exiting at L
 cache of the early exit gives the logits of a fresh full forward and a cache equal to a prefill, and the draft's
 lower-layer work is not redone; every self-drafter is greedy-identical on the shipped weights and keeps the
 target's law at T > 0, and the law test rejects a drafter that lets stale K/V into verification."""
+
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,16 @@ import torch
 
 import specdec
 from draft_length import Adaptive
-from selfdraft import (DynamicExitDrafter, EarlyExitDrafter, best_exit, greedy_agreement, load_skip_set, quantized,
-                       search_skip_set, sublayer_costs)
+from selfdraft import (
+    DynamicExitDrafter,
+    EarlyExitDrafter,
+    best_exit,
+    greedy_agreement,
+    load_skip_set,
+    quantized,
+    search_skip_set,
+    sublayer_costs,
+)
 from specdec import generate, speculative_generate, warp_for
 from tests.reference import reference_logits
 from tests.toy import chi_square, chi_square_critical, exact_joint, sample_speculative, toy_model
@@ -27,6 +36,7 @@ def toy_target():
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Partial forwards against the naive reference.
+
 
 @torch.inference_mode()
 @pytest.mark.parametrize("exit_layer", range(1, LAYERS + 1))
@@ -59,6 +69,7 @@ def test_skipping_nothing_or_exiting_at_the_last_layer_gives_exactly_the_target_
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. The shared cache of LayerSkip's early exit.
+
 
 class StaleLowerLayers(EarlyExitDrafter):
     """BROKEN: drafts blocks [0, E) with one sublayer skipped (a Draft & Verify draft) into the SHARED cache, so
@@ -94,7 +105,7 @@ def test_early_exit_verification_gives_the_logits_of_a_fresh_full_forward(exit_l
     context = [1, 4, 0, 3, 5, 2]
     logits, drafts, target, cache = verify_once(EarlyExitDrafter, exit_layer, context, gamma=4)
     with torch.inference_mode():
-        fresh = target(torch.tensor([context + drafts]))[:, len(context) - 1:]
+        fresh = target(torch.tensor([context + drafts]))[:, len(context) - 1 :]
     assert len(drafts) == 4 and torch.allclose(logits, fresh, atol=1e-5)
     stale, *_ = verify_once(StaleLowerLayers, exit_layer, context, gamma=4)  # the same check catches stale K/V
     assert not torch.allclose(stale, fresh, atol=1e-3)
@@ -125,8 +136,13 @@ def test_verification_reuses_the_drafts_lower_layers_instead_of_recomputing_them
         target(torch.tensor([context[:-1]]), cache)
         drafts, _ = drafter.propose(context, 3, warp_for(0, 0, 1), None)
         calls, blocks = [], target.blocks
-        monkeypatch.setattr(target, "blocks", lambda x, *a, layers=None, **k: calls.append((tuple(layers), x.shape[1]))
-                            or blocks(x, *a, layers=layers, **k))
+        monkeypatch.setattr(
+            target,
+            "blocks",
+            lambda x, *a, layers=None, **k: (
+                calls.append((tuple(layers), x.shape[1])) or blocks(x, *a, layers=layers, **k)
+            ),
+        )
         forward(torch.tensor([context[-1:] + drafts]), cache)
     assert calls == [((0,), 1), ((1,), 1), ((2,), 4)]
 
@@ -141,6 +157,7 @@ def test_dynamic_exit_picks_the_exit_and_length_that_maximise_tokens_per_layer()
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Draft & Verify: the skip-set search and the adaptive threshold.
+
 
 def test_skip_search_returns_the_best_modelled_set_of_its_curve():
     target = toy_target()
@@ -191,8 +208,9 @@ def test_self_drafting_is_greedy_identical_on_the_shipped_weights(short_referenc
     length = Adaptive(6) if name == "layerskip" else None
     accepted = 0
     for prompt, expected in references:
-        out, stats = speculative_generate(target, drafter, prompt, len(expected), gamma=4, eot=enc.eot_token,
-                                          draft_length=length)
+        out, stats = speculative_generate(
+            target, drafter, prompt, len(expected), gamma=4, eot=enc.eot_token, draft_length=length
+        )
         assert out == expected
         accepted += stats.accepted
     assert accepted > 0
@@ -214,8 +232,9 @@ PROMPT = [1, 4, 0, 3]
 
 def law(drafter, n_samples, **opts):
     target = drafter.target if hasattr(drafter, "target") else toy_target()
-    samples, stats = sample_speculative(target, drafter, PROMPT, 3, n_samples, seed=0, eot=None, temperature=1.0,
-                                        gamma=2, **opts)
+    samples, stats = sample_speculative(
+        target, drafter, PROMPT, 3, n_samples, seed=0, eot=None, temperature=1.0, gamma=2, **opts
+    )
     stat, dof = chi_square(samples, exact_joint(target, PROMPT, 3, temperature=1.0))
     return stat, chi_square_critical(dof), stats
 

@@ -1,6 +1,7 @@
 """Tests for the decoding loops of specdec.py: greedy identity on the shipped weights, KV-cache rollback, the exact
 output distribution of speculative sampling (chi-square against the enumerated target joint, with power checks
 against broken verifiers), the statistics, and the stopping rules. p = target, q = draft (Leviathan et al.)."""
+
 import math
 from pathlib import Path
 
@@ -11,8 +12,17 @@ import torch
 import specdec
 from drafters import ModelDrafter, PromptLookupDrafter
 from specdec import Stats, generate, speculative_generate, warp_for
-from tests.toy import (BrokenRule, MisreportingDrafter, ScriptedDrafter, chi_square, chi_square_critical, exact_joint,
-                       perturbed, sample_speculative, toy_model)
+from tests.toy import (
+    BrokenRule,
+    MisreportingDrafter,
+    ScriptedDrafter,
+    chi_square,
+    chi_square_critical,
+    exact_joint,
+    perturbed,
+    sample_speculative,
+    toy_model,
+)
 from tokenizer import load_tokenizer
 from train import function_prompts
 from verify import acceptance_probability, greedy_verify, sample_token
@@ -26,6 +36,7 @@ def seeded(seed: int) -> torch.Generator:
 
 
 # ---- the toy setting: V = 6, 16 positions, a draft that is a noisy copy of the target ---------------------------
+
 
 def toy_target(seed: int = 2):
     return toy_model(seed)
@@ -75,8 +86,7 @@ def test_greedy_speculative_equals_autoregressive_on_shipped_weights(shipped, he
     total = Stats()
     for i, (prompt, expected) in enumerate(heldout):
         gamma = 1 + i % 8  # every gamma from 1 to 8, for each drafter
-        out, stats = speculative_generate(target, drafter, prompt, N_NEW, temperature=0, gamma=gamma,
-                                          eot=enc.eot_token)
+        out, stats = speculative_generate(target, drafter, prompt, N_NEW, temperature=0, gamma=gamma, eot=enc.eot_token)
         assert out == expected, f"prompt {i}, gamma {gamma}"  # whole lists: lengths included
         assert stats.produced == len(out)
         assert stats.tau >= 1 or len(out) < N_NEW  # below 1 only when the end of text cut the last call short
@@ -88,6 +98,7 @@ def test_greedy_speculative_equals_autoregressive_on_shipped_weights(shipped, he
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Rollback: after a rejection the caches hold exactly the accepted text.
+
 
 @torch.inference_mode()
 def test_target_cache_after_a_rejection_holds_exactly_the_accepted_text():
@@ -124,7 +135,7 @@ class CheckedTarget:
         context = self.drafter.contexts[-1]
         assert cache.length == len(context) - 1 and tokens[0, 0].item() == context[-1]
         logits = self.model(tokens, cache)
-        fresh = self.model(torch.tensor([context[:-1] + tokens[0].tolist()]))[:, -tokens.shape[1]:]
+        fresh = self.model(torch.tensor([context[:-1] + tokens[0].tolist()]))[:, -tokens.shape[1] :]
         assert torch.allclose(logits, fresh, atol=ATOL, rtol=0)
         self.checked += 1
         return logits
@@ -137,8 +148,9 @@ def test_every_verification_runs_on_a_cache_of_exactly_the_accepted_text(gamma):
 
     def script(step, context):  # step k proposes k % (gamma + 1) right tokens, then wrong ones
         done, n_right = len(context) - len(prompt), step % (gamma + 1)
-        return [right[done + i] if i < n_right else (right[done + i] + 1) % 6
-                for i in range(min(gamma, n_new - done - 1))]
+        return [
+            right[done + i] if i < n_right else (right[done + i] + 1) % 6 for i in range(min(gamma, n_new - done - 1))
+        ]
 
     drafter = ScriptedDrafter(script)
     checked = CheckedTarget(target, drafter)
@@ -154,7 +166,7 @@ def assert_cache_holds(cache, model, tokens: list[int]) -> None:
     model(torch.tensor([tokens]), fresh)
     assert cache.length == len(tokens)
     for ours, theirs in zip(cache.k + cache.v, fresh.k + fresh.v):
-        assert torch.allclose(ours[:, :, :len(tokens)], theirs[:, :, :len(tokens)], atol=ATOL, rtol=0)
+        assert torch.allclose(ours[:, :, : len(tokens)], theirs[:, :, : len(tokens)], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("n_accepted", [0, 1, 2, 3])
@@ -166,7 +178,7 @@ def test_model_drafter_cache_after_accept_holds_context_and_accepted_drafts(n_ac
     drafts, _ = drafter.propose(context, gamma, greedy, None)
     drafter.accept(n_accepted)
     # the last draft is never fed to the draft model, so a full accept keeps one fewer
-    assert_cache_holds(drafter.cache, draft, context + drafts[:min(n_accepted, gamma - 1)])
+    assert_cache_holds(drafter.cache, draft, context + drafts[: min(n_accepted, gamma - 1)])
     # next round: the target's correction (or bonus token) follows the accepted drafts
     correction = (drafts[n_accepted] + 1) % 6 if n_accepted < gamma else 0
     next_context = context + drafts[:n_accepted] + [correction]
@@ -204,8 +216,9 @@ def speculative_chi_square(drafter, prompt, warping, n_samples, seed=0, **opts):
     """(statistic, critical value, dof, summed Stats) of n_samples 3-token continuations from speculative_generate
     against the target's exact joint distribution. `opts` go to speculative_generate (a verifier, a draft length)."""
     target = toy_target()
-    samples, stats = sample_speculative(target, drafter, prompt, 3, n_samples, seed, eot=None,
-                                        **{"gamma": 2, **warping, **opts})
+    samples, stats = sample_speculative(
+        target, drafter, prompt, 3, n_samples, seed, eot=None, **{"gamma": 2, **warping, **opts}
+    )
     stat, dof = chi_square(samples, exact_joint(target, prompt, 3, **warping))
     return stat, chi_square_critical(dof), dof, stats
 
@@ -221,8 +234,10 @@ def acceptance_matches_theory(stats: Stats) -> bool:
 @pytest.mark.parametrize("drafter", ["model", "pld"])
 def test_speculative_sampling_reproduces_the_target_distribution(drafter, warping):
     stat, critical, dof, stats = speculative_chi_square(toy_drafter(drafter), TOY_PROMPTS[drafter], warping, N_TRUE)
-    print(f"{drafter} {warping}: chi2 {stat:.1f} < {critical:.1f} (dof {dof}); accepted per call {stats.accept_counts}"
-          f"; acceptance {stats.acceptance_rate:.3f}, theory {stats.predicted_acceptance_rate:.3f}")
+    print(
+        f"{drafter} {warping}: chi2 {stat:.1f} < {critical:.1f} (dof {dof}); accepted per call {stats.accept_counts}"
+        f"; acceptance {stats.acceptance_rate:.3f}, theory {stats.predicted_acceptance_rate:.3f}"
+    )
     assert stat < critical, f"chi2 = {stat:.1f} >= {critical:.1f} (dof {dof})"
     assert all(stats.accept_counts[:3])  # every path taken: rejection at once, partial accept, bonus token
     assert acceptance_matches_theory(stats)
@@ -233,8 +248,9 @@ def test_speculative_sampling_reproduces_the_target_distribution(drafter, warpin
 @pytest.mark.parametrize("warping", WARPINGS.values(), ids=WARPINGS.keys())
 @pytest.mark.parametrize("kind", ["model", "pld"])
 def test_distribution_test_rejects_a_broken_verifier(kind, warping, broken):
-    stat, critical, dof, stats = speculative_chi_square(toy_drafter(kind), TOY_PROMPTS[kind], warping, N_BROKEN,
-                                                        verifier=BrokenRule(chain_fn=broken))
+    stat, critical, dof, stats = speculative_chi_square(
+        toy_drafter(kind), TOY_PROMPTS[kind], warping, N_BROKEN, verifier=BrokenRule(chain_fn=broken)
+    )
     print(f"{broken.__name__} {kind} {warping}: chi2 {stat:.1f} > {critical:.1f} (dof {dof})")
     assert stat > critical, f"broken verifier not detected: chi2 = {stat:.1f} <= {critical:.1f} (dof {dof})"
     if broken is accept_every_draft:  # the acceptance check has power too (a wrong residual leaves it alone)
@@ -243,8 +259,9 @@ def test_distribution_test_rejects_a_broken_verifier(kind, warping, broken):
 
 @pytest.mark.slow
 def test_distribution_test_rejects_a_drafter_whose_q_is_not_what_it_sampled_from():
-    stat, critical, dof, _ = speculative_chi_square(MisreportingDrafter(toy_draft()), MODEL_PROMPT,
-                                                    WARPINGS["T0.8-k4-p0.9"], 2 * N_BROKEN)
+    stat, critical, dof, _ = speculative_chi_square(
+        MisreportingDrafter(toy_draft()), MODEL_PROMPT, WARPINGS["T0.8-k4-p0.9"], 2 * N_BROKEN
+    )
     print(f"misreported q: chi2 {stat:.1f} > {critical:.1f} (dof {dof})")
     assert stat > critical, f"misreported q not detected: chi2 = {stat:.1f} <= {critical:.1f} (dof {dof})"
 
@@ -267,19 +284,23 @@ def test_exact_joint_is_a_distribution_that_agrees_with_the_cached_forward():
 
 def test_sampling_is_deterministic_in_the_generator_seed():
     target, drafter = toy_target(), ModelDrafter(toy_draft())
-    runs = [speculative_generate(target, drafter, MODEL_PROMPT, 10, temperature=1.0, generator=seeded(s))[0]
-            for s in (7, 7, 8)]
+    runs = [
+        speculative_generate(target, drafter, MODEL_PROMPT, 10, temperature=1.0, generator=seeded(s))[0]
+        for s in (7, 7, 8)
+    ]
     assert runs[0] == runs[1] != runs[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Statistics.
 
+
 @pytest.mark.parametrize("drafter", ["model", "pld"])
 def test_stats_are_consistent_with_what_was_emitted(drafter):
     target, prompt = toy_target(), TOY_PROMPTS[drafter]
-    out, s = speculative_generate(target, toy_drafter(drafter), prompt, 10, gamma=3, temperature=1.0,
-                                  generator=seeded(0))
+    out, s = speculative_generate(
+        target, toy_drafter(drafter), prompt, 10, gamma=3, temperature=1.0, generator=seeded(0)
+    )
     assert s.produced == len(out) == 10
     assert s.tau == s.produced / s.target_calls
     assert s.acceptance_rate == s.accepted / s.compared
@@ -305,13 +326,22 @@ def test_on_tokens_streams_exactly_the_output():
         drafted += n_drafted
         assert 0 <= n_drafted <= len(tokens)
 
-    out, s = speculative_generate(toy_target(), ModelDrafter(toy_draft()), MODEL_PROMPT, 12, gamma=3,
-                                  temperature=1.0, generator=seeded(1), on_tokens=on_tokens)
+    out, s = speculative_generate(
+        toy_target(),
+        ModelDrafter(toy_draft()),
+        MODEL_PROMPT,
+        12,
+        gamma=3,
+        temperature=1.0,
+        generator=seeded(1),
+        on_tokens=on_tokens,
+    )
     assert streamed == out and drafted == s.accepted
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Stopping rules and limits.
+
 
 @pytest.mark.parametrize("n_new", [1, 2, 5, 9])
 @pytest.mark.parametrize("drafter", ["model", "pld"])
@@ -319,8 +349,9 @@ def test_max_new_tokens_stops_exactly(drafter, n_new):
     target, prompt = toy_target(), TOY_PROMPTS[drafter]
     assert len(generate(target, prompt, n_new, temperature=1.0, generator=seeded(0))) == n_new
     for gamma in (1, 3, 8):
-        out, _ = speculative_generate(target, toy_drafter(drafter), prompt, n_new, gamma=gamma, temperature=1.0,
-                                      generator=seeded(gamma))
+        out, _ = speculative_generate(
+            target, toy_drafter(drafter), prompt, n_new, gamma=gamma, temperature=1.0, generator=seeded(gamma)
+        )
         assert len(out) == n_new
 
 
@@ -329,20 +360,22 @@ def test_greedy_loops_stop_at_eot_identically_and_drop_it(drafter):
     target, prompt = toy_target(seed=0), [1, 2, 3]  # this target's greedy continuation varies: 4 1 0 0 1 3 3 ...
     free = generate(target, prompt, 10, temperature=0)
     eot = max(set(free), key=free.index)  # the token that shows up last: the longest stop-free prefix
-    expected = free[:free.index(eot)]
+    expected = free[: free.index(eot)]
     assert 3 < len(expected) < 10
     assert generate(target, prompt, 10, temperature=0, eot=eot) == expected
     for gamma in (1, 2, 4):
-        out, stats = speculative_generate(target, toy_drafter(drafter, seed=0), prompt, 10, gamma=gamma,
-                                          temperature=0, eot=eot)
+        out, stats = speculative_generate(
+            target, toy_drafter(drafter, seed=0), prompt, 10, gamma=gamma, temperature=0, eot=eot
+        )
         assert out == expected and stats.produced == len(out)
 
 
 def test_sampled_output_stops_at_eot_and_never_contains_it():
     target, eot, stopped = toy_target(), 4, 0
     for seed in range(10):
-        out, stats = speculative_generate(target, ModelDrafter(toy_draft()), MODEL_PROMPT, 10, temperature=1.0,
-                                          generator=seeded(seed), eot=eot)
+        out, stats = speculative_generate(
+            target, ModelDrafter(toy_draft()), MODEL_PROMPT, 10, temperature=1.0, generator=seeded(seed), eot=eot
+        )
         assert eot not in out and stats.produced == len(out)
         stopped += len(out) < 10
         assert eot not in generate(target, MODEL_PROMPT, 10, temperature=1.0, generator=seeded(seed), eot=eot)
@@ -353,14 +386,15 @@ def test_sampled_output_stops_at_eot_and_never_contains_it():
 @pytest.mark.parametrize("drafter", ["model", "pld"])
 def test_prompt_near_the_context_limit_fills_it_without_overflow(drafter, room):
     target = toy_target()
-    prompt = ([1, 2, 3, 1, 2, 3] * 3)[:target.config.max_position_embeddings - room]  # repeats: PLD drafts
+    prompt = ([1, 2, 3, 1, 2, 3] * 3)[: target.config.max_position_embeddings - room]  # repeats: PLD drafts
     expected = generate(target, prompt, 10, temperature=0)
     assert len(expected) == room
     for gamma in (1, 2, 5):
         out, _ = speculative_generate(target, toy_drafter(drafter), prompt, 10, gamma=gamma, temperature=0)
         assert out == expected
-        out, _ = speculative_generate(target, toy_drafter(drafter), prompt, 10, gamma=gamma, temperature=1.0,
-                                      generator=seeded(gamma))
+        out, _ = speculative_generate(
+            target, toy_drafter(drafter), prompt, 10, gamma=gamma, temperature=1.0, generator=seeded(gamma)
+        )
         assert len(out) == room
     assert len(generate(target, prompt, 10, temperature=1.0, generator=seeded(0))) == room
 

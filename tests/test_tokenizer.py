@@ -1,4 +1,5 @@
 """The shipped byte-level BPE tokenizer through tiktoken, and the trainer against a naive BPE trainer."""
+
 import re
 import string
 from collections import Counter
@@ -63,8 +64,10 @@ def test_endoftext_in_plain_text_is_refused_by_encode_and_ordinary_for_encode_or
 
 # -------------------------------------------------------------------------------------------------- training
 
-CORPUS = ("the quick brown fox jumps over the lazy dog. the dog sleeps; the fox runs.\n"
-          "def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # 3\n")
+CORPUS = (
+    "the quick brown fox jumps over the lazy dog. the dog sleeps; the fox runs.\n"
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # 3\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +120,7 @@ def naive_bpe(pretoken_counts, vocab_size):
             i = 0
             while i < len(ids) - 1:
                 if (ids[i], ids[i + 1]) == best:
-                    ids[i:i + 2] = [new]
+                    ids[i : i + 2] = [new]
                 i += 1
     return {token: i for i, token in enumerate(vocab)}
 

@@ -3,6 +3,7 @@ autoregressive decoding for every tree drafter on the shipped weights; the exact
 (chi-square against the enumerated target joint, with power checks against broken tree verifiers and the LOSSY
 typical acceptance); the KV-cache mechanics of the loop; and the drafters' tree proposals.
 p = target, q = draft (Leviathan et al.)."""
+
 import dataclasses
 import multiprocessing
 import os
@@ -14,16 +15,15 @@ import pytest
 import torch
 
 import specdec
+from approximate import Typical
 from drafters import ModelDrafter, PromptLookupDrafter, always
 from heads import EagleDrafter, EagleHead, HydraDrafter
 from model import KVCache
-from specdec import generate, trim_tree, tree_speculative_generate
-from tests.toy import chi_square, chi_square_critical, exact_joint, perturbed, toy_model
+from specdec import generate, tree_speculative_generate, trim_tree
+from tests.toy import BrokenRule, chi_square, chi_square_critical, exact_joint, perturbed, toy_model
 from tokenizer import load_tokenizer
 from train import function_prompts
 from tree import Tree, children, depths, path_to, rerank_top_m
-from tests.toy import BrokenRule
-from approximate import Typical
 from verify import residual_distribution, sample_token
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -41,8 +41,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # 1. Greedy identity on the shipped weights, every tree drafter, two tree shapes.
 
 N_HELDOUT, CONTEXT, N_NEW = 6, 128, 32
-SHAPES = {"default": dict(tree_size=24, tree_depth=6, tree_width=4),  # the command line's defaults
-          "small": dict(tree_size=8, tree_depth=3, tree_width=2)}
+SHAPES = {
+    "default": dict(tree_size=24, tree_depth=6, tree_width=4),  # the command line's defaults
+    "small": dict(tree_size=8, tree_depth=3, tree_width=2),
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,15 @@ def test_blockwise_drafts_one_chain_of_the_heads_top_tokens_and_equals_autoregre
     drafter = shipped_drafter("blockwise", target, **SHAPES["default"])
     trees = []
     for prompt, expected in greedy_references[:6]:
-        out, _ = tree_speculative_generate(target, drafter, prompt, N_NEW, temperature=0, eot=enc.eot_token,
-                                           on_tree=lambda tree, path: trees.append(tree))
+        out, _ = tree_speculative_generate(
+            target,
+            drafter,
+            prompt,
+            N_NEW,
+            temperature=0,
+            eot=enc.eot_token,
+            on_tree=lambda tree, path: trees.append(tree),
+        )
         assert out == expected
     heads = len(drafter.heads.linears)
     assert all(t.parents == list(range(-1, len(t) - 1)) and len(t) <= heads + 1 for t in trees)  # chains
@@ -102,6 +111,7 @@ def test_blockwise_drafts_one_chain_of_the_heads_top_tokens_and_equals_autoregre
 # ---------------------------------------------------------------------------------------------------------------
 # 2. End to end: tree sampling emits exactly the target's distribution (chi-square over all V^3 continuations of
 # 3 tokens), for any tree; the same test rejects broken tree verifiers and the lossy typical acceptance.
+
 
 def toy_target():
     return toy_model(seed=2)  # V = 6, 16 positions, every weight N(0, 0.5^2): far from uniform
@@ -133,8 +143,11 @@ def toy_sampled_drafter():
 
 MODEL_PROMPT = [1, 2, 3]
 PLD_PROMPT = [1, 2, 1, 3, 1, 4, 1]  # the last "1" follows 2, 3 and 4 before: three sibling drafts at depth 1
-TOY = {"model": (toy_model_drafter, MODEL_PROMPT), "pld": (toy_pld_drafter, PLD_PROMPT),
-       "sampled": (toy_sampled_drafter, MODEL_PROMPT)}
+TOY = {
+    "model": (toy_model_drafter, MODEL_PROMPT),
+    "pld": (toy_pld_drafter, PLD_PROMPT),
+    "sampled": (toy_sampled_drafter, MODEL_PROMPT),
+}
 N_BROKEN_SAMPLED = 1_000
 UNWARPED, WARPED = dict(temperature=1.0), dict(temperature=0.8, top_k=4, top_p=0.9)
 N_TRUE, N_TOKENS, CHUNKS = 20_000, 3, 4  # fixed chunks: the samples do not depend on the cores
@@ -146,18 +159,21 @@ def _sample_chunk(args):
     target, drafter, generator = toy_target(), make_drafter(), seeded(seed)
     out, accept_counts = np.empty((n_samples, N_TOKENS), dtype=np.int64), np.zeros(N_TOKENS, dtype=np.int64)
     for i in range(n_samples):
-        tokens, stats = tree_speculative_generate(target, drafter, prompt, N_TOKENS, generator=generator, eot=None,
-                                                  **opts)
+        tokens, stats = tree_speculative_generate(
+            target, drafter, prompt, N_TOKENS, generator=generator, eot=None, **opts
+        )
         out[i] = tokens  # exactly N_TOKENS: no end of text, and trees are trimmed to the budget
-        accept_counts[:len(stats.accept_counts)] += stats.accept_counts
+        accept_counts[: len(stats.accept_counts)] += stats.accept_counts
     return out, accept_counts
 
 
 def sample_tree_decoding(make_drafter, prompt, n_samples: int, seed: int = 0, **opts):
     """n_samples 3-token continuations [n_samples, 3] and the summed accept_counts. Deterministic in `seed`: fixed
     chunks, each with its own generator, run in forked workers, one per core; `opts` go to the loop (a verifier)."""
-    chunks = [(make_drafter, prompt, n_samples // CHUNKS + (i < n_samples % CHUNKS), 1000 * seed + i, opts)
-              for i in range(CHUNKS)]
+    chunks = [
+        (make_drafter, prompt, n_samples // CHUNKS + (i < n_samples % CHUNKS), 1000 * seed + i, opts)
+        for i in range(CHUNKS)
+    ]
     workers = min(CHUNKS, len(os.sched_getaffinity(0)))
     if workers == 1:
         results = [_sample_chunk(c) for c in chunks]
@@ -227,8 +243,9 @@ BROKEN = {untested_residual: 3_000, first_child_always: 500}  # samples: the sub
 @pytest.mark.parametrize("case", TRUE_CASES.keys())
 def test_distribution_test_rejects_a_broken_tree_verifier(case, broken):
     drafter, warping = TRUE_CASES[case]
-    stat, critical, dof, _ = chi_square_of_tree_decoding(drafter, warping, BROKEN[broken],
-                                                         verifier=BrokenRule(tree_fn=broken))
+    stat, critical, dof, _ = chi_square_of_tree_decoding(
+        drafter, warping, BROKEN[broken], verifier=BrokenRule(tree_fn=broken)
+    )
     print(f"{broken.__name__} {case}: chi2 {stat:.1f} > {critical:.1f} (dof {dof})")
     assert stat > critical, f"broken verifier not detected: chi2 = {stat:.1f} <= {critical:.1f} (dof {dof})"
 
@@ -243,8 +260,10 @@ def test_typical_acceptance_is_detectably_not_the_target_distribution():
 
 def test_tree_sampling_is_deterministic_in_the_generator_seed():
     target, drafter = toy_target(), toy_model_drafter()
-    runs = [tree_speculative_generate(target, drafter, MODEL_PROMPT, 10, temperature=1.0, generator=seeded(s))[0]
-            for s in (7, 7, 8)]
+    runs = [
+        tree_speculative_generate(target, drafter, MODEL_PROMPT, 10, temperature=1.0, generator=seeded(s))[0]
+        for s in (7, 7, 8)
+    ]
     assert runs[0] == runs[1] != runs[2]
 
 
@@ -258,8 +277,9 @@ class RerankedSampledDrafter(ModelDrafter):
 
 
 def toy_reranked_drafter():
-    return RerankedSampledDrafter(perturbed(toy_target(), seed=100, noise=0.2), depth=1, width=3, beam=1, size=3,
-                                  sampled=True)
+    return RerankedSampledDrafter(
+        perturbed(toy_target(), seed=100, noise=0.2), depth=1, width=3, beam=1, size=3, sampled=True
+    )
 
 
 TOY["reranked"] = (toy_reranked_drafter, MODEL_PROMPT)
@@ -309,6 +329,7 @@ def test_sampled_trees_record_q_keep_duplicates_and_draw_from_the_generator_only
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Mechanics of the loop: the cache after each step, trimming to the budget, the end of the context.
 
+
 class DecoyDrafter:
     """BAD on purpose: at each depth the first child is a wrong decoy (with a child of its own) and the second
     follows the target's greedy continuation `right` for step % 4 levels, so the accepted path is never the
@@ -324,7 +345,7 @@ class DecoyDrafter:
     def propose_tree(self, context, features, warp, generator, keep):
         self.contexts.append(list(context))
         self.features.append(features.clone())
-        ahead = self.right[len(context) - len(self.prompt):] + [0] * 4
+        ahead = self.right[len(context) - len(self.prompt) :] + [0] * 4
         n_right, tree, node = (len(self.contexts) - 1) % 4, Tree.from_root(context[-1]), 0
         for d in range(3):
             decoy = tree.add(node, (ahead[d] + 1) % self.V, -1.0)
@@ -373,8 +394,9 @@ def decode_with_checks(n_new: int = 14):
     drafter = DecoyDrafter(prompt, right, target.config.vocab_size)
     checked = CheckedTarget(target, drafter, n_new)
     paths = []
-    out, stats = tree_speculative_generate(checked, drafter, prompt, n_new, temperature=0,
-                                           on_tree=lambda tree, path: paths.append(list(path)))
+    out, stats = tree_speculative_generate(
+        checked, drafter, prompt, n_new, temperature=0, on_tree=lambda tree, path: paths.append(list(path))
+    )
     return out, stats, right[:n_new], checked, paths, prompt
 
 
@@ -408,14 +430,15 @@ def test_trim_tree_keeps_exactly_the_nodes_within_the_depth_and_size_budgets():
     for _ in range(200):
         tree = random_tree(rng, rng.randint(1, 20))
         small = trim_tree(tree, 10, 3)
-        assert len(small) == min(3, len(tree)) and small.tokens == tree.tokens[:len(small)]
+        assert len(small) == min(3, len(tree)) and small.tokens == tree.tokens[: len(small)]
         for max_depth in range(5):
             trimmed, d = trim_tree(tree, max_depth, len(tree)), depths(tree)
             assert max(depths(trimmed)) <= max_depth
             assert len(trimmed) == sum(x <= max_depth for x in d)  # nothing else is dropped
             kept = [i for i in range(len(tree)) if d[i] <= max_depth]  # same root paths, in the same order
-            assert [[tree.tokens[j] for j in path_to(tree, i)] for i in kept] == \
-                   [[trimmed.tokens[j] for j in path_to(trimmed, i)] for i in range(len(trimmed))]
+            assert [[tree.tokens[j] for j in path_to(tree, i)] for i in kept] == [
+                [trimmed.tokens[j] for j in path_to(trimmed, i)] for i in range(len(trimmed))
+            ]
 
 
 class ChainDrafter:
@@ -429,7 +452,7 @@ class ChainDrafter:
 
     def propose_tree(self, context, features, warp, generator, keep):
         tree, done = Tree.from_root(context[-1]), len(context) - len(self.prompt)
-        for i, token in enumerate(self.right[done:done + self.length]):
+        for i, token in enumerate(self.right[done : done + self.length]):
             tree.add(i, token, -1.0 - i)
         return tree
 
@@ -444,8 +467,9 @@ def test_trees_in_the_loop_never_reach_past_the_budget(n_new):
         budgets.append((max(depths(tree)), n_new - sum(produced)))
         produced.append(len(path) + 1)
 
-    out, _ = tree_speculative_generate(target, ChainDrafter(prompt, right, 3), prompt, n_new, temperature=0,
-                                       on_tree=on_tree)
+    out, _ = tree_speculative_generate(
+        target, ChainDrafter(prompt, right, 3), prompt, n_new, temperature=0, on_tree=on_tree
+    )
     assert out == right[:n_new]
     assert all(depth <= budget - 1 for depth, budget in budgets)
 
@@ -462,26 +486,31 @@ class WideDrafter:
 
     def propose_tree(self, context, features, warp, generator, keep):
         tree, frontier = Tree.from_root(context[-1]), [0]
-        for d in range(self.depth):
+        for _ in range(self.depth):
             frontier = [tree.add(node, t, -1.0) for node in frontier[:2] for t in range(self.width)]
         return tree
 
 
-NEAR_LIMIT = {"model": toy_model_drafter, "pld": toy_pld_drafter, "eagle": lambda: toy_eagle_drafter(3, 2, 2, 6),
-              "wide": WideDrafter}
+NEAR_LIMIT = {
+    "model": toy_model_drafter,
+    "pld": toy_pld_drafter,
+    "eagle": lambda: toy_eagle_drafter(3, 2, 2, 6),
+    "wide": WideDrafter,
+}
 
 
 @pytest.mark.parametrize("room", [1, 2, 3])
 @pytest.mark.parametrize("drafter", NEAR_LIMIT.keys())
 def test_prompt_near_the_context_limit_fills_it_without_overflow(drafter, room):
     target = toy_target()
-    prompt = ([1, 2, 3, 1, 2, 4] * 3)[:target.config.max_position_embeddings - room]  # repeats: PLD drafts
+    prompt = ([1, 2, 3, 1, 2, 4] * 3)[: target.config.max_position_embeddings - room]  # repeats: PLD drafts
     expected = generate(target, prompt, 10, temperature=0)
     assert len(expected) == room
     out, _ = tree_speculative_generate(target, NEAR_LIMIT[drafter](), prompt, 10, temperature=0)
     assert out == expected
-    out, _ = tree_speculative_generate(target, NEAR_LIMIT[drafter](), prompt, 10, temperature=1.0,
-                                       generator=seeded(room))
+    out, _ = tree_speculative_generate(
+        target, NEAR_LIMIT[drafter](), prompt, 10, temperature=1.0, generator=seeded(room)
+    )
     assert len(out) == room
 
 
@@ -490,7 +519,7 @@ def three_from_the_end(shipped):
     """(prompt that leaves 3 positions of the context, its greedy continuation)."""
     enc, target = shipped
     text = Path(specdec.__file__).read_text() * 4
-    prompt = enc.encode_ordinary(text)[:target.config.max_position_embeddings - 3]
+    prompt = enc.encode_ordinary(text)[: target.config.max_position_embeddings - 3]
     return prompt, generate(target, prompt, 10, temperature=0)
 
 
@@ -499,13 +528,15 @@ def test_shipped_drafters_fill_the_last_three_positions_of_the_context(shipped, 
     enc, target = shipped
     prompt, expected = three_from_the_end
     assert len(expected) == 3
-    out, _ = tree_speculative_generate(target, shipped_drafter(name, target, **SHAPES["default"]), prompt, 10,
-                                       temperature=0)
+    out, _ = tree_speculative_generate(
+        target, shipped_drafter(name, target, **SHAPES["default"]), prompt, 10, temperature=0
+    )
     assert out == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Tree proposals of the model drafters: deterministic, well formed, and independent of their past calls.
+
 
 @pytest.fixture(scope="module")
 def proposal_setup(shipped):

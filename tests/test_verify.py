@@ -1,5 +1,6 @@
 """Tests for verify.py: exactness identities, Monte Carlo distribution tests with power checks, brute-force
-references for the greedy rules. p = target, q = draft (Leviathan et al.). The lossy rules: tests/test_approximate.py."""
+references for the greedy rules. p = target, q = draft (Leviathan et al.).
+The lossy rules: tests/test_approximate.py."""
 
 import math
 

@@ -1,4 +1,5 @@
 """Tiny random models, scripted drafters and a chi-square test, shared by tests/test_specdec.py."""
+
 import copy
 import math
 import multiprocessing
@@ -11,15 +12,22 @@ import specdec
 from model import ModelConfig, Transformer
 from verify import probs_from_logits, sample_token
 
-
 # ---- models ---------------------------------------------------------------------------------------------------
+
 
 def toy_model(seed: int, vocab_size: int = 6, max_len: int = 16, std: float = 0.5, layers: int = 1) -> Transformer:
     """A 1-layer (or `layers`-layer) fp32 model whose every weight (norms included) is drawn N(0, std^2): peaked
     next-token distributions that depend on the whole context."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=vocab_size, max_position_embeddings=max_len)
+    cfg = ModelConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_len,
+    )
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -54,6 +62,7 @@ def exact_joint(target: Transformer, prompt: list[int], n: int, **warping) -> np
 
 
 # ---- drafters -------------------------------------------------------------------------------------------------
+
 
 class ScriptedDrafter:
     """Proposes script(step, context)[:gamma] with a one-hot q (None); records the context of every step."""
@@ -97,6 +106,7 @@ class MisreportingDrafter:
 
 
 # ---- verifiers ------------------------------------------------------------------------------------------------
+
 
 class BrokenRule:
     """Wraps a BROKEN verification function as a verify.Verifier, so that a law test can run the loop with it:
@@ -147,15 +157,18 @@ def add_stats(total: specdec.Stats, stats: specdec.Stats) -> None:
         total.accept_counts[n] += count
 
 
-def sample_speculative(target, drafter, prompt, n_tokens: int, n_samples: int, seed: int,
-                       **opts) -> tuple[np.ndarray, specdec.Stats]:
+def sample_speculative(
+    target, drafter, prompt, n_tokens: int, n_samples: int, seed: int, **opts
+) -> tuple[np.ndarray, specdec.Stats]:
     """n_samples continuations [n_samples, n_tokens] from speculative_generate (pass eot=None: each then has
     exactly n_tokens, as the drafts of a step never exceed the budget), and the runs' summed Stats.
 
     Deterministic in `seed`. The CHUNKS chunks run in forked worker processes when there is more than one core.
     `opts` go to speculative_generate (a broken verifier among them)."""
-    chunks = [(target, drafter, prompt, n_tokens, n_samples // CHUNKS + (i < n_samples % CHUNKS), seed * 1000 + i,
-               opts) for i in range(CHUNKS)]
+    chunks = [
+        (target, drafter, prompt, n_tokens, n_samples // CHUNKS + (i < n_samples % CHUNKS), seed * 1000 + i, opts)
+        for i in range(CHUNKS)
+    ]
     workers = min(CHUNKS, len(os.sched_getaffinity(0)))
     if workers == 1:
         results = [_sample_chunk(c) for c in chunks]
@@ -171,6 +184,7 @@ def sample_speculative(target, drafter, prompt, n_tokens: int, n_samples: int, s
 
 
 # ---- chi-square -----------------------------------------------------------------------------------------------
+
 
 def chi_square_critical(dof: int, alpha: float = 1e-3) -> float:
     """Upper alpha quantile of chi-square(dof), Wilson-Hilferty approximation (no scipy)."""
