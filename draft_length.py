@@ -233,3 +233,17 @@ class Recorder(FixedLength):
             features.append(step[:compared])
             labels += [1.0] * accepted + [0.0] * (compared - accepted)
         return torch.cat(features), torch.tensor(labels)
+
+
+def predicted_speedup(alpha: float, gamma: int, c: float, v: float = 1.0) -> float:
+    """Leviathan et al. 2023's expected speedup of Algorithm 2 (Thm 3.8), with the verify call's cost as a
+    parameter: (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + v)). alpha is the acceptance rate, c a draft
+    token's cost and v the cost of the call of gamma + 1 tokens, both over a one-token target call (the paper
+    takes v = 1, a call that costs the same whatever its length; on a CPU it does not)."""
+    tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens / (gamma * c + v)
+
+
+def best_gamma(alpha: float, c: float, v: float = 1.0, most: int = 16) -> int:
+    """The gamma in [0, most] that predicted_speedup ranks first (0: drafting cannot pay), v held fixed."""
+    return max(range(most + 1), key=lambda g: predicted_speedup(alpha, g, c, v) if g else 1.0)

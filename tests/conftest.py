@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import specdec
+from methods import load_model
 from tokenizer import load_tokenizer
 from train import function_prompts
 
@@ -27,6 +28,6 @@ def short_references():
     """(tokenizer, shipped target, [(prompt, its greedy 24-token continuation)]): four held-out code prompts of
     96 tokens and one short prompt. For the quick greedy-identity checks of each policy, rule and drafter."""
     enc = load_tokenizer(WEIGHTS / "tokenizer.tiktoken")
-    target = specdec.load_model(WEIGHTS / "target", "cpu", torch.float32)
+    target = load_model(WEIGHTS / "target", "cpu", torch.float32)
     prompts = function_prompts(enc, 4, context_tokens=96) + [enc.encode_ordinary("def parse(s):")]
     return enc, target, [(p, specdec.generate(target, p, 24, eot=enc.eot_token)) for p in prompts]

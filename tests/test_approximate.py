@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import table
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -218,7 +219,7 @@ WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 def test_exact_ends_in_the_loops_equal_autoregressive_on_the_shipped_weights(short_references, rule, drafter):
     enc, target, references = short_references
     use_tree = drafter == "eagle"
-    draft = specdec.make_drafter(drafter, WEIGHTS, target, torch.float32, 12, 6, 2)
+    draft = table.drafter(drafter, target)
     for prompt, expected in references:
         out, _ = specdec.decode(target, draft, use_tree, prompt, 24, 4, verifier=rule, temperature=0, eot=enc.eot_token)
         assert out == expected
@@ -226,7 +227,7 @@ def test_exact_ends_in_the_loops_equal_autoregressive_on_the_shipped_weights(sho
 
 def test_lossy_rules_in_the_loop_accept_more_and_change_the_output(short_references):
     enc, target, references = short_references
-    draft = specdec.make_drafter("draft", WEIGHTS, target, torch.float32, 12, 6, 2)
+    draft = table.drafter("draft", target)
     accepted, changed = {}, {}
     for name, rule in {"exact": Greedy(), "topk": TopK(), "bild": BiLD(2.0)}.items():
         accepted[name] = changed[name] = 0

@@ -22,7 +22,8 @@ from batched import (
 )
 from drafters import ModelDrafter, PromptLookupDrafter
 from heads import EagleDrafter
-from specdec import generate, load_model
+from methods import load_model
+from specdec import generate
 from tests.conftest import WEIGHTS
 from tests.test_specdec import accept_every_draft
 from tests.test_tree_decoding import first_child_always

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import specdec
 from cascade import CascadeDrafter, CollectiveDrafter, merge_proposals, ranked_paths
 from drafters import ModelDrafter, PromptLookupDrafter
+from methods import load_model
 from retrieval import RestDrafter
 from specdec import speculative_generate, tree_speculative_generate, warp_for
 from suffix import suffix_array
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # batch-1 forwards: one thre
 
 @pytest.fixture(scope="module")
 def shipped_draft():
-    return specdec.load_model(WEIGHTS / "draft", "cpu", torch.float32)
+    return load_model(WEIGHTS / "draft", "cpu", torch.float32)
 
 
 def few(refs):

@@ -37,7 +37,7 @@ RUNS = {  # name: the arguments of `python specdec.py`
     "drafter earlyexit": ["-p", "def parse(s):", "-n", "16", "-d", "earlyexit", "--exit-layer", "6", "--compare"],
     "drafter quant": ["-p", "def parse(s):", "-n", "16", "-d", "quant", "--compare"],
     "draft length svip": ["-p", PROMPT, "-n", "16", "-l", "svip", "--compare"],
-    "drafter specdec": ["-p", "def parse(s):", "-n", "16", "-d", "specdec", "--compare"],
+    "drafter nar": ["-p", "def parse(s):", "-n", "16", "-d", "nar", "--compare"],
     "lossy topk": ["-p", PROMPT, "-n", "16", "-v", "topk", "--compare"],
     "seed 1": SAMPLING + ["-s", "1"],
     "seed 1 again": SAMPLING + ["-s", "1"],
@@ -76,7 +76,8 @@ BAD_INPUTS = {
     "negative cascade horizontal": ["-p", PROMPT, "-d", "cascade", "--cascade-horizontal", "-1"],
     "cascade horizontal on another drafter": ["-p", PROMPT, "-d", "draft", "--cascade-horizontal", "2"],
     "cascade as a tree": ["-p", PROMPT, "-d", "cascade", "--tree"],
-    "specdec as a tree": ["-p", PROMPT, "-d", "specdec", "--tree"],
+    "nar as a tree": ["-p", PROMPT, "-d", "nar", "--tree"],
+    "a drafter's old name": ["-p", PROMPT, "-d", "specdec"],
     "exit layer 0": ["-p", PROMPT, "-d", "earlyexit", "--exit-layer", "0"],
     "exit layer past the last block": ["-p", PROMPT, "-d", "del", "--exit-layer", "12"],
     "early exit as a tree": ["-p", PROMPT, "-d", "earlyexit", "--tree"],
@@ -173,7 +174,7 @@ def test_bare_command_prints_the_continuation_then_the_stats(cli):
         "drafter earlyexit",
         "drafter quant",
         "draft length svip",
-        "drafter specdec",
+        "drafter nar",
     ],
 )
 def test_each_drafter_runs_and_matches_plain_greedy_decoding(cli, run):

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import table
 import torch
 
 import specdec
@@ -206,7 +207,7 @@ def test_a_threshold_that_never_triggers_drafts_exactly_the_fixed_gamma(name):
 def decode_all(target, enc, references, name, use_tree, length) -> int:
     """Greedy-decodes every reference prompt; asserts each output equals autoregressive decoding; returns the
     total number of drafted tokens."""
-    drafter = specdec.make_drafter(name, WEIGHTS, target, torch.float32, 12, 6, 2)
+    drafter = table.drafter(name, target)
     drafted = 0
     for prompt, expected in references:
         out, stats = specdec.decode(
@@ -222,14 +223,14 @@ def test_policies_on_the_shipped_weights_keep_greedy_output_identical(short_refe
     enc, target, references = short_references
     use_tree = policy == "dynamic"
     name = "eagle" if use_tree else "draft"
-    length = specdec.make_draft_length(policy, 6, use_tree, name, WEIGHTS, 0.4, 0.3, None, 0.3)
+    length = table.draft_length(policy, target, gamma=6, ddd_threshold=0.3)
     drafted = decode_all(target, enc, references, name, use_tree, length)
     assert drafted != decode_all(target, enc, references, name, use_tree, FixedLength(6))  # the policy acted
 
 
 def test_dynamic_depth_cuts_eagle_trees_short(short_references):
     enc, target, references = short_references
-    drafter = specdec.make_drafter("eagle", WEIGHTS, target, torch.float32, 12, 6, 2)
+    drafter = table.drafter("eagle", target)
     depths = {}
     for threshold in (0.0, 1.01):  # never stops; always stops after the first level
         trees = []

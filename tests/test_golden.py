@@ -9,7 +9,8 @@ import torch
 
 from drafters import ModelDrafter
 from heads import EagleDrafter
-from specdec import generate, load_model, speculative_generate, tree_speculative_generate
+from methods import load_model
+from specdec import generate, speculative_generate, tree_speculative_generate
 from tokenizer import load_tokenizer
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"

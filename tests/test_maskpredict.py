@@ -6,11 +6,11 @@ identity on the shipped weights, and the sampled law with a power check. p = tar
 import random
 
 import pytest
+import table
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import specdec
 from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import KVCache
 from specdec import call_embeds, generate, tree_speculative_generate
@@ -230,9 +230,9 @@ def test_pass_training_layout_equals_one_forward_per_cut():
 SETTINGS = {
     "jacobi block 2": ("jacobi", dict(jacobi_block=2)),
     "jacobi block 5": ("jacobi", dict(jacobi_block=5)),
-    "lookahead 3-3-3": ("lookahead", dict(lookahead=(3, 3, 3))),
-    "lookahead 2-4-2": ("lookahead", dict(lookahead=(2, 4, 2))),
-    "lookahead 4-2-4": ("lookahead", dict(lookahead=(4, 2, 4))),
+    "lookahead 3-3-3": ("lookahead", dict(lookahead_window=3, lookahead_ngram=3, lookahead_candidates=3)),
+    "lookahead 2-4-2": ("lookahead", dict(lookahead_window=2, lookahead_ngram=4, lookahead_candidates=2)),
+    "lookahead 4-2-4": ("lookahead", dict(lookahead_window=4, lookahead_ngram=2, lookahead_candidates=4)),
     "pass": ("pass", {}),
 }
 
@@ -241,9 +241,7 @@ SETTINGS = {
 def test_mask_predict_greedy_decoding_equals_autoregressive_on_shipped_weights(short_references, setting):
     enc, target, references = short_references
     name, knobs = SETTINGS[setting]
-    drafter = specdec.make_drafter(
-        name, specdec.Path(specdec.__file__).parent / "weights", target, torch.float32, 12, 6, 2, **knobs
-    )
+    drafter = table.drafter(name, target, **knobs)
     for prompt, expected in references:
         out, stats = tree_speculative_generate(target, drafter, prompt, 24, temperature=0, eot=enc.eot_token)
         assert out == expected

@@ -6,13 +6,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import table
 import torch
 from torch import Tensor
 
 import specdec
+from methods import UsageError
 from model import ModelConfig
 from nar import NarDrafter, NarModel, query_layout
-from specdec import UsageError, generate, speculative_generate
+from specdec import generate, speculative_generate
 from tests.reference import reference_logits
 from tests.test_specdec import acceptance_matches_theory
 from tests.toy import chi_square, chi_square_critical, exact_joint, sample_speculative, toy_model
@@ -135,8 +137,8 @@ def test_keep_cuts_the_chain_and_the_drafts_are_each_positions_argmax_at_t0():
 
 
 def test_a_missing_specdec_drafter_is_one_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="train.py specdec"):
-        specdec.make_drafter("specdec", tmp_path, toy_model(seed=2), torch.float32, 12, 6, 2)
+    with pytest.raises(UsageError, match="train.py nar"):
+        table.drafter("nar", toy_model(seed=2), weights=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,11 +148,11 @@ def test_a_missing_specdec_drafter_is_one_usage_error(tmp_path):
 @pytest.mark.parametrize("length", ["fixed", "confidence"])
 def test_greedy_nar_decoding_equals_autoregressive_on_shipped_weights(short_references, length):
     enc, target, references = short_references
-    drafter = specdec.make_drafter("specdec", WEIGHTS, target, torch.float32, 12, 6, 2)
+    drafter = table.drafter("nar", target)
     accepted = drafted = 0
     for i, (prompt, expected) in enumerate(references):
         gamma = 1 + i % 6  # below, at and above k
-        policy = specdec.make_draft_length(length, gamma, False, "specdec", WEIGHTS, 0.4, 0.3, None, 0.1)
+        policy = table.draft_length(length, target, gamma=gamma)
         out, stats = speculative_generate(
             target, drafter, prompt, 24, gamma=gamma, temperature=0, eot=enc.eot_token, draft_length=policy
         )

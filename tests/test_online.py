@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import specdec
+from methods import load_model
 from online import Buffer, OnlineDrafter, distill_loss
 from specdec import speculative_generate
 from tests.conftest import WEIGHTS
@@ -37,7 +37,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 @pytest.mark.parametrize("rows", ["rejected", "all"])
 def test_online_greedy_output_equals_autoregressive_on_shipped_weights(short_references, rows):
     enc, target, references = short_references
-    draft = specdec.load_model(WEIGHTS / "draft", "cpu", torch.float32)
+    draft = load_model(WEIGHTS / "draft", "cpu", torch.float32)
     original = copy.deepcopy(draft)
     drafter = OnlineDrafter(draft, lr=1e-3, every=3, steps=1, rows=rows)  # one drafter across prompts, as served
     for i, (prompt, expected) in enumerate(references):

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import table
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import specdec
+from methods import UsageError
 from retrieval import RestDrafter, SamDrafter, SuffixDrafter, frequency_tree
-from specdec import UsageError, tree_speculative_generate
+from specdec import tree_speculative_generate
 from suffix import FrozenAutomaton, SuffixAutomaton, SuffixTrie, sa_longest_match, sa_range, sam_step, suffix_array
 from tree import Tree, depths, path_to
 
@@ -224,8 +225,8 @@ def test_missing_datastore_is_a_usage_error(short_references, tmp_path):
     enc, target, refs = short_references
     for name in ("rest", "sam"):
         with pytest.raises(UsageError, match="python train.py data && python train.py datastore"):
-            specdec.make_drafter(name, WEIGHTS, target, torch.float32, 12, 6, 2, data_dir=tmp_path)
-    assert isinstance(specdec.make_drafter("suffix", WEIGHTS, target, torch.float32, 12, 6, 2), SuffixDrafter)
+            table.drafter(name, target, data_dir=tmp_path)
+    assert isinstance(table.drafter("suffix", target), SuffixDrafter)
 
 
 def test_datastore_files_round_trip(tmp_path, capsys):

@@ -7,10 +7,11 @@ target's law at T > 0, and the law test rejects a drafter that lets stale K/V in
 from pathlib import Path
 
 import pytest
+import table
 import torch
 
-import specdec
 from draft_length import Adaptive
+from methods import load_model
 from selfdraft import (
     DynamicExitDrafter,
     EarlyExitDrafter,
@@ -190,7 +191,7 @@ def test_adaptive_threshold_rises_when_acceptance_is_low_and_falls_when_high():
 
 def test_the_shipped_skip_set_names_real_sublayers():
     skip = load_skip_set(WEIGHTS / "layerskip.json")
-    target = specdec.load_model(WEIGHTS / "target", "cpu", torch.float32)
+    target = load_model(WEIGHTS / "target", "cpu", torch.float32)
     assert skip and skip <= set(sublayer_costs(target.config))
 
 
@@ -204,7 +205,7 @@ SELF_DRAFTERS = {"layerskip": 8, "earlyexit": 8, "earlyexit E 3": 3, "del": 8, "
 def test_self_drafting_is_greedy_identical_on_the_shipped_weights(short_references, case):
     enc, target, references = short_references
     name = case.split()[0]
-    drafter = specdec.make_drafter(name, WEIGHTS, target, torch.float32, 12, 6, 2, exit_layer=SELF_DRAFTERS[case])
+    drafter = table.drafter(name, target, exit_layer=SELF_DRAFTERS[case])
     length = Adaptive(6) if name == "layerskip" else None
     accepted = 0
     for prompt, expected in references:

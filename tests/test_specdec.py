@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import specdec
 from drafters import ModelDrafter, PromptLookupDrafter
+from methods import load_model
 from specdec import Stats, generate, speculative_generate, warp_for
 from tests.toy import (
     BrokenRule,
@@ -64,8 +64,8 @@ N_PROMPTS, CONTEXT, N_NEW = 24, 128, 32
 @pytest.fixture(scope="module")
 def shipped():
     enc = load_tokenizer(WEIGHTS / "tokenizer.tiktoken")
-    target = specdec.load_model(WEIGHTS / "target", "cpu", torch.float32)
-    draft = specdec.load_model(WEIGHTS / "draft", "cpu", torch.float32)
+    target = load_model(WEIGHTS / "target", "cpu", torch.float32)
+    draft = load_model(WEIGHTS / "draft", "cpu", torch.float32)
     return enc, target, draft
 
 

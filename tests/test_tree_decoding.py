@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import table
 import torch
 
 import specdec
 from approximate import Typical
 from drafters import ModelDrafter, PromptLookupDrafter, always
 from heads import EagleDrafter, EagleHead, HydraDrafter
+from methods import load_model
 from model import KVCache
 from specdec import generate, tree_speculative_generate, trim_tree
 from tests.toy import BrokenRule, chi_square, chi_square_critical, exact_joint, perturbed, toy_model
@@ -50,13 +52,13 @@ SHAPES = {
 @pytest.fixture(scope="module")
 def shipped():
     enc = load_tokenizer(WEIGHTS / "tokenizer.tiktoken")
-    return enc, specdec.load_model(WEIGHTS / "target", "cpu", torch.float32)
+    return enc, load_model(WEIGHTS / "target", "cpu", torch.float32)
 
 
 def shipped_drafter(name: str, target, tree_size: int, tree_depth: int, tree_width: int):
     """Built exactly as the command line builds it: ModelDrafter(draft), PromptLookupDrafter(), MedusaDrafter and
     EagleDrafter from weights/."""
-    return specdec.make_drafter(name, WEIGHTS, target, torch.float32, tree_size, tree_depth, tree_width)
+    return table.drafter(name, target, tree_size=tree_size, tree_depth=tree_depth, tree_width=tree_width)
 
 
 @pytest.fixture(scope="module")
@@ -541,7 +543,7 @@ def test_shipped_drafters_fill_the_last_three_positions_of_the_context(shipped, 
 @pytest.fixture(scope="module")
 def proposal_setup(shipped):
     enc, target = shipped
-    draft = specdec.load_model(WEIGHTS / "draft", "cpu", torch.float32)
+    draft = load_model(WEIGHTS / "draft", "cpu", torch.float32)
     context = function_prompts(enc, 1, context_tokens=64)[0]
     return target, draft, context
 

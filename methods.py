@@ -1,0 +1,357 @@
+"""The one table of methods: every drafter (-d), verification rule (-v) and draft-length policy (-l), each one
+`Entry` with its name, a one-line summary citing its survey section, how it is built, what it needs and which
+flags it reads. The command line (cli.py) and bench.py take their choices, help, refusals and rows from here;
+the decoding loops (specdec.py) never see a name.
+
+Adding a method: write its module (a drafter, a Verifier or a DraftLength, behind the interfaces of drafters.py,
+verify.py and draft_length.py), then add one Entry below; declare any flag of its own in cli.add_method_flags.
+"""
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from approximate import BiLD, Lenient, TopK, Typical
+from cascade import CascadeDrafter, CollectiveDrafter, note_without_rest
+from draft_length import SVIP, Adaptive, Confidence, Disco, DiscoClassifier, DynamicDepth, FixedLength, Heuristic
+from drafters import ModelDrafter, PromptLookupDrafter
+from heads import EagleDrafter, HydraDrafter, MedusaDrafter
+from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
+from model import Transformer
+from nar import NarDrafter, NarModel
+from online import OnlineDrafter
+from retrieval import RestDrafter, SamDrafter, SuffixDrafter
+from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized, sublayer_costs
+from verify import exact
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def refuse(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first failed check as a UsageError."""
+    for failed, message in checks:
+        if failed:
+            raise UsageError(message)
+
+
+def load_checked(what: str, path: Path, load: Callable):
+    """load(path), with any failure (missing or broken files, mismatched shapes) reported as one UsageError line."""
+    try:
+        return load(path)
+    except UsageError:
+        raise
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"cannot load the {what} from {path}: {reason}") from None
+
+
+def load_model(path: Path, device, dtype: torch.dtype) -> Transformer:
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise UsageError(f"no model in {path}: expected config.json and model.safetensors (see train.py)")
+    return load_checked("model", path, lambda p: Transformer.from_pretrained(p, device=device, dtype=dtype))
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a method is built from."""
+
+    target: Transformer  # the model being sped up
+    weights: Path  # the folder of the shipped weights (draft/, eagle/, ...; weights/README.md)
+    data_dir: Path  # train.py's data folder (train.bin and the retrieval datastores)
+    opts: argparse.Namespace  # the parsed flags: the run's (gamma, tree, temperature) and cli.add_method_flags'
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.target.embed_tokens.weight.dtype
+
+    def with_opts(self, **changes) -> "Setup":
+        """The same setup with some flags changed (bench.py's variant rows, a second gamma)."""
+        return replace(self, opts=argparse.Namespace(**{**vars(self.opts), **changes}))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One method: a drafter, a verification rule or a draft-length policy."""
+
+    name: str  # its name on the command line
+    summary: str  # one line for --help, the README and bench.py, with its survey section
+    build: Callable[[Setup], Any]  # makes the drafter (None: plain decoding), Verifier or DraftLength
+    shape: str = "chain"  # the loop it runs in: chain, tree or both (-d: --tree picks; -l: chain or tree)
+    weights: tuple[str, ...] = ()  # files it reads under the weights folder ...
+    data: tuple[str, ...] = ()  # ... and under the data folder
+    make: str = ""  # the command that makes those files
+    options: tuple[str, ...] = ()  # flags (argparse dests) that only this method reads: refused with any other
+    has_q: bool = True  # -d: drafts from a distribution (policies that read it, BiLD's fallback)
+    dynamic: bool = False  # -d: grows EAGLE-2 dynamic trees (--sampled-siblings, -l dynamic)
+    length: str = "fixed"  # -d: its draft-length policy when -l is not given
+    temperature: str = "any"  # -v: greedy (-t 0 only), sampling (-t > 0 only) or any
+    lossy: bool = False  # -v: the output is not the target's (approximate.py)
+    fallback: Callable[[Setup], Any] | None = None  # -v: the draft length it brings when -l is not given
+    needs: str = ""  # -l: "q" reads the draft's distribution, "dynamic" grows dynamic trees
+    bench: str = ""  # bench.py's row label (the summary's head when empty)
+    variants: tuple[tuple[str, dict], ...] = ()  # bench.py's extra rows: (label, flags changed)
+
+
+def missing_files(entry: Entry, setup: Setup) -> str | None:
+    """The refusal for an entry whose files are not there, or None."""
+    for folder, names in ((setup.weights, entry.weights), (setup.data_dir, entry.data)):
+        for name in names:
+            if not (folder / name).is_file():
+                return f"{entry.name} needs {folder / name}: {entry.make}"
+    return None
+
+
+def make(table: dict[str, Entry], name: str, setup: Setup):
+    """Build the method `name` of a table; a missing file or a failed load is one UsageError line."""
+    entry = table[name]
+    refuse([(missing_files(entry, setup) is not None, missing_files(entry, setup) or "")])
+    return load_checked(name, setup.weights, lambda _: entry.build(setup))
+
+
+# ---- drafters (-d) --------------------------------------------------------------------------------------------
+
+
+def tree_shape(o: argparse.Namespace) -> dict:
+    return dict(width=o.tree_width, size=o.tree_size)
+
+
+def draft_model(s: Setup) -> Transformer:
+    """The shipped draft model, which must share the target's tokenizer (its vocabulary size says so)."""
+    draft = load_model(s.weights / "draft", s.target.lm_head.weight.device, s.dtype)
+    refuse(
+        [
+            (
+                draft.config.vocab_size != s.target.config.vocab_size,
+                f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                f"({s.target.config.vocab_size}): they must share a tokenizer",
+            )
+        ]
+    )
+    return draft
+
+
+def build_draft(s: Setup):
+    o = s.opts
+    if o.online:  # OSD: a private copy of the draft model, distilled on the verify calls' logits (online.py)
+        refuse([(o.tree, "--online drafts chains: drop --tree")])
+        return OnlineDrafter(draft_model(s), o.online_lr, o.online_every, o.online_steps, o.online_rows)
+    return ModelDrafter(
+        draft_model(s), depth=o.tree_depth, beam=o.tree_width, sampled=o.sampled_siblings, **tree_shape(o)
+    )
+
+
+def build_collective(s: Setup):
+    """The draft model's top-k tree, prompt lookup and, when its datastore exists, REST, merged (SpecInfer)."""
+    o, rest = s.opts, None
+    if (s.data_dir / "train.bin").is_file() and (s.data_dir / "datastore.npy").is_file():
+        rest = RestDrafter.load(s.data_dir, depth=o.tree_depth, size=o.tree_size)
+    else:
+        note_without_rest(s.data_dir)
+    model = ModelDrafter(draft_model(s), depth=o.tree_depth, beam=o.tree_width, **tree_shape(o))
+    lookup = PromptLookupDrafter(depth=o.tree_depth, matches=o.tree_width)
+    return CollectiveDrafter(model, lookup, rest, size=o.tree_size, depth=o.tree_depth)
+
+
+def build_nar(s: Setup):
+    nar = load_checked(
+        "NAR drafter", s.weights / "nar", lambda p: NarModel.from_pretrained(p, s.target.lm_head.weight.device, s.dtype)
+    )
+    vocab = nar.lm.config.vocab_size
+    refuse(
+        [
+            (
+                vocab != s.target.config.vocab_size,
+                f"the NAR drafter's vocabulary ({vocab}) differs from the target's ({s.target.config.vocab_size}): "
+                "they must share a tokenizer",
+            )
+        ]
+    )
+    return NarDrafter(nar)
+
+
+def exit_layer(s: Setup) -> int:
+    L = s.target.config.num_hidden_layers
+    refuse([(not 1 <= s.opts.exit_layer < L, f"--exit-layer must be in [1, {L - 1}] for this {L}-layer target")])
+    return s.opts.exit_layer
+
+
+def build_layerskip(s: Setup):
+    """Draft & Verify: the target minus a searched set of sublayers (weights/layerskip.json), with its own cache."""
+    path, o = s.weights / "layerskip.json", s.opts
+    skip = load_skip_set(path)
+    unknown = sorted(skip - set(sublayer_costs(s.target.config)))
+    refuse([(bool(unknown), f"{path} names sublayers this target does not have: {', '.join(unknown)}")])
+    return ModelDrafter(
+        s.target, depth=o.tree_depth, beam=o.tree_width, sampled=o.sampled_siblings, skip=skip, **tree_shape(o)
+    )
+
+
+def build_quant(s: Setup):
+    o = s.opts
+    refuse(
+        [
+            (
+                o.quant_bits == 8 and (s.target.lm_head.weight.device.type != "cpu" or s.dtype != torch.float32),
+                "--quant-bits 8 uses torch's CPU int8 kernels: run it on the CPU in float32, or use --quant-bits 4",
+            )
+        ]
+    )
+    target = quantized(s.target, o.quant_bits)
+    return ModelDrafter(target, depth=o.tree_depth, beam=o.tree_width, sampled=o.sampled_siblings, **tree_shape(o))
+
+
+def build_blockwise(s: Setup):
+    """Blockwise Parallel Decoding (Stern et al. 2018) = Medusa's heads, top-1 each: one chain."""
+    heads = MedusaDrafter.from_pretrained(s.target, s.weights / "medusa", width=1, size=1).heads
+    return MedusaDrafter(s.target, heads, width=1, size=len(heads.linears))
+
+
+DATASTORE = "python train.py data && python train.py datastore"
+SIBLINGS = ("sampled_siblings",)  # the flag of every drafter that grows EAGLE-2 dynamic trees
+# The tables are laid out by hand, an entry a few lines, to read top to bottom.
+# fmt: off
+DRAFTERS = {
+    e.name: e
+    for e in [
+        Entry("none", "plain autoregressive decoding, the baseline (Algorithm 1)", lambda s: None, has_q=False,
+              bench="Autoregressive"),
+        Entry("draft", "a small draft model of the same tokenizer (§5.1; SpS, Leviathan et al. 2023, Chen et al. "
+              "2023); --tree: its EAGLE-2 tree", build_draft, "both", weights=("draft/model.safetensors",),
+              make="python train.py draft", options=SIBLINGS + ("online", "online_lr", "online_every",
+              "online_steps", "online_rows"), dynamic=True, bench="SpS (draft model)",
+              variants=(("SpS tree (draft model, EAGLE-2 tree)", {"tree": True}),)),
+        Entry("pld", "prompt lookup: copy what followed the last n-gram's earlier match (§5.1; LLMA, Yang et al. "
+              "2023; Saxena 2023); "
+              "--tree: several matches", lambda s: PromptLookupDrafter(depth=s.opts.tree_depth,
+              matches=s.opts.tree_width), "both", has_q=False, bench="PLD (prompt lookup)",
+              variants=(("PLD tree (several matches)", {"tree": True}),)),
+        Entry("medusa", "Medusa heads on the target's hidden state, a static token tree (§5.2, §6.3; Cai et al. "
+              "2024)", lambda s: MedusaDrafter.from_pretrained(s.target, s.weights / "medusa", **tree_shape(s.opts)),
+              "tree", weights=("medusa/model.safetensors",), make="python train.py medusa",
+              bench="Medusa (static tree)"),
+        Entry("hydra", "Hydra's sequentially dependent heads, a dynamic tree (§5.2; Ankner et al. 2024)",
+              lambda s: HydraDrafter.from_pretrained(s.target, s.weights / "hydra", beam=s.opts.tree_width,
+              sampled=s.opts.sampled_siblings, **tree_shape(s.opts)), "tree", weights=("hydra/model.safetensors",),
+              make="python train.py hydra", options=SIBLINGS, dynamic=True, bench="Hydra (dynamic tree)"),
+        Entry("eagle", "EAGLE's feature-level head with EAGLE-2's dynamic tree (§5.2, §6.3; Li et al. 2024)",
+              lambda s: EagleDrafter.from_pretrained(s.target, s.weights / "eagle", depth=s.opts.tree_depth,
+              beam=s.opts.tree_width, sampled=s.opts.sampled_siblings, **tree_shape(s.opts)), "tree",
+              weights=("eagle/model.safetensors",), make="python train.py eagle", options=SIBLINGS, dynamic=True,
+              bench="EAGLE-2 (dynamic tree)"),
+        Entry("blockwise", "Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain (§3.2; Stern et al. "
+              "2018)", build_blockwise, "tree", weights=("medusa/model.safetensors",), make="python train.py medusa",
+              bench="Blockwise (Medusa's heads, top-1 chain)"),
+        Entry("jacobi", "Jacobi decoding: refine a block of guesses in the target call (§5.2; Santilli et al. 2023)",
+              lambda s: JacobiDrafter(s.target, s.opts.jacobi_block), "tree", options=("jacobi_block",),
+              bench="Jacobi (block 4)"),
+        Entry("lookahead", "Lookahead decoding: Jacobi's n-gram pool, verified in the same call (§5.2; Fu et al. "
+              "2024)", lambda s: LookaheadDrafter(s.target, s.opts.lookahead_window, s.opts.lookahead_ngram,
+              s.opts.lookahead_candidates), "tree", options=("lookahead_window", "lookahead_ngram",
+              "lookahead_candidates"), bench="Lookahead (W 3, N 3, G 3)"),
+        Entry("pass", "PaSS: learned lookahead embeddings in the target call (§5.2; Monea et al. 2023)",
+              lambda s: PassDrafter.from_pretrained(s.target, s.weights / "pass"), "tree",
+              weights=("pass/model.safetensors",), make="python train.py pass",
+              bench="PaSS (4 lookahead embeddings)"),
+        Entry("rest", "REST: retrieval from a suffix array of the training split, a frequency trie (§5.1; He et al. "
+              "2023)", lambda s: RestDrafter.load(s.data_dir, depth=s.opts.tree_depth, size=s.opts.tree_size),
+              "tree", data=("train.bin", "datastore.npy"), make=DATASTORE, has_q=False,
+              bench="REST (suffix array of train split)"),
+        Entry("suffix", "SuffixDecoding: suffix tries of this prompt and earlier outputs (§5.1; Oliaro et al. 2024)",
+              lambda s: SuffixDrafter(depth=s.opts.tree_depth, size=s.opts.tree_size, alpha=s.opts.suffix_alpha),
+              "tree", options=("suffix_alpha",), has_q=False,
+              bench="SuffixDecoding (suffix tries, learns across prompts)"),
+        Entry("sam", "SAM Decoding: suffix automata of the context and the training split, one chain (§5.1; Hu et "
+              "al. 2024)", lambda s: SamDrafter.load(s.data_dir, depth=s.opts.tree_depth, size=s.opts.tree_size),
+              "tree", data=("train.bin", "sam.npz"), make=DATASTORE, has_q=False,
+              bench="SAM Decoding (suffix automata)"),
+        Entry("cascade", "Cascade Speculative Drafting: prompt lookup drafts for the draft model (§5.1; Chen et al. "
+              "2023)", lambda s: CascadeDrafter(draft_model(s), PromptLookupDrafter(), s.opts.cascade_horizontal),
+              weights=("draft/model.safetensors",), make="python train.py draft", options=("cascade_horizontal",),
+              bench="CS Drafting (vertical: PLD under the draft model)",
+              variants=(("CS Drafting (vertical + horizontal: PLD after 2 model tokens)", {"cascade_horizontal": 2}),)),
+        Entry("collective", "SpecInfer's collective tree: the draft model's tree, prompt lookup and REST, merged "
+              "(§5.1, §6.3; Miao et al. 2024)", build_collective, "tree", weights=("draft/model.safetensors",),
+              make="python train.py draft", bench="Collective tree (SpecInfer: draft model + PLD + REST)"),
+        Entry("layerskip", "Draft & Verify: the target with a searched set of sublayers skipped (§5.2; Zhang et al. "
+              "2023)", build_layerskip, "both", weights=("layerskip.json",), make="python train.py layerskip",
+              options=SIBLINGS, dynamic=True, length="adaptive",
+              bench="Draft & Verify (sublayers skipped, adaptive stop)"),
+        Entry("earlyexit", "LayerSkip: the first --exit-layer blocks draft into the target's own cache (§5.2; Elhoushi "
+              "et al. 2024)", lambda s: EarlyExitDrafter(s.target, exit_layer(s)), options=("exit_layer",),
+              bench="LayerSkip early exit (shared cache)"),
+        Entry("del", "DEL: the exit layer and draft length chosen every step (§5.2; Entezari Zarch et al. 2025)",
+              lambda s: DynamicExitDrafter(s.target, exit_layer(s)), options=("exit_layer",),
+              bench="DEL (exit layer and length chosen per step)"),
+        Entry("quant", "ML-SpecQD: the target's own weights quantized, int8 or int4 (§5.2; Georganas et al. 2025)",
+              build_quant, "both", options=SIBLINGS + ("quant_bits",), dynamic=True,
+              bench="ML-SpecQD (int8 self-draft)"),
+        Entry("nar", "SpecDec's non-autoregressive drafter: k [MASK] queries, k drafts in one call (§5.1; Xia et "
+              "al. 2023)", build_nar, weights=("nar/model.safetensors",), make="python train.py nar",
+              bench="SpecDec NAR drafter (k mask queries, one call)"),
+    ]
+}
+# fmt: on
+RENAMED = {"specdec": "nar"}  # old drafter names, refused with the new one
+
+
+# ---- verification rules (-v) ----------------------------------------------------------------------------------
+
+# fmt: off
+VERIFIERS = {
+    e.name: e
+    for e in [
+        Entry("exact", "lossless: greedy at -t 0, speculative sampling above (§6.1, §6.2; Leviathan et al. 2023)",
+              lambda s: exact(s.opts.temperature), "both"),
+        Entry("typical", "LOSSY: Medusa's typical acceptance (§6.1, §6.2; Cai et al. 2024)",
+              lambda s: Typical(s.opts.typical_epsilon, s.opts.typical_delta), "both", lossy=True,
+              options=("typical_epsilon", "typical_delta")),
+        Entry("topk", "LOSSY: SpecDec's top-beta acceptance, greedy (§6.1; Xia et al. 2023)",
+              lambda s: TopK(s.opts.topk_beta, s.opts.topk_tau), "both", temperature="greedy", lossy=True,
+              options=("topk_beta", "topk_tau")),
+        Entry("bild", "LOSSY: BiLD's rollback, with its fallback as the draft length, greedy (§6.1; Kim et al. "
+              "2023)", lambda s: BiLD(s.opts.bild_rollback), "both", temperature="greedy", lossy=True,
+              options=("bild_rollback", "bild_fallback"),
+              fallback=lambda s: Confidence(s.opts.gamma, s.opts.bild_fallback)),
+        Entry("lenient", "LOSSY: lenient speculative sampling, min(1, p / (l q)) (§6.2; Leviathan et al. 2023 App. A)",
+              lambda s: Lenient(s.opts.lenience), "both", temperature="sampling", lossy=True, options=("lenience",)),
+    ]
+}
+# fmt: on
+
+
+# ---- draft-length policies (-l) -------------------------------------------------------------------------------
+
+
+def build_disco(s: Setup):
+    classifier, trained = load_checked("DISCO classifier", s.weights / "disco", DiscoClassifier.load)
+    return Disco(s.opts.gamma, classifier, trained if s.opts.disco_threshold is None else s.opts.disco_threshold)
+
+
+# fmt: off
+DRAFT_LENGTHS = {
+    e.name: e
+    for e in [
+        Entry("fixed", "gamma drafts every step (Leviathan et al. 2023)", lambda s: FixedLength(s.opts.gamma), "both"),
+        Entry("heuristic", "transformers' schedule: +2 after a full accept, -1 otherwise",
+              lambda s: Heuristic(s.opts.gamma)),
+        Entry("confidence", "stop after a draft token whose top probability is below --confidence",
+              lambda s: Confidence(s.opts.gamma, s.opts.confidence), needs="q", options=("confidence",)),
+        Entry("adaptive", "Draft & Verify's stop threshold that follows the acceptance rate (Zhang et al. 2023)",
+              lambda s: Adaptive(s.opts.gamma), needs="q"),
+        Entry("svip", "SVIP: stop when the draft's entropy says a rejection is likely (Zhang et al. 2024)",
+              lambda s: SVIP(s.opts.gamma, s.opts.svip_threshold), needs="q", options=("svip_threshold",)),
+        Entry("disco", "DISCO: a trained classifier decides each step's length (Mamou et al. 2024)", build_disco,
+              weights=("disco/model.safetensors",), make="python train.py disco", needs="q",
+              options=("disco_threshold",)),
+        Entry("dynamic", "Dynamic Depth Decoding: stop growing an EAGLE-2 tree when its frontier is unlikely "
+              "(Brown et al. 2024)", lambda s: DynamicDepth(s.opts.ddd_threshold), "tree", needs="dynamic",
+              options=("ddd_threshold",)),
+    ]
+}
+# fmt: on
