@@ -340,7 +340,8 @@ DRAFT_LENGTHS = {
         Entry("fixed", "gamma drafts every step (Leviathan et al. 2023)", lambda s: FixedLength(s.opts.gamma), "both"),
         Entry("heuristic", "transformers' schedule: +2 after a full accept, -1 otherwise",
               lambda s: Heuristic(s.opts.gamma)),
-        Entry("confidence", "stop after a draft token whose top probability is below --confidence",
+        Entry("confidence", "stop after a draft token whose top probability is below --confidence (BiLD's "
+              "fallback, Kim et al. 2023)",
               lambda s: Confidence(s.opts.gamma, s.opts.confidence), needs="q", options=("confidence",)),
         Entry("adaptive", "Draft & Verify's stop threshold that follows the acceptance rate (Zhang et al. 2023)",
               lambda s: Adaptive(s.opts.gamma), needs="q"),

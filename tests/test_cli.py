@@ -156,7 +156,17 @@ def test_bare_command_prints_the_continuation_then_the_stats(cli):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(PROMPT) and len(generated_text(r.stdout)) > len(PROMPT)
     assert STATS.search(r.stdout) and "[target calls" in r.stdout and "tau" in r.stdout
+    assert "mean accepted length" in r.stdout and "[acceptance by draft position" in r.stdout
     assert "Traceback" not in r.stderr
+
+
+def test_compare_prints_the_cost_model_beside_the_measured_speedup(cli):
+    r = cli["drafter draft"]
+    assert re.search(
+        r"\[cost model \(Leviathan et al\. 2023\): alpha [\d.]+, draft cost c [\d.]+, verify cost v "
+        r"[\d.]+ .* predicts [\d.]+x \(measured [\d.]+x\); it would pick gamma \d+\]",
+        r.stdout,
+    ), r.stdout
 
 
 @pytest.mark.parametrize(

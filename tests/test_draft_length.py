@@ -19,8 +19,10 @@ from draft_length import (
     FixedLength,
     Heuristic,
     Recorder,
+    best_gamma,
     disco_features,
     entropy,
+    predicted_speedup,
 )
 from drafters import ModelDrafter
 from specdec import generate, speculative_generate, tree_speculative_generate, warp_for
@@ -244,3 +246,21 @@ def test_dynamic_depth_cuts_eagle_trees_short(short_references):
         )
         depths[threshold] = max(len(t) for t in trees)
     assert depths[1.01] <= 3 < depths[0.0]  # one level of width 2, plus the root
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 1.0])
+@pytest.mark.parametrize("gamma", [1, 4, 7])
+def test_predicted_speedup_is_expected_tokens_per_step_over_the_step_cost(alpha, gamma):
+    """Leviathan et al.'s model, by enumeration: n drafts accepted with probability alpha^n (1 - alpha) for n < gamma
+    and alpha^gamma for n = gamma, each step emitting n + 1 tokens for gamma draft tokens and one verify call."""
+    p = [alpha**n * (1 - alpha) for n in range(gamma)] + [alpha**gamma]
+    tokens = sum((n + 1) * p_n for n, p_n in enumerate(p))
+    for c, v in ((0.1, 1.0), (0.3, 1.7)):
+        assert math.isclose(predicted_speedup(alpha, gamma, c, v), tokens / (gamma * c + v))
+
+
+def test_best_gamma_drafts_nothing_where_drafting_cannot_pay_and_more_as_it_gets_cheaper():
+    assert best_gamma(0.1, c=0.5, v=1.5) == 0  # rare acceptance, costly drafts and calls
+    assert best_gamma(0.9, c=0.01, v=1.0, most=16) == 16  # nearly free drafts, nearly always accepted
+    picks = [best_gamma(0.8, c, v=1.2) for c in (0.4, 0.2, 0.05)]
+    assert picks == sorted(picks) and picks[0] < picks[-1]

@@ -310,6 +310,21 @@ def test_stats_are_consistent_with_what_was_emitted(drafter):
     assert s.produced == s.accepted + s.target_calls  # no end of text: one target token per call
 
 
+def test_mean_accepted_length_and_acceptance_by_position_follow_their_definitions():
+    s = Stats()
+    # (drafted, accepted, compared): a rejection at the first draft, one at the third, a full accept of four
+    for drafted, accepted, compared in ((4, 0, 1), (4, 2, 3), (4, 4, 4)):
+        s.record(drafted, accepted, compared, accepted + 1, 0.0, 0.0)
+    assert s.mean_accepted_length == (0 + 2 + 4 + 3) / 3  # accepted drafts + 1 per target call
+    # position 1 was compared in all three calls and accepted in two; position 3 compared twice, accepted once
+    assert [s.acceptance_at(i) for i in range(4)] == [2 / 3, 2 / 2, 1 / 2, 1 / 1]
+    merged = Stats()
+    merged.merge(s)
+    merged.merge(s)
+    assert [merged.acceptance_at(i) for i in range(4)] == [s.acceptance_at(i) for i in range(4)]
+    assert merged.compare_counts == [2 * c for c in s.compare_counts]
+
+
 def test_predicted_acceptance_equals_measured_at_temperature_0():
     target, prompt = toy_target(), MODEL_PROMPT
     _, s = speculative_generate(target, ModelDrafter(toy_draft()), prompt, 13, gamma=3, temperature=0)
