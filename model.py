@@ -36,8 +36,17 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         raw = json.loads(Path(path).read_text())
-        if raw.get("rope_scaling"):  # Llama 3.1's frequency rescaling is not implemented here
-            raise ValueError(f"{path}: rope_scaling={raw['rope_scaling']} is not supported")
+        rope = raw.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta (and the scaling) here
+        if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+            # Llama 3.1's frequency rescaling (and YaRN, NTK, ...) is not implemented here
+            raise ValueError(f"{path}: rope_scaling={raw.get('rope_scaling') or rope} is not supported")
+        if "rope_theta" in rope:
+            raw.setdefault("rope_theta", rope["rope_theta"])
+        for bias in ("attention_bias", "mlp_bias"):
+            if raw.get(bias):
+                raise ValueError(f"{path}: {bias}=true is not supported (these blocks have no biases)")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: hidden_act={raw['hidden_act']!r} is not supported (the MLP is SwiGLU)")
         if (
             raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"]) * raw["num_attention_heads"]
             != raw["hidden_size"]
@@ -262,12 +271,13 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> "Transformer":
-        """Load config.json + model.safetensors (HF Llama names). Default: CPU, float32."""
+        """Load config.json + model.safetensors, or the shards its index names (HF Llama names). Default: CPU,
+        float32."""
         path = Path(path)
         cfg = ModelConfig.from_json(path / "config.json")
         with torch.device("meta"):
             model = cls(cfg)
-        state = {hf_to_ours(k): v for k, v in load_file(path / "model.safetensors").items()}
+        state = {hf_to_ours(k): v for k, v in load_safetensors(path).items()}
         state = {k: v for k, v in state.items() if "rotary_emb" not in k}  # old HF files store inv_freq
         if cfg.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -321,6 +331,17 @@ def run_blocks(
     if cache is not None:
         cache.length = past + T
     return x
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or every shard that model.safetensors.index.json names (HF's layout for big models)."""
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").exists() or not index.exists():
+        return load_file(path / "model.safetensors")
+    state = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(path / shard))
+    return state
 
 
 def ours_to_hf(name: str) -> str:

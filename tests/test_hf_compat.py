@@ -1,7 +1,7 @@
 """Our checkpoints are Hugging Face Llama checkpoints: transformers loads them and computes the same logits.
 
-transformers is not a project dependency; this test runs where it is installed (the GPU machine) and is skipped
-elsewhere. The hand-written HF-layout checkpoint test in test_model.py covers the other direction everywhere.
+transformers is not a project dependency but a test oracle: .ci/run installs it, and this test is skipped where it
+is absent. The hand-written HF-layout checkpoint test in test_model.py covers the other direction everywhere.
 """
 
 import pytest

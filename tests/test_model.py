@@ -355,6 +355,46 @@ def test_a_config_with_rope_scaling_is_refused(tmp_path):
         Transformer.from_pretrained(tmp_path)
 
 
+@torch.no_grad()
+def test_transformers_5_rope_parameters_give_rope_theta(tmp_path):
+    config, tensors = hand_made_checkpoint(tmp_path, tie=False)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["rope_parameters"] = {"rope_theta": raw.pop("rope_theta"), "rope_type": "default"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model = Transformer.from_pretrained(tmp_path)
+    assert model.config.rope_theta == 500000.0
+    tokens = random_tokens(1, 12)
+    assert close(model(tokens), reference_logits(None, tokens, config=config, state=tensors))
+
+
+@torch.no_grad()
+def test_a_sharded_checkpoint_loads_like_the_single_file(tmp_path):
+    config, tensors = hand_made_checkpoint(tmp_path / "one", tie=True)
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    (tmp_path / "two").mkdir()
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, tmp_path / "two" / shard)
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "two" / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "two" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    tokens = random_tokens(1, 12)
+    assert torch.equal(
+        Transformer.from_pretrained(tmp_path / "two")(tokens), Transformer.from_pretrained(tmp_path / "one")(tokens)
+    )
+
+
+@pytest.mark.parametrize(
+    "change", [{"attention_bias": True}, {"mlp_bias": True}, {"hidden_act": "gelu"}], ids=["attn", "mlp", "act"]
+)
+def test_biases_and_other_activations_are_refused(tmp_path, change):
+    hand_made_checkpoint(tmp_path, tie=False)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, **change}))
+    with pytest.raises(ValueError, match=next(iter(change))):
+        Transformer.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("name", ["target", "draft"])
 @torch.no_grad()
 def test_the_shipped_weights_load_with_hf_names_and_give_finite_logits(name):

@@ -9,7 +9,18 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tokenizer import EOT, TRAIN_SPLIT_PATTERN, count_pretokens, learn_merges, load_tokenizer, save_ranks, train_bpe
+from tokenizer import (
+    EOT,
+    GPT2_SPLIT_PATTERN,
+    TRAIN_SPLIT_PATTERN,
+    byte_level_alphabet,
+    count_pretokens,
+    encoding_from_bpe,
+    learn_merges,
+    load_tokenizer,
+    save_ranks,
+    train_bpe,
+)
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "weights" / "tokenizer.tiktoken"
 
@@ -60,6 +71,49 @@ def test_endoftext_in_plain_text_is_refused_by_encode_and_ordinary_for_encode_or
     assert 4095 not in ids
     assert enc.decode(ids) == text
     assert enc.encode(text, allowed_special="all").count(4095) == 1
+
+
+# -------------------------------------------------------------------------------------------------- pretrained BPE
+
+
+def tiny_bpe(drop: str = ""):
+    """A byte-level vocabulary spelt as in a tokenizer.json: the 256 byte characters (less `drop`), three merges,
+    one special token."""
+    chars = [c for c in sorted(byte_level_alphabet(), key=byte_level_alphabet().get) if c not in drop]
+    vocab = {c: i for i, c in enumerate(chars)}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    return vocab, merges, {"<|end|>": len(vocab)}
+
+
+def test_a_byte_level_bpe_runs_through_tiktoken_with_its_own_ids():
+    vocab, merges, specials = tiny_bpe()
+    enc = encoding_from_bpe("tiny", vocab, merges, specials, GPT2_SPLIT_PATTERN)
+    assert enc.encode_ordinary(" the") == [vocab["Ġthe"]]
+    assert enc.encode_ordinary("the") == [vocab["t"], vocab["he"]]
+    assert enc.encode("x<|end|>", allowed_special="all") == [vocab["x"], specials["<|end|>"]]
+    assert enc.n_vocab == len(vocab) + 1
+    assert enc.decode(enc.encode_ordinary("naïve 日本 the\n")) == "naïve 日本 the\n"
+
+
+def test_a_byte_the_vocabulary_lacks_is_dropped():
+    vocab, merges, specials = tiny_bpe(drop="a")
+    enc = encoding_from_bpe("tiny", vocab, merges, specials, GPT2_SPLIT_PATTERN)
+    assert enc.encode_ordinary("cat") == [vocab["c"], vocab["t"]]
+    assert enc.encode_ordinary_batch(["a", "ba"]) == [[], [vocab["b"]]]
+    assert enc.n_vocab == len(vocab) + 1  # the extra rank for "a" is not an id of the model
+
+
+def test_ids_out_of_merge_order_and_tokens_outside_the_byte_alphabet_are_refused():
+    vocab, merges, specials = tiny_bpe()
+    vocab["Ġt"], vocab["he"] = vocab["he"], vocab["Ġt"]
+    with pytest.raises(ValueError, match="merge order"):
+        encoding_from_bpe("tiny", vocab, merges, specials, GPT2_SPLIT_PATTERN)
+    vocab, merges, specials = tiny_bpe()
+    vocab["▁the"] = len(vocab) + 1  # sentencepiece's spelling
+    with pytest.raises(ValueError, match="byte-level alphabet"):
+        encoding_from_bpe("tiny", vocab, merges, specials, GPT2_SPLIT_PATTERN)
 
 
 # -------------------------------------------------------------------------------------------------- training
