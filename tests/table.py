@@ -4,6 +4,7 @@ from pathlib import Path
 
 import cli
 from methods import DRAFT_LENGTHS, DRAFTERS, Setup, make
+from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "weights"
@@ -11,7 +12,7 @@ WEIGHTS = ROOT / "weights"
 
 def setup(target, weights: Path = WEIGHTS, data_dir: Path = ROOT / "data", **flags) -> Setup:
     """The Setup of a command line that left every flag but `flags` at its default."""
-    return Setup(target, weights, data_dir, cli.defaults(**flags))
+    return Setup(target, load_tokenizer(WEIGHTS / "tokenizer.tiktoken"), weights, data_dir, cli.defaults(**flags))
 
 
 def drafter(name: str, target, **flags):
