@@ -54,9 +54,9 @@ from methods import (
     refuse,
 )
 from online import OnlineDrafter
+from prompts import completion_prompt, function_prompts
 from specdec import Stats, decode
 from suite import CATEGORIES, suite_prompts
-from train import completion_prompt, function_prompts
 from verify import Verifier
 
 SUITE_DRAFTERS = ("none", "draft", "pld", "eagle", "lookahead", "suffix", "sam")  # one method per family

@@ -1,5 +1,5 @@
 """Spec-Bench for code (Xia et al. 2024, §8; Spec-Bench's Table 5): prompt categories built from held-out standard
-library files only (train.is_heldout: 5% of files by a hash of their path, never trained on). Spec-Bench's finding
+library files only (prompts.is_heldout: 5% of files by a hash of their path, never trained on). Spec-Bench's finding
 is that the best method depends on the task: retrieval drafters win where the output copies the input, model
 drafters on free generation. Each category takes at most one prompt per file, files in path order.
 
@@ -14,7 +14,7 @@ drafters on free generation. Each category takes at most one prompt per file, fi
 
 import re
 
-from train import is_heldout, stdlib_files
+from prompts import is_heldout, stdlib_files
 
 CATEGORIES = ("completion", "body", "repetitive", "retrieval", "prose", "scratch")
 DEF = re.compile(r"^(\s*)def \w+\(.*\):\s*$")

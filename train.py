@@ -20,11 +20,9 @@ and `--corpus packages` on the standard library plus the packages of corpus_pack
 """
 
 import argparse
-import hashlib
 import math
 import platform
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from heads import EagleHead, HydraHeads, MedusaHeads, save_head
 from maskpredict import PassEmbeddings
 from model import ModelConfig, Transformer
 from nar import NarModel
+from prompts import function_prompts, is_heldout, stdlib_files
 from selfdraft import save_skip_set, search_skip_set
 from specdec import generate, speculative_generate
 from tokenizer import EOT, load_tokenizer, save_ranks, train_bpe
@@ -61,18 +60,6 @@ MODEL_SIZES = {
 
 
 # ---- corpus ---------------------------------------------------------------------------------------------------
-
-
-def stdlib_files() -> list[tuple[str, Path]]:
-    """(relative path, file) for every .py file of this interpreter's standard library, sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = (p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
-    return sorted((p.relative_to(root).as_posix(), p) for p in files)
-
-
-def is_heldout(rel_path: str) -> bool:
-    """A deterministic 5% of files, chosen by a hash of their path, for validation and benchmark prompts."""
-    return int(hashlib.md5(rel_path.encode()).hexdigest(), 16) % 20 == 0
 
 
 def corpus_documents(split: str, data_file: str | None = None, args=None) -> list[str]:
@@ -101,35 +88,6 @@ def stdlib_documents() -> tuple[list[corpus.Document], list[corpus.Document]]:
 def package_splits(args) -> dict[str, list[corpus.Document]]:
     """corpus.split_documents on this interpreter's standard library and the packages of --packages."""
     return corpus.split_documents(*stdlib_documents(), corpus.read_packages(args.packages), Path(args.corpus_dir))
-
-
-def function_prompts(enc, n: int, context_tokens: int = 384, heldout: bool = True) -> list[list[int]]:
-    """Up to n code-completion prompts, one per file of the held-out (or training) split in path order: the
-    `context_tokens` tokens before the end of the first body line of the first function that has that much context
-    before it, as an editor would send them. bench.py measures on held-out ones; train.py disco learns on training
-    ones."""
-    prompts = []
-    for rel, path in stdlib_files():
-        if is_heldout(rel) != heldout or len(prompts) == n:
-            continue
-        prompt = completion_prompt(
-            enc, f"# file: {rel}\n" + path.read_bytes().decode("utf-8", errors="replace"), context_tokens
-        )
-        prompts += [prompt] if prompt else []
-    return prompts
-
-
-def completion_prompt(enc, text: str, context_tokens: int) -> list[int] | None:
-    """The `context_tokens` tokens before the end of the first body line of the first function of `text` that has
-    that much context before it (None if none has)."""
-    lines, offset = text.splitlines(keepends=True), 0
-    for line, body in zip(lines, lines[1:]):
-        offset += len(line)
-        if line.lstrip().startswith("def ") and line.rstrip().endswith(":") and body.strip():
-            ids = enc.encode_ordinary(text[: offset + len(body)])
-            if len(ids) >= context_tokens:
-                return ids[-context_tokens:]
-    return None
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------

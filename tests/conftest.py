@@ -7,8 +7,8 @@ import torch
 
 import specdec
 from methods import load_model
+from prompts import function_prompts
 from tokenizer import load_tokenizer
-from train import function_prompts
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 

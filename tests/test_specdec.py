@@ -11,6 +11,7 @@ import torch
 
 from drafters import ModelDrafter, PromptLookupDrafter
 from methods import load_model
+from prompts import function_prompts
 from specdec import Stats, generate, speculative_generate, warp_for
 from tests.toy import (
     BrokenRule,
@@ -24,7 +25,6 @@ from tests.toy import (
     toy_model,
 )
 from tokenizer import load_tokenizer
-from train import function_prompts
 from verify import acceptance_probability, greedy_verify, sample_token
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"

@@ -21,10 +21,10 @@ from drafters import ModelDrafter, PromptLookupDrafter, always
 from heads import EagleDrafter, EagleHead, HydraDrafter
 from methods import load_model
 from model import KVCache
+from prompts import function_prompts
 from specdec import generate, tree_speculative_generate, trim_tree
 from tests.toy import BrokenRule, chi_square, chi_square_critical, exact_joint, perturbed, toy_model
 from tokenizer import load_tokenizer
-from train import function_prompts
 from tree import Tree, children, depths, path_to, rerank_top_m
 from verify import residual_distribution, sample_token
 
