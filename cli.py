@@ -584,7 +584,7 @@ def print_trees(trees: list, enc) -> None:
             f"\nstep {step}: {len(t) - 1} drafted nodes, accepted {len(path)}\n"
             + render_tree(t, lambda i: enc.decode([i]), [0] + path)
         )
-        if t.lookahead is not None:  # a mask-predict step: its extra tokens and the call's mask
+        if t.extra_tokens is not None:  # a mask-predict step: its extra tokens and the call's mask
             print(render_call(t, lambda i: enc.decode([i])))
 
 

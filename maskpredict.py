@@ -4,8 +4,8 @@
     LookaheadDrafter   Lookahead decoding (Fu et al. 2024; survey §5.2, §6.3)
     PassDrafter        PaSS, parallel speculative sampling with learned lookahead embeddings (Monea et al. 2023)
 
-All three are tree drafters whose proposals carry a tree.Lookahead: the loop runs its extra tokens in the same target
-call as the candidates, verifies only the candidates, and hands the call's logits back through Lookahead.read.
+All three are tree drafters whose proposals carry a tree.ExtraTokens: the loop runs its extra tokens in the same target
+call as the candidates, verifies only the candidates, and hands the call's logits back through ExtraTokens.read.
 Their candidates are deterministic (argmax guesses, pool n-grams), so under sampling the one-hot multi-draft rule
 applies and decoding stays lossless (peer-pitfalls: retrieval and mask-predict drafters are deterministic).
 """
@@ -19,7 +19,7 @@ from torch import Tensor
 from drafters import KeepGrowing, Warp, always
 from heads import load_head
 from model import Transformer
-from tree import Lookahead, Tree, tree_from_sequences
+from tree import ExtraTokens, Tree, tree_from_sequences
 
 
 class JacobiDrafter:
@@ -55,7 +55,7 @@ class JacobiDrafter:
         for i, token in enumerate(guesses):
             tree.add(i, token, 0.0)  # a chain: node i + 1 is guess i
         device = self.target.lm_head.weight.device  # no extra tokens: Jacobi reads the candidates' own outputs
-        tree.lookahead = Lookahead(
+        tree.extra_tokens = ExtraTokens(
             torch.zeros(0, self.target.config.hidden_size, device=device, dtype=self.target.lm_head.weight.dtype),
             [],
             torch.zeros(0, len(tree), dtype=torch.bool),
@@ -129,7 +129,7 @@ class LookaheadDrafter:
         device = self.target.lm_head.weight.device
         sees = torch.cat([torch.zeros(len(window), len(tree), dtype=torch.bool), self.sees], dim=1)
         sees[:, 0] = True  # every window token follows the root
-        tree.lookahead = Lookahead(
+        tree.extra_tokens = ExtraTokens(
             self.target.embed_tokens(torch.tensor(window, device=device)),
             [l + i + 1 for l in range(self.N - 1) for i in range(self.W)],
             sees,
@@ -200,7 +200,7 @@ class PassDrafter:
         sees = torch.zeros(k, n + k, dtype=torch.bool)
         sees[:, :n] = True  # the root and every candidate ...
         sees[:, n:] = torch.ones(k, k, dtype=torch.bool).tril()  # ... and the embeddings before it: causal
-        tree.lookahead = Lookahead(self.embeds, [n - 1 + j for j in range(1, k + 1)], sees, self.read)
+        tree.extra_tokens = ExtraTokens(self.embeds, [n - 1 + j for j in range(1, k + 1)], sees, self.read)
         return tree
 
     def read(self, logits: Tensor, path: list[int]) -> None:

@@ -34,7 +34,7 @@ class Stats:
     accept_counts: list[int] = field(default_factory=list)  # accept_counts[n]: steps that accepted n drafts
     expected_accepted: float = 0.0  # sum over compared positions of sum_x min(p(x), q(x))
     compared: int = 0  # draft positions compared with the target
-    extra: int = 0  # extra lookahead tokens in the target calls, not candidates (mask-predict drafters, §5.2)
+    extra: int = 0  # extra tokens in the target calls, not candidates (mask-predict drafters, §5.2)
     compare_counts: list[int] = field(default_factory=list)  # compare_counts[n]: steps that compared n drafts
 
     def record(
@@ -278,8 +278,8 @@ def tree_speculative_generate(
         path, token = verifier.tree(logits[0, :n], warp(logits[0, :n]), tree, generator)  # 3. verify (§6.3)
         cache.keep(keep_indices(path, prefix, device))  # 4. keep the accepted path's K/V: no extra token's
         length.update(n - 1, len(path))
-        if tree.lookahead is not None:  # a mask-predict drafter reads the call's outputs (§5.2)
-            tree.lookahead.read(logits[0], path)
+        if tree.extra_tokens is not None:  # a mask-predict drafter reads the call's outputs (§5.2)
+            tree.extra_tokens.read(logits[0], path)
         features = torch.cat([features, hidden[0, [0] + path]])
         new = [tree.tokens[i] for i in path] + [token]
         finished = eot in new
@@ -291,7 +291,7 @@ def tree_speculative_generate(
             len(new),
             t1 - t0,
             time.perf_counter() - t1,  # compared: the depths tested along the accepted path
-            extra=len(tree.lookahead) if tree.lookahead is not None else 0,
+            extra=len(tree.extra_tokens) if tree.extra_tokens is not None else 0,
         )
         context, budget = context + new, budget - len(new)
         if on_tree:
@@ -305,18 +305,18 @@ def tree_speculative_generate(
 
 def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
     """Keep nodes no deeper than max_depth (a step never yields more tokens than the budget) and at most max_nodes
-    in all, extra lookahead tokens included (the target's cache must hold the whole call). Index order keeps the
+    in all, extra tokens included (the target's cache must hold the whole call). Index order keeps the
     result ancestor-closed. Extra tokens were laid out for the whole tree: if a node must go, or they do not fit,
     they are dropped (near the end of the budget or the context; the drafter is then not asked to read)."""
     keep = [i for i, d in enumerate(depths(tree)) if d <= max_depth][:max_nodes]
-    extra = len(tree.lookahead) if tree.lookahead is not None else 0
+    extra = len(tree.extra_tokens) if tree.extra_tokens is not None else 0
     return tree if len(keep) == len(tree) and len(tree) + extra <= max_nodes else subtree(tree, keep)
 
 
 def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
-    """[1, N + M, C]: the input of a tree call, the tree's tokens embedded, then any lookahead embeddings."""
+    """[1, N + M, C]: the input of a tree call, the tree's tokens embedded, then the extra tokens' embeddings."""
     embeds = target.embed_tokens(torch.tensor([tree.tokens], device=target.lm_head.weight.device))
-    return embeds if tree.lookahead is None else torch.cat([embeds, tree.lookahead.embeds[None]], dim=1)
+    return embeds if tree.extra_tokens is None else torch.cat([embeds, tree.extra_tokens.embeds[None]], dim=1)
 
 
 def decode(

@@ -27,7 +27,7 @@ class Tree:
     # [N, V] or None. Row i: the draft distribution that node i's children were sampled from, i.i.d. (sampled
     # siblings, SpecInfer/SpecTr); None: deterministic siblings (top-k, tries), verified with a one-hot q.
     q: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    lookahead: "Lookahead | None" = field(default=None, compare=False, repr=False)  # extra tokens of the call
+    extra_tokens: "ExtraTokens | None" = field(default=None, compare=False, repr=False)  # extra tokens of the call
 
     def __post_init__(self) -> None:
         # Fail at construction, not three files later inside an attention mask.
@@ -54,7 +54,7 @@ class Tree:
 
 
 @dataclass
-class Lookahead:
+class ExtraTokens:
     """Extra tokens that a mask-predict drafter (survey §5.2: Jacobi, Lookahead, PaSS) adds to the target call after
     the tree's N nodes. They are evaluated only so that the drafter can read their outputs: never verified, and
     never kept in the target's cache (the loop keeps only the root and the accepted path)."""
@@ -220,7 +220,7 @@ def top_m_nodes(tree: Tree, m: int) -> list[int]:
 
 def subtree(tree: Tree, keep: list[int]) -> Tree:
     """The nodes `keep` (must contain the root and be ancestor-closed), reindexed in their original order. Extra
-    lookahead tokens are not carried over: they were laid out for the whole tree."""
+    extra tokens are not carried over: they were laid out for the whole tree."""
     keep = sorted(keep)
     new_index = {old: new for new, old in enumerate(keep)}
     if keep[:1] != [0] or any(tree.parents[i] not in new_index for i in keep[1:]):
@@ -248,25 +248,25 @@ def tree_attention_mask(tree: Tree, prefix_len: int, device: torch.device | str 
 
     Column prefix_len + j is tree node j, i.e. the tree is written to the cache right after the prefix. Siblings
     and cousins are hidden, so each root path is scored as if it were the only continuation (SpecInfer). The M
-    extra tokens of tree.lookahead (none by default) follow: they see the prefix and what `sees` says; no tree
+    extra tokens of tree.extra_tokens (none by default) follow: they see the prefix and what `sees` says; no tree
     node ever sees them, so the candidates' logits are exactly those of the tree alone.
     """
-    n, m = len(tree), len(tree.lookahead) if tree.lookahead is not None else 0
+    n, m = len(tree), len(tree.extra_tokens) if tree.extra_tokens is not None else 0
     anc = torch.zeros(n + m, n + m, dtype=torch.bool)  # [N + M, N + M] anc[i, j]: j is i or an ancestor of i
     for i in range(n):
         if i > 0:
             anc[i] = anc[tree.parents[i]]  # parent's row is complete because parents[i] < i
         anc[i, i] = True
     if m:
-        anc[n:] = tree.lookahead.sees
+        anc[n:] = tree.extra_tokens.sees
     prefix = torch.ones(n + m, prefix_len, dtype=torch.bool)  # [N + M, prefix_len]
     return torch.cat([prefix, anc], dim=1).to(device)
 
 
 def tree_positions(tree: Tree, prefix_len: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Long [N + M]: prefix_len + depth. Siblings share a position: each branch is its own continuation of the
-    prefix. The extra tokens of tree.lookahead follow, at prefix_len + their depths."""
-    extra = tree.lookahead.depths if tree.lookahead is not None else []
+    prefix. The extra tokens of tree.extra_tokens follow, at prefix_len + their depths."""
+    extra = tree.extra_tokens.depths if tree.extra_tokens is not None else []
     return torch.tensor(depths(tree) + extra, dtype=torch.long, device=device) + prefix_len
 
 
@@ -317,7 +317,7 @@ def render_call(tree: Tree, decode: Callable[[int], str]) -> str:
     """One target call's layout beyond the prefix: the N tree nodes, then the M extra lookahead tokens, each row
     with its depth and what it attends to (# = attends; the prefix, always visible, is not drawn)."""
     n, mask = len(tree), tree_attention_mask(tree, 0)  # [N + M, N + M]
-    extra = tree.lookahead.tokens if tree.lookahead is not None and tree.lookahead.tokens is not None else []
+    extra = tree.extra_tokens.tokens if tree.extra_tokens is not None and tree.extra_tokens.tokens is not None else []
     labels = [f"node {i} {decode(t)!r}" for i, t in enumerate(tree.tokens)]
     labels += [f"extra {j} {decode(t)!r}" for j, t in enumerate(extra)] or [
         f"extra {j} (embedding)" for j in range(len(mask) - n)

@@ -1,4 +1,4 @@
-"""Tests for the mask-predict loop extension (tree.Lookahead: extra tokens in the target call) and its drafters,
+"""Tests for the mask-predict loop extension (tree.ExtraTokens: extra tokens in the target call) and its drafters,
 Jacobi and Lookahead decoding (maskpredict.py): the combined mask against brute force, every row's logits against
 the naive reference forward of that token's visible sequence, nothing of the extra tokens left in the cache, greedy
 identity on the shipped weights, and the sampled law with a power check. p = target, q = draft."""
@@ -18,7 +18,7 @@ from tests.reference import reference_logits
 from tests.test_tree_decoding import sample_tree_decoding
 from tests.toy import chi_square, chi_square_critical, exact_joint, toy_model
 from train import pass_layout
-from tree import Lookahead, Tree, path_to, tree_attention_mask, tree_positions
+from tree import ExtraTokens, Tree, path_to, tree_attention_mask, tree_positions
 
 no_deadline = settings(deadline=None, max_examples=40)
 ATOL = 1e-5
@@ -34,7 +34,7 @@ def noop_read(logits, path):
 def random_layout(rng: random.Random, hidden: int, vocab: int) -> tuple[Tree, list[list[int]], list[int]]:
     """A random tree and random extra tokens that hang off tree nodes or earlier extra tokens, each seeing its
     chain of ancestors (a consistent causal sequence, so its logits can be checked). Returns the tree (with its
-    Lookahead), every row's visible sequence as indices into tree nodes + extras, and the extras' tokens."""
+    ExtraTokens), every row's visible sequence as indices into tree nodes + extras, and the extras' tokens."""
     tree = Tree.from_root(rng.randrange(vocab))
     for i in range(1, rng.randint(1, 6)):
         tree.add(rng.randrange(i), rng.randrange(vocab), 0.0)
@@ -49,7 +49,7 @@ def random_layout(rng: random.Random, hidden: int, vocab: int) -> tuple[Tree, li
     sees = torch.zeros(m, n + m, dtype=torch.bool)
     for j in range(m):
         sees[j, chains[n + j]] = True
-    tree.lookahead = Lookahead(torch.zeros(m, hidden), depth, sees, noop_read, tokens)
+    tree.extra_tokens = ExtraTokens(torch.zeros(m, hidden), depth, sees, noop_read, tokens)
     return tree, chains, tokens
 
 
@@ -57,7 +57,7 @@ def random_layout(rng: random.Random, hidden: int, vocab: int) -> tuple[Tree, li
 @given(st.integers(0, 2**32), st.integers(0, 5))
 def test_combined_mask_matches_brute_force(seed, prefix):
     tree, chains, _ = random_layout(random.Random(seed), 8, 6)
-    n, m = len(tree), len(tree.lookahead)
+    n, m = len(tree), len(tree.extra_tokens)
     mask = tree_attention_mask(tree, prefix)
     assert mask.shape == (n + m, prefix + n + m)
     assert mask[:, :prefix].all()  # everyone sees the prefix
@@ -73,7 +73,7 @@ def test_every_row_of_one_call_equals_its_visible_sequence_run_alone(seed):
     naive cache-free reference forward of that token's visible sequence as a plain sequence."""
     target, rng = toy_model(seed=seed, max_len=32), random.Random(seed)
     tree, chains, extra_tokens = random_layout(rng, target.config.hidden_size, 6)
-    tree.lookahead.embeds = target.embed_tokens(torch.tensor(extra_tokens, dtype=torch.long))
+    tree.extra_tokens.embeds = target.embed_tokens(torch.tensor(extra_tokens, dtype=torch.long))
     prompt = [rng.randrange(6) for _ in range(rng.randint(1, 5))]
     all_tokens = tree.tokens + extra_tokens
     cache = target.new_cache()
@@ -118,7 +118,7 @@ class CacheChecked:
         return self.model(tokens, cache, *args, **kw)
 
 
-class RecordingLookahead(LookaheadDrafter):
+class RecordingExtraTokens(LookaheadDrafter):
     def __init__(self, target, contexts, **knobs):
         super().__init__(target, **knobs)
         self.contexts = contexts
@@ -131,7 +131,7 @@ class RecordingLookahead(LookaheadDrafter):
 def test_after_every_step_the_cache_holds_exactly_the_accepted_text():
     target, prompt, contexts = toy_model(seed=2, max_len=48), [1, 2, 3, 1, 2, 3, 1], []
     checked = CacheChecked(target, contexts)
-    drafter = RecordingLookahead(target, contexts, window=3, ngram=3, candidates=3)
+    drafter = RecordingExtraTokens(target, contexts, window=3, ngram=3, candidates=3)
     with torch.inference_mode():
         out, stats = tree_speculative_generate(checked, drafter, prompt, 24, temperature=0)
     assert out == generate(target, prompt, 24)
@@ -158,7 +158,7 @@ def test_jacobi_refines_its_guesses_from_the_targets_own_outputs():
     drafter.reset()
     with torch.inference_mode():
         tree = drafter.propose_tree(prompt, torch.zeros(0, 16), None, None)
-        assert tree.parents == [-1, 0, 1, 2] and len(tree.lookahead) == 0  # a chain, no extra tokens
+        assert tree.parents == [-1, 0, 1, 2] and len(tree.extra_tokens) == 0  # a chain, no extra tokens
         logits = torch.zeros(4, 6)
         logits[torch.arange(4), torch.tensor([5, 4, 3, 2])] = 1.0  # argmax per row: 5 4 3 2
         drafter.read(logits, [1])  # one guess accepted, row 1 (argmax 4) was emitted
@@ -172,7 +172,7 @@ def test_pass_appends_its_embeddings_causally_after_the_chain_and_keeps_drafts_o
     drafter.drafts = [4, 5]
     tree = drafter.propose_tree([1, 2, 3], torch.zeros(0, 16), None, None)
     assert tree.tokens == [3, 4, 5] and tree.parents == [-1, 0, 1]
-    assert tree.lookahead.depths == [3, 4, 5]  # the first embedding stands where the bonus token goes
+    assert tree.extra_tokens.depths == [3, 4, 5]  # the first embedding stands where the bonus token goes
     mask = tree_attention_mask(tree, 0)
     assert mask[3:, :3].all() and torch.equal(mask[3:, 3:], torch.ones(k, k, dtype=torch.bool).tril())
     logits = torch.zeros(3 + k, 6)
