@@ -22,7 +22,7 @@ from torch import Tensor
 
 from drafters import PromptLookupDrafter, Warp
 from model import Transformer
-from specdec import Stats, check_generator, theory_acceptance, trim_tree, warp_for
+from specdec import Stats, check_generator, cut_at_eot, theory_acceptance, trim_tree, warp_for
 from tree import depths, tree_attention_mask, tree_positions
 from verify import Verifier, exact, sample_token
 
@@ -88,7 +88,7 @@ class BatchModelDrafter:
     def propose(
         self, contexts: list[list[int]], gamma: int, warp: Warp, generator: torch.Generator | None
     ) -> list[tuple[list[int], Tensor]]:
-        device = self.model.lm_head.weight.device
+        device = self.model.device
         if gamma == 0:  # nothing to draft (a row is at its end): the context is caught up next time
             self.draft_slots = []
             return [([], None, None) for _ in contexts]
@@ -211,7 +211,7 @@ def batch_speculative_generate(
 
     Invariant: for every active row, the target's valid slots hold its context but the last token."""
     check_generator(temperature, generator)
-    device, warp, stats = target.lm_head.weight.device, warp_for(temperature, top_k, top_p), Stats()
+    device, warp, stats = target.device, warp_for(temperature, top_k, top_p), Stats()
     verifier = verifier or exact(temperature)
     contexts, rows = [list(p) for p in prompts], list(range(len(prompts)))  # rows: the batch's original indices
     budgets = [min(max_new_tokens, target.config.max_position_embeddings - len(p)) for p in prompts]
@@ -240,18 +240,21 @@ def batch_speculative_generate(
         tokens = pad([contexts[r][-1:] + d for r, d in zip(rows, drafts)], 1 + G, device)
         logits = target(tokens, cache.kv, positions=positions, attn_mask=mask)  # 2. one call: [B, 1 + G, V]
         accepted, done = [], []
-        seconds = (t1 - t0) / len(rows), (time.perf_counter() - t1) / len(rows)
+        seconds = dict(draft_seconds=(t1 - t0) / len(rows), verify_seconds=(time.perf_counter() - t1) / len(rows))
         for i, (r, d, q) in enumerate(zip(rows, drafts, qs)):  # 3. verify each row on its own
             row_logits = logits[i, : 1 + len(d)]
             p, draft_tokens = warp(row_logits), torch.tensor(d, dtype=torch.long, device=device)
             n, token = verifier.chain(row_logits, p, q, draft_tokens, generator)
             cache.valid[i, s0 + 1 + n : s0 + 1 + G] = False  # 4. the rejected drafts become holes
-            new = d[:n] + [token]
-            finished = eot in new
-            new = new[: new.index(eot)] if finished else new
+            new, finished = cut_at_eot(d[:n] + [token], eot)
             compared = min(n + 1, len(d))
             stats.record(
-                len(d), n, compared, len(new), *seconds, theory_acceptance(p[:compared], q, draft_tokens[:compared])
+                drafted=len(d),
+                accepted=n,
+                compared=compared,
+                produced=len(new),
+                **seconds,
+                expected_accepted=theory_acceptance(p[:compared], q, draft_tokens[:compared]),
             )
             contexts[r], budgets[r] = contexts[r] + new, budgets[r] - len(new)
             accepted.append(n)
@@ -289,7 +292,7 @@ def batch_tree_speculative_generate(
     Invariant: for every active row, the valid slots hold its context but the last token, and features[r] holds
     the target's last hidden state of each of those tokens (EAGLE reads them)."""
     check_generator(temperature, generator)
-    device, warp, stats = target.lm_head.weight.device, warp_for(temperature, top_k, top_p), Stats()
+    device, warp, stats = target.device, warp_for(temperature, top_k, top_p), Stats()
     verifier = verifier or exact(temperature)
     contexts, rows = [list(p) for p in prompts], list(range(len(prompts)))
     budgets = [min(max_new_tokens, target.config.max_position_embeddings - len(p)) for p in prompts]
@@ -322,17 +325,22 @@ def batch_tree_speculative_generate(
         logits, hidden = target(
             pad([t.tokens for t in trees], N, device), cache.kv, positions=positions, attn_mask=mask, return_hidden=True
         )  # 2. one call: [B, N, V]
-        done, seconds = [], ((t1 - t0) / len(rows), (time.perf_counter() - t1) / len(rows))
+        done = []
+        seconds = dict(draft_seconds=(t1 - t0) / len(rows), verify_seconds=(time.perf_counter() - t1) / len(rows))
         for i, (r, t) in enumerate(zip(rows, trees)):  # 3. verify each row's tree on its own
             path, token = verifier.tree(logits[i, : len(t)], warp(logits[i, : len(t)]), t, generator)
             kept = [0] + path
             cache.valid[i, s0 : s0 + N] = False  # 4. the root and the accepted path stay; the rest become holes
             cache.valid[i, [s0 + k for k in kept]] = True
             features[r] = torch.cat([features[r], hidden[i, kept]])
-            new = [t.tokens[k] for k in path] + [token]
-            finished = eot in new
-            new = new[: new.index(eot)] if finished else new
-            stats.record(len(t) - 1, len(path), min(len(path) + 1, max(depths(t))), len(new), *seconds)
+            new, finished = cut_at_eot([t.tokens[k] for k in path] + [token], eot)
+            stats.record(
+                drafted=len(t) - 1,
+                accepted=len(path),
+                compared=min(len(path) + 1, max(depths(t))),
+                produced=len(new),
+                **seconds,
+            )
             contexts[r], budgets[r] = contexts[r] + new, budgets[r] - len(new)
             if finished or budgets[r] <= 0:
                 done.append(i)

@@ -118,7 +118,7 @@ def continuation_quality(target, prompt: list[int], out: list[int]) -> tuple[int
     the target): the quality cost of a lossy rule, teacher-forced on what it produced (untimed)."""
     if not out:
         return 0, 0.0
-    device = target.lm_head.weight.device
+    device = target.device
     with torch.inference_mode():
         logits = target(torch.tensor([prompt + out], device=device))[0, len(prompt) - 1 : -1].float()  # [len(out), V]
     tokens = torch.tensor(out, device=device)

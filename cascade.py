@@ -43,7 +43,7 @@ class CascadeDrafter:
     def propose(
         self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
     ) -> tuple[list[int], Tensor | None]:
-        device = self.model.lm_head.weight.device
+        device = self.model.device
         # The draft model verifies prompt lookup exactly as the target verifies the draft model (Algorithm 2 one
         # level down): greedy matching without a generator (temperature 0), else rejection sampling against the
         # draft's warped q. One-hot p at temperature 0 makes the two agree, so a generator changes nothing there.

@@ -202,7 +202,7 @@ class CrossVocabDrafter:
         self.model, self.draft_enc, self.target_enc = draft, draft_enc, target_enc
         self.target_vocab_size = target_vocab_size or target_enc.n_vocab
         self.draft_steps, self.tail_tokens = draft_steps, tail_tokens
-        device = draft.lm_head.weight.device
+        device = draft.device
         shared = shared_vocabulary(draft_enc, target_enc, draft.config.vocab_size)
         shared[shared >= self.target_vocab_size] = -1  # a tokenizer id past the target model's rows: never offered
         self.inside = torch.nonzero(shared >= 0).squeeze(-1).to(device)  # draft ids the target shares
@@ -256,7 +256,7 @@ class CrossVocabDrafter:
             return None
         reuse = min(common_prefix(self.fed, ids), len(ids) - 1)  # refeed at least the last token for its logits
         self.cache.truncate(reuse)
-        device = self.model.lm_head.weight.device
+        device = self.model.device
         logits = self.model(torch.tensor([ids[reuse:]], device=device), self.cache)[0, -1]
         self.fed, self.start = list(ids), len(ids)
         return logits
@@ -276,7 +276,7 @@ class CrossVocabDrafter:
 
     def feed(self, token: int) -> Tensor:
         self.fed.append(token)
-        return self.model(torch.tensor([[token]], device=self.model.lm_head.weight.device), self.cache)[0, -1]
+        return self.model(torch.tensor([[token]], device=self.model.device), self.cache)[0, -1]
 
     # ---- string level (SLEM; deterministic) ----
 

@@ -165,7 +165,7 @@ class ModelDrafter:
     def propose(
         self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
     ):
-        device = self.model.lm_head.weight.device
+        device = self.model.device
         # Catch up on the context this cache has not seen: the whole prompt at first, then the target's correction
         # or bonus token, and after a full accept also our own last draft, which was never fed (peer-pitfalls).
         new = torch.tensor([context[self.cache.length :]], device=device)
@@ -193,7 +193,7 @@ class ModelDrafter:
         generator: torch.Generator | None,
         keep: KeepGrowing = always,
     ) -> Tree:
-        device = self.model.lm_head.weight.device
+        device = self.model.device
         self.cache.truncate(min(self.cache.length, self.start, len(context) - 1))  # drop the last tree; refeed the root
         root_logits = self.model(
             torch.tensor([context[self.cache.length :]], device=device), self.cache, skip=self.skip

@@ -215,7 +215,7 @@ class EagleDrafter:
             self.target.config.max_position_embeddings,
             self.head.config.head_dim,
             self.target.lm_head.weight.dtype,
-            self.target.lm_head.weight.device,
+            self.target.device,
         )
         self.committed_before = 0
 

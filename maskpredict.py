@@ -54,7 +54,7 @@ class JacobiDrafter:
         tree = Tree.from_root(context[-1])
         for i, token in enumerate(guesses):
             tree.add(i, token, 0.0)  # a chain: node i + 1 is guess i
-        device = self.target.lm_head.weight.device  # no extra tokens: Jacobi reads the candidates' own outputs
+        device = self.target.device  # no extra tokens: Jacobi reads the candidates' own outputs
         tree.extra_tokens = ExtraTokens(
             torch.zeros(0, self.target.config.hidden_size, device=device, dtype=self.target.lm_head.weight.dtype),
             [],
@@ -126,7 +126,7 @@ class LookaheadDrafter:
         grams = self.pool.get(context[-1], [])[: self.G]
         tree = tree_from_sequences(context[-1], [list(g) for g in grams])  # verification branch
         window = [t for level in self.levels for t in level]
-        device = self.target.lm_head.weight.device
+        device = self.target.device
         sees = torch.cat([torch.zeros(len(window), len(tree), dtype=torch.bool), self.sees], dim=1)
         sees[:, 0] = True  # every window token follows the root
         tree.extra_tokens = ExtraTokens(

@@ -142,7 +142,7 @@ def shares_tokenizer(draft: Transformer, draft_enc, s: Setup) -> bool:
 
 def draft_model(s: Setup) -> Transformer:
     """The draft model of --draft-model (the shipped draft by default), sharing the target's tokenizer."""
-    draft = load_model(s.opts.draft_model, s.target.lm_head.weight.device, s.dtype)
+    draft = load_model(s.opts.draft_model, s.target.device, s.dtype)
     same = shares_tokenizer(draft, draft_tokenizer(s.opts.draft_model), s)
     refuse([(not same, "the draft's tokenizer differs from the target's: this method needs one vocabulary")])
     return draft
@@ -151,7 +151,7 @@ def draft_model(s: Setup) -> Transformer:
 def build_draft(s: Setup):
     """The draft model drafts (SpS); with another tokenizer than the target's, across vocabularies (crossvocab.py)."""
     o = s.opts
-    draft = load_model(o.draft_model, s.target.lm_head.weight.device, s.dtype)
+    draft = load_model(o.draft_model, s.target.device, s.dtype)
     draft_enc = draft_tokenizer(o.draft_model)
     if not shares_tokenizer(draft, draft_enc, s):
         refuse([(o.tree or o.online, "a draft of another tokenizer drafts chains: drop --tree and --online")])
@@ -176,7 +176,7 @@ def build_collective(s: Setup):
 
 def build_nar(s: Setup):
     nar = load_checked(
-        "NAR drafter", s.weights / "nar", lambda p: NarModel.from_pretrained(p, s.target.lm_head.weight.device, s.dtype)
+        "NAR drafter", s.weights / "nar", lambda p: NarModel.from_pretrained(p, s.target.device, s.dtype)
     )
     vocab = nar.lm.config.vocab_size
     refuse(
@@ -216,7 +216,7 @@ def build_quant(s: Setup):
     refuse(
         [
             (
-                o.quant_bits == 8 and (s.target.lm_head.weight.device.type != "cpu" or s.dtype != torch.float32),
+                o.quant_bits == 8 and (s.target.device.type != "cpu" or s.dtype != torch.float32),
                 "--quant-bits 8 uses torch's CPU int8 kernels: run it on the CPU in float32, or use --quant-bits 4",
             )
         ]

@@ -216,6 +216,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (the embedding: a quantized copy's linear layers may hold no .weight)."""
+        return self.embed_tokens.weight.device
+
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         cfg, w = self.config, self.lm_head.weight
         return KVCache(

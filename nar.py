@@ -141,7 +141,7 @@ class NarDrafter:
         k = min(self.model.num_queries, room)
         if gamma < 1 or k < 1:
             return [], None
-        device = self.model.lm.lm_head.weight.device
+        device = self.model.lm.device
         new = torch.tensor([context[self.cache.length :]], dtype=torch.long, device=device)
         logits = self.model(new, self.cache, k=k)[0, 0]  # [k, V]: one call for all k positions
         n = min(gamma, k)

@@ -59,7 +59,7 @@ def distill_loss(model: Transformer, buffer: Buffer) -> Tensor:
     """Mean forward KL(p || q) over the buffered positions, q from a teacher-forced forward of the draft on each
     entry's text (one forward per request, read at its buffered positions)."""
     total, count = 0.0, 0
-    device = model.lm_head.weight.device
+    device = model.device
     for text, positions, ps in buffer.entries:
         tokens = torch.tensor([text[: max(positions) + 1]], device=device)
         h = model.norm(model.blocks(model.embed_tokens(tokens))[0, positions])  # the LM head at buffered rows only

@@ -55,7 +55,7 @@ def greedy_agreement(
     target continuation) pairs: the acceptance rate of a greedy self-draft, measured without decoding."""
     agree = total = 0
     for prompt, out in sequences:
-        ids = torch.tensor([prompt + out], device=target.lm_head.weight.device)
+        ids = torch.tensor([prompt + out], device=target.device)
         draft = target(ids, skip=skip, layers=layers)[0, len(prompt) - 1 : -1].argmax(-1)
         agree += int((draft == torch.tensor(out, device=ids.device)).sum())
         total += len(out)
@@ -127,7 +127,7 @@ class EarlyExitDrafter:
 
     def lower(self, token: int) -> list[Tensor]:
         """Blocks [0, E) on one token at the cache's next slot: the residual stream after each block, [1, 1, C]."""
-        x = self.target.embed_tokens(torch.tensor([[token]], device=self.target.lm_head.weight.device))
+        x = self.target.embed_tokens(torch.tensor([[token]], device=self.target.device))
         start, streams = self.cache.length, []
         for i in range(self.exit):  # one block at a time, so DEL can read every layer; each writes the same slot
             self.cache.length = start

@@ -39,6 +39,7 @@ class Stats:
 
     def record(
         self,
+        *,
         drafted: int,
         accepted: int,
         compared: int,
@@ -137,7 +138,7 @@ def generate(
 ) -> list[int]:
     """Autoregressive decoding (Algorithm 1): one target forward per token; stops at `eot` (not returned)."""
     check_generator(temperature, generator)
-    device = model.lm_head.weight.device
+    device = model.device
     warp, cache, out = warp_for(temperature, top_k, top_p), model.new_cache(), []
     logits = model(torch.tensor([prompt_ids], device=device), cache)[0, -1]
     for _ in range(min(max_new_tokens, cache.max_len - len(prompt_ids))):
@@ -175,7 +176,7 @@ def speculative_generate(
     Invariant: the target's cache holds every context token but the last, which opens the next verify call.
     """
     check_generator(temperature, generator)
-    device = target.lm_head.weight.device
+    device = target.device
     warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
     verifier, length = verifier or exact(temperature), draft_length or FixedLength(gamma)
     context = list(prompt_ids)
@@ -200,18 +201,16 @@ def speculative_generate(
         cache.truncate(len(context) + n)  # 4. roll back past the rejected drafts
         drafter.accept(n)
         length.update(len(drafts), n)
-        new = drafts[:n] + [token]
-        finished = eot in new
-        new = new[: new.index(eot)] if finished else new
+        new, finished = cut_at_eot(drafts[:n] + [token], eot)
         compared = min(n + 1, len(drafts))  # draft positions actually compared with the target
         stats.record(
-            len(drafts),
-            n,
-            compared,
-            len(new),
-            t1 - t0,
-            time.perf_counter() - t1,
-            theory_acceptance(p[:compared], q, draft_tokens[:compared]),
+            drafted=len(drafts),
+            accepted=n,
+            compared=compared,
+            produced=len(new),
+            draft_seconds=t1 - t0,
+            verify_seconds=time.perf_counter() - t1,
+            expected_accepted=theory_acceptance(p[:compared], q, draft_tokens[:compared]),
         )
         context, budget = context + new, budget - len(new)
         if on_tokens and new:
@@ -219,6 +218,11 @@ def speculative_generate(
         if finished:
             break
     return context[len(prompt_ids) :], stats
+
+
+def cut_at_eot(tokens: list[int], eot: int | None) -> tuple[list[int], bool]:
+    """(the tokens before the first end of text, whether there was one): the end of text is never emitted."""
+    return (tokens[: tokens.index(eot)], True) if eot in tokens else (tokens, False)
 
 
 def theory_acceptance(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor) -> float:
@@ -252,7 +256,7 @@ def tree_speculative_generate(
     Invariant as in speculative_generate; `features` holds the target's last hidden state of every cached token.
     """
     check_generator(temperature, generator)
-    device = target.lm_head.weight.device
+    device = target.device
     warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
     verifier, length = verifier or exact(temperature), draft_length or FixedLength(0)
     context, features = list(prompt_ids), torch.zeros(0, target.config.hidden_size, device=device)
@@ -281,16 +285,14 @@ def tree_speculative_generate(
         if tree.extra_tokens is not None:  # a mask-predict drafter reads the call's outputs (§5.2)
             tree.extra_tokens.read(logits[0], path)
         features = torch.cat([features, hidden[0, [0] + path]])
-        new = [tree.tokens[i] for i in path] + [token]
-        finished = eot in new
-        new = new[: new.index(eot)] if finished else new
+        new, finished = cut_at_eot([tree.tokens[i] for i in path] + [token], eot)
         stats.record(
-            n - 1,
-            len(path),
-            min(len(path) + 1, max(depths(tree))),
-            len(new),
-            t1 - t0,
-            time.perf_counter() - t1,  # compared: the depths tested along the accepted path
+            drafted=n - 1,
+            accepted=len(path),
+            compared=min(len(path) + 1, max(depths(tree))),  # the depths
+            produced=len(new),
+            draft_seconds=t1 - t0,
+            verify_seconds=time.perf_counter() - t1,  # tested
             extra=len(tree.extra_tokens) if tree.extra_tokens is not None else 0,
         )
         context, budget = context + new, budget - len(new)
@@ -315,7 +317,7 @@ def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
 
 def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
     """[1, N + M, C]: the input of a tree call, the tree's tokens embedded, then the extra tokens' embeddings."""
-    embeds = target.embed_tokens(torch.tensor([tree.tokens], device=target.lm_head.weight.device))
+    embeds = target.embed_tokens(torch.tensor([tree.tokens], device=target.device))
     return embeds if tree.extra_tokens is None else torch.cat([embeds, tree.extra_tokens.embeds[None]], dim=1)
 
 

@@ -204,11 +204,11 @@ def test_cli_online_matches_plain_greedy_decoding_and_reports_its_updates():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["-d", "pld", "--online"], "--online trains the draft model as it decodes: use it with -d draft"),
+        (["-d", "pld", "--online"], "--online is an option of -d draft"),
         (["-d", "draft", "--tree", "--online"], "--online drafts chains"),
-        (["--online", "--online-lr", "0"], "--online-lr must be"),
-        (["--online", "--online-every", "0"], "--online-every and --online-steps"),
-        (["--online", "--online-rows", "some"], "--online-rows must be rejected or all"),
+        (["--online", "--online-lr", "0"], "argument --online-lr: must be a finite number > 0"),
+        (["--online", "--online-every", "0"], "argument --online-every: must be at least 1"),
+        (["--online", "--online-rows", "some"], "argument --online-rows: invalid choice"),
     ],
 )
 def test_cli_online_bad_input_is_one_line(args, message):

@@ -126,7 +126,7 @@ class CheckedTarget:
     def __init__(self, model, drafter: ScriptedDrafter):
         self.model, self.drafter, self.checked = model, drafter, 0
 
-    def __getattr__(self, name):  # lm_head, new_cache, config: the model's
+    def __getattr__(self, name):  # device, new_cache, config: the model's
         return getattr(self.model, name)
 
     def __call__(self, tokens, cache):
@@ -314,7 +314,14 @@ def test_mean_accepted_length_and_acceptance_by_position_follow_their_definition
     s = Stats()
     # (drafted, accepted, compared): a rejection at the first draft, one at the third, a full accept of four
     for drafted, accepted, compared in ((4, 0, 1), (4, 2, 3), (4, 4, 4)):
-        s.record(drafted, accepted, compared, accepted + 1, 0.0, 0.0)
+        s.record(
+            drafted=drafted,
+            accepted=accepted,
+            compared=compared,
+            produced=accepted + 1,
+            draft_seconds=0.0,
+            verify_seconds=0.0,
+        )
     assert s.mean_accepted_length == (0 + 2 + 4 + 3) / 3  # accepted drafts + 1 per target call
     # position 1 was compared in all three calls and accepted in two; position 3 compared twice, accepted once
     assert [s.acceptance_at(i) for i in range(4)] == [2 / 3, 2 / 2, 1 / 2, 1 / 1]

@@ -363,7 +363,7 @@ class CheckedTarget:
     the features handed to the drafter equal a cache-free forward's hidden states of the context but its last."""
 
     def __init__(self, model, drafter: DecoyDrafter, n_new: int):
-        self.model, self.drafter, self.config, self.lm_head = model, drafter, model.config, model.lm_head
+        self.model, self.drafter, self.config, self.device = model, drafter, model.config, model.device
         self.embed_tokens, self.n_new = model.embed_tokens, n_new
         self.cache, self.checked = None, 0
 
