@@ -75,7 +75,8 @@ class CascadeDrafter:
                     break
         if self.horizontal and not stopped and len(tokens) < gamma:
             # Horizontal cascade: later positions, which are less likely to be accepted anyway, from prompt lookup
-            # alone (no draft call). Deterministic: their q rows are one-hot (peer-pitfalls).
+            # alone (no draft call). Deterministic: their q rows are one-hot
+            # (docs/pitfalls.md: q is the distribution the draft was drawn from).
             tail, _ = self.lookup.propose(context + tokens, gamma - len(tokens), warp, generator)
             for y in tail:
                 qs.append(torch.zeros_like(qs[0]).scatter_(0, torch.tensor([y], device=device), 1.0))

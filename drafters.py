@@ -19,11 +19,11 @@ A chain drafter may also have attach(target, cache) -> forward: it is then hande
 generation starts, and runs the verify call itself (self-drafting by early exit, selfdraft.py, drafts into the
 target's lower layers and finishes the call from there); the loop calls target(tokens, cache) otherwise.
 `warp` maps logits to the (temperature / top-k / top-p warped) probabilities that the target is verified with, so
-q is warped exactly like p (peer-pitfalls: q must be the distribution the draft was actually drawn from).
+q is warped exactly like p (docs/pitfalls.md: q is the distribution the draft was drawn from).
 Tree children are a node's top-k draft tokens (deterministic siblings: verify.tree_speculative_sample with a
 one-hot q is lossless for every tree), or, with sampled=True at temperature > 0, `width` tokens drawn i.i.d. from
 the warped draft distribution, recorded in tree.q (SpecInfer's multi-step sampling; SpecTr): the i.i.d. rule is
-lossless averaged over that drawing (peer-pitfalls: say which multi-draft variant is used).
+lossless averaged over that drawing (docs/pitfalls.md: Fixed or i.i.d. siblings: say which).
 """
 
 from collections.abc import Callable
@@ -96,7 +96,9 @@ def grow_tree(
     With sample = (warp, generator), children are instead drawn i.i.d. from q = warp(logits) (SpecInfer; SpecTr),
     duplicates kept, and tree.q records each node's q. The final cut then keeps nodes in index order, never by
     score: dropping a node for its own sampled value would bias the i.i.d. siblings the verifier relies on."""
-    if sample is not None and sample[1] is None:  # never the global RNG (peer-pitfalls)
+    if (
+        sample is not None and sample[1] is None
+    ):  # never the global RNG (docs/pitfalls.md: One uniform per position, from an explicit generator)
         raise ValueError("sampled siblings need an explicit torch.Generator")
     tree, frontier, logits = Tree.from_root(root), [0], root_logits[None]  # logits [F, V]
     q_rows = {}  # node -> the distribution its children were drawn from (sampled siblings only)
@@ -167,7 +169,8 @@ class ModelDrafter:
     ):
         device = self.model.device
         # Catch up on the context this cache has not seen: the whole prompt at first, then the target's correction
-        # or bonus token, and after a full accept also our own last draft, which was never fed (peer-pitfalls).
+        # or bonus token, and after a full accept also our own last draft, which was never fed
+        # (docs/pitfalls.md: After a full accept the draft has not seen its last draft).
         new = torch.tensor([context[self.cache.length :]], device=device)
         logits = self.model(new, self.cache, skip=self.skip)[0, -1]
         self.start = len(context)

@@ -123,7 +123,7 @@ class NarDrafter:
     distribution q_j = warp(logits_j), and those rows are returned as q. Since the k queries read only the
     context, never each other's drafted tokens, draft j is drawn independently of drafts 0..j-1, so q_j is exactly
     the distribution it was drawn from given the context and the drafts before it: speculative sampling with this q
-    is lossless (peer-pitfalls: q must be what the draft was drawn from). keep(logits_j, j) may cut the chain
+    is lossless (docs/pitfalls.md: q is the distribution the draft was drawn from). keep(logits_j, j) may cut the chain
     after draft j (draft_length.py); it only shortens it, the call is made once either way.
     """
 

@@ -7,7 +7,8 @@ tuning-free drafting; §6.3 token trees). The structures are in suffix.py.
 
 All three are deterministic (tree.q is None): at temperature > 0 they are verified with the one-hot multi-draft rule,
 which is lossless for every fixed tree. REST's own sampled mode, exact match of independently sampled paths, is not
-distribution preserving and is not implemented (peer-pitfalls).
+distribution preserving and is not implemented
+(docs/pitfalls.md: Retrieval and mask-predict drafters are deterministic).
 
 Datastore files, built by `python train.py datastore` from data/train.bin (uint16 token ids):
     data/datastore.npy   int32 suffix array of train.bin, sorted by the first SA_WIDTH tokens

@@ -4,7 +4,8 @@
               skipped, found by a search on training prompts (search_skip_set, `train.py layerskip`); drafting
               stops when the draft's confidence falls below a threshold that follows the acceptance rate
               (draft_length.Adaptive). The skipped model computes different activations in every later layer,
-              so its K/V are its own: it is a drafters.ModelDrafter with its own cache (peer-pitfalls).
+              so its K/V are its own: it is a drafters.ModelDrafter with its own cache
+              (docs/pitfalls.md: A shared cache is shared only for the same layers).
 -d earlyexit  LayerSkip's self-speculation (Elhoushi et al. 2024): draft with blocks [0, E), read out through the
               final norm and LM head; verification runs only blocks [E, L) on the drafted tokens, from the residual
               stream the draft saved, and reuses the K/V that drafting wrote for blocks [0, E) in the target's own

@@ -87,7 +87,8 @@ class Stats:
 
     @property
     def tau(self) -> float:
-        """Mean tokens per target call: (accepted drafts + 1) per verification (peer-pitfalls: the +1 counts)."""
+        """Tokens emitted per target call: accepted drafts + 1 per verification
+        (docs/pitfalls.md: tau counts the bonus token; show the histogram)."""
         return self.produced / max(1, self.target_calls)
 
     @property

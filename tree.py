@@ -275,7 +275,8 @@ def keep_indices(path: list[int], prefix_len: int, device: torch.device | str | 
 
     path: accepted node indices, root excluded (a leading 0, as from path_to, is dropped). The root's K/V is
     always kept. The kept entries must then be MOVED to the contiguous slots prefix_len, prefix_len + 1, ...:
-    just truncating the cache is only right when the accepted path happens to be the first branch (peer-pitfalls).
+    just truncating the cache is only right when the accepted path happens to be the first branch
+    (docs/pitfalls.md: Move the accepted path's K/V, do not just truncate).
     """
     path = [int(i) for i in path]  # a list or a tensor of indices
     path = path[1:] if path[:1] == [0] else path

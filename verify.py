@@ -8,7 +8,7 @@
 Notation follows Leviathan et al. 2023: p = TARGET distribution, q = DRAFT distribution. The survey swaps the
 two letters (its Eq. 6-7 and Algorithm 2 call the target q and the drafter p); the formulas are the same.
 
-Rules kept everywhere (see shared/notes/peer-pitfalls.md):
+Rules kept everywhere (docs/pitfalls.md says what other code got wrong, and the test that catches each):
   - p and q are warped identically (temperature, top-k, top-p) and q is the distribution the draft token was
     actually drawn from; a deterministic draft (argmax, prompt lookup) has a one-hot q.
   - Temperature 0 gives one-hot p, so greedy decoding is a special case of the sampling rules below.
@@ -148,7 +148,7 @@ def speculative_sample(
         if _uniform(generator) < acceptance_probability(p[x], q[x], lenience).item():
             continue
         return i, sample_token(residual_distribution(p, q), generator)
-    # Bonus token only when every draft was accepted (pitfalls: never after a rejection).
+    # Bonus token only when every draft was accepted (docs/pitfalls.md: The bonus token only after a full accept).
     return len(tokens), sample_token(target_probs[len(tokens)], generator)
 
 

@@ -74,8 +74,8 @@ def test_skipping_nothing_or_exiting_at_the_last_layer_gives_exactly_the_target_
 
 class StaleLowerLayers(EarlyExitDrafter):
     """BROKEN: drafts blocks [0, E) with one sublayer skipped (a Draft & Verify draft) into the SHARED cache, so
-    verification reuses K/V and residual streams that are not the target's (peer-pitfalls: a shared cache is
-    only shared for the same layers)."""
+    verification reuses K/V and residual streams that are not the target's (docs/pitfalls.md: A shared
+    cache is shared only for the same layers)."""
 
     def lower(self, token):
         x = self.target.embed_tokens(torch.tensor([[token]]))

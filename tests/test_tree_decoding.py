@@ -335,7 +335,8 @@ def test_sampled_trees_record_q_keep_duplicates_and_draw_from_the_generator_only
 class DecoyDrafter:
     """BAD on purpose: at each depth the first child is a wrong decoy (with a child of its own) and the second
     follows the target's greedy continuation `right` for step % 4 levels, so the accepted path is never the
-    first branch and the cache must MOVE its K/V (peer-pitfalls). Records what the loop gives it."""
+    first branch and the cache must MOVE its K/V (docs/pitfalls.md: Move the accepted path's K/V, do not just
+    truncate). Records what the loop gives it."""
 
     def __init__(self, prompt: list[int], right: list[int], vocab_size: int):
         self.prompt, self.right, self.V = prompt, right, vocab_size

@@ -142,7 +142,7 @@ Q_CHAIN = torch.tensor([0.1, 0.15, 0.25, 0.2, 0.3])
 
 
 def broken_speculative_sample(target_probs, draft_probs, draft_tokens, generator, bug):
-    """speculative_sample with one known bug from the pitfalls file (gamma = 1 is enough)."""
+    """speculative_sample with one known bug from docs/pitfalls.md (gamma = 1 is enough)."""
     p, q, x = target_probs[0], draft_probs[0], int(draft_tokens[0])
     if bug == "accept_every_draft" or torch.rand(1, generator=generator).item() < (p[x] / q[x]).item():
         return 1, sample_token(target_probs[1], generator)
