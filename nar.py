@@ -8,7 +8,7 @@ len .. len+k-1; query j predicts the token at position len + j. Its attention ma
   - context tokens are causal and never see a query, so their K/V are those of the context alone and stay cached;
   - every query sees the whole context and all k queries of its block.
 A draft step therefore feeds only the context tokens this cache has not seen plus the k queries, in ONE call, and
-truncates the queries' K/V afterwards. Training (train.py specdec) distils the frozen target: SpecDec's
+truncates the queries' K/V afterwards. Training (train.py nar) distils the frozen target: SpecDec's
 sequence-level knowledge distillation, the target's greedy continuations as labels.
 
 SpecDec verifies with a lossy top-beta rule (approximate.TopK); here the drafts go through the same lossless rules
@@ -35,7 +35,7 @@ def query_layout(past: int, n: int, cuts: list[int], k: int, device=None) -> tup
 
     A cut t is a context length (past < t <= past + n): its queries stand at positions t .. t+k-1, see context
     tokens 0 .. t-1 and every query of their own block (SpecDec's bidirectional NAR decoder), nothing else. Context
-    tokens see only the tokens up to themselves. Inference uses one cut at past + n; training (train.py specdec)
+    tokens see only the tokens up to themselves. Inference uses one cut at past + n; training (train.py nar)
     puts many cuts after one window, so one forward trains on many contexts."""
     rows, total = n + len(cuts) * k, past + n + len(cuts) * k
     mask = torch.zeros(rows, total, dtype=torch.bool, device=device)

@@ -10,7 +10,7 @@
     python train.py disco       # target + draft -> weights/disco/ (DISCO's stop classifier, draft_length.py)
     python train.py pass        # target -> weights/pass/  (PaSS's lookahead embeddings, maskpredict.py)
     python train.py layerskip   # target -> weights/layerskip.json (Draft & Verify's skip set, selfdraft.py)
-    python train.py specdec     # target + draft -> weights/specdec/ (SpecDec's NAR drafter, nar.py)
+    python train.py nar         # target + draft -> weights/nar/ (SpecDec's NAR drafter, nar.py)
     python train.py corpus      # corpus_packages.txt -> data/corpus/ (the wider corpus for the next run, corpus.py)
     python train.py eval        # bits per byte of the target and the draft on held-out packages and stdlib files
 
@@ -569,13 +569,13 @@ def train_pass(args) -> None:
     )
 
 
-def train_specdec(args) -> None:
+def train_nar(args) -> None:
     """SpecDec's NAR drafter (Xia et al. 2023; nar.py), distilled from the frozen target. SpecDec trains its drafter
     by sequence-level knowledge distillation: on the teacher's own outputs. Here those are the target's greedy
     continuations of training-split prompts (--distill-prompt corpus tokens + --distill-new generated ones), and the
     loss is cross-entropy on them: after a context cut at t inside the generated part, query j must predict the
     target's greedy token t + j, which is exactly what greedy verification accepts. Each sequence is cut at
-    --specdec-cuts random places at once (nar.query_layout), fresh every step. The model starts from weights/draft
+    --nar-cuts random places at once (nar.query_layout), fresh every step. The model starts from weights/draft
     (same width and tokenizer), the queries from its mean token embedding. Validation: the same loss on
     continuations of held-out prompts."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -591,7 +591,7 @@ def train_specdec(args) -> None:
         flush=True,
     )
     del target
-    k, P, S = args.specdec_queries, args.distill_prompt, data.shape[1]
+    k, P, S = args.nar_queries, args.distill_prompt, data.shape[1]
     model = NarModel.from_lm(Transformer.from_pretrained(Path(args.weights) / "draft"), k).to(device)
     cut_gen = torch.Generator().manual_seed(args.seed + 1)
 
@@ -601,9 +601,9 @@ def train_specdec(args) -> None:
         return F.cross_entropy(logits.flatten(0, 2).float(), x[:, labels].flatten())
 
     def loss_fn(x):  # fresh cuts every step, all inside the generated part: far more contexts than sequences
-        return loss_at(x, sorted((torch.randperm(S - k - P + 1, generator=cut_gen)[: args.specdec_cuts] + P).tolist()))
+        return loss_at(x, sorted((torch.randperm(S - k - P + 1, generator=cut_gen)[: args.nar_cuts] + P).tolist()))
 
-    fixed_cuts = [int(c) for c in np.linspace(P, S - k, args.specdec_cuts)]  # validation: the same every time
+    fixed_cuts = [int(c) for c in np.linspace(P, S - k, args.nar_cuts)]  # validation: the same every time
 
     def next_batch(g):
         return data[torch.randint(0, len(data), (args.batch_size,), generator=g).to(device)]
@@ -614,7 +614,7 @@ def train_specdec(args) -> None:
         next_batch,
         loss_fn,
         list(val_data.split(8)),
-        lambda: model.save_pretrained(Path(args.weights) / "specdec"),
+        lambda: model.save_pretrained(Path(args.weights) / "nar"),
         lambda x: loss_at(x, fixed_cuts),
     )
 
@@ -655,7 +655,7 @@ def main(stage: str, **args) -> None:
         "corpus": build_corpus,
         "eval": evaluate,
         "layerskip": search_layerskip,
-        "specdec": train_specdec,
+        "nar": train_nar,
     }
     try:
         stages[stage](args)
@@ -663,7 +663,12 @@ def main(stage: str, **args) -> None:
         sys.exit(f"train.py {stage}: {e}")
 
 
+RENAMED_STAGES = {"specdec": "nar"}  # old stage names, refused with the new one
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in RENAMED_STAGES:
+        print(f"train.py: error: the stage {sys.argv[1]} is now called {RENAMED_STAGES[sys.argv[1]]}", file=sys.stderr)
+        sys.exit(2)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "stage",
@@ -679,7 +684,7 @@ if __name__ == "__main__":
             "disco",
             "pass",
             "layerskip",
-            "specdec",
+            "nar",
             "corpus",
             "eval",
         ],
@@ -755,10 +760,8 @@ if __name__ == "__main__":
     ap.add_argument("--pass-tokens", type=int, default=4, help="pass: lookahead embeddings (drafts per call)")
     ap.add_argument("--pass-context", type=int, default=128, help="pass: training window in tokens")
     ap.add_argument("--pass-cuts", type=int, default=16, help="pass: contexts cut from each window, trained at once")
-    ap.add_argument("--specdec-queries", type=int, default=4, help="specdec: [MASK] queries (tokens drafted per call)")
-    ap.add_argument(
-        "--specdec-cuts", type=int, default=16, help="specdec: contexts cut from each sequence, trained at once"
-    )
+    ap.add_argument("--nar-queries", type=int, default=4, help="nar: [MASK] queries (tokens drafted per call)")
+    ap.add_argument("--nar-cuts", type=int, default=16, help="nar: contexts cut from each sequence, trained at once")
     ap.add_argument("--layerskip-prompts", type=int, default=8, help="layerskip: training-split prompts searched on")
     ap.add_argument("--layerskip-context", type=int, default=128, help="layerskip: prompt tokens")
     ap.add_argument("--layerskip-new", type=int, default=32, help="layerskip: target tokens generated per prompt")

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import specdec
 from crossvocab import CrossVocabDrafter, extend_exactly, is_greedy, shared_vocabulary
 from drafters import ModelDrafter, always
+from methods import load_model
 from model import Transformer
 from specdec import Stats, generate, speculative_generate, warp_for
 from tests.conftest import WEIGHTS
@@ -267,7 +267,7 @@ def test_law_test_rejects_a_wrong_tli_q(broken, warping):
 
 def test_shipped_draft_through_the_cross_vocabulary_path(short_references):
     enc, target, references = short_references
-    draft = specdec.load_model(WEIGHTS / "draft", "cpu", torch.float32)
+    draft = load_model(WEIGHTS / "draft", "cpu", torch.float32)
     assert torch.equal(shared_vocabulary(enc, enc, 4096), torch.arange(4096))
     totals = {"cross": Stats(), "model": Stats()}
     for prompt, expected in references:

@@ -76,7 +76,7 @@ def test_one_cached_call_gives_the_naive_forward_of_context_and_queries(split):
 
 @torch.inference_mode()
 def test_the_training_layout_equals_one_forward_per_cut():
-    """train.py specdec cuts a sequence at many places in one forward: each block of queries must see exactly what
+    """train.py nar cuts a sequence at many places in one forward: each block of queries must see exactly what
     it would see after its own context alone."""
     model, cuts = toy_nar(max_len=40), [3, 8, 11, 20]
     tokens = torch.randint(0, 6, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -136,7 +136,7 @@ def test_keep_cuts_the_chain_and_the_drafts_are_each_positions_argmax_at_t0():
     assert short == tokens[:2] and len(q) == 2 and asked == [0, 1]
 
 
-def test_a_missing_specdec_drafter_is_one_usage_error(tmp_path):
+def test_a_missing_nar_drafter_is_one_usage_error(tmp_path):
     with pytest.raises(UsageError, match="train.py nar"):
         table.drafter("nar", toy_model(seed=2), weights=tmp_path)
 
