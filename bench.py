@@ -48,6 +48,7 @@ from methods import (
     Entry,
     Setup,
     UsageError,
+    brings_fallback,
     draft_model,
     make,
     missing_files,
@@ -401,7 +402,7 @@ def table_verify(b: Bench) -> None:
     rows = [Method("Autoregressive", None)]
     for name in names(b.args.verify, VERIFIERS, "--verify"):
         rule = VERIFIERS[name]
-        length = rule.fallback(b.setup) if rule.fallback and not use_tree and drafter.has_q else None
+        length = rule.fallback(b.setup) if brings_fallback(rule, drafter, use_tree, False) else None
         rows.append(
             Method(name, make(DRAFTERS, drafter.name, b.setup), use_tree, make(VERIFIERS, name, b.setup), length)
         )

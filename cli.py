@@ -11,6 +11,8 @@ import codecs
 import math
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from methods import (
     Entry,
     Setup,
     UsageError,
+    brings_fallback,
     load_checked,
     load_model,
     make,
@@ -363,7 +366,18 @@ def refuse_foreign_options(args: argparse.Namespace, ap: argparse.ArgumentParser
             raise UsageError(f"{flag} is an option of {' and '.join(owners(dest))}")
 
 
-def choose(args: argparse.Namespace, ap: argparse.ArgumentParser) -> tuple[Entry, Entry, Entry, bool]:
+@dataclass(frozen=True)
+class Choice:
+    """What a run asked for: entries of the table, not yet built."""
+
+    drafter: Entry  # -d
+    rule: Entry  # -v
+    length: Entry  # -l, or the drafter's own policy
+    use_tree: bool  # the tree loop runs (--tree, or a drafter of trees only)
+    fallback: bool  # the rule brings its own draft length (BiLD's fallback): no -l, a chain drafter with a q
+
+
+def choose(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Choice:
     """The drafter, rule and policy entries, and whether the tree loop runs; refuses what does not fit together."""
     drafter = entry(DRAFTERS, args.drafter, "drafter")
     rule = entry(VERIFIERS, args.verify, "--verify")
@@ -405,16 +419,16 @@ def choose(args: argparse.Namespace, ap: argparse.ArgumentParser) -> tuple[Entry
         ]
     )
     refuse_foreign_options(args, ap, [drafter, rule, length])
-    return drafter, rule, length, use_tree
+    return Choice(
+        drafter, rule, length, use_tree, brings_fallback(rule, drafter, use_tree, args.draft_length is not None)
+    )
 
 
-def build(setup: Setup, drafter: Entry, rule: Entry, length: Entry, explicit_length: bool, use_tree: bool):
-    """(drafter object, Verifier, DraftLength) from their entries; BiLD's fallback is its draft length."""
-    draft = make(DRAFTERS, drafter.name, setup)
-    policy = make(DRAFT_LENGTHS, length.name, setup)
-    if rule.fallback and not explicit_length and not use_tree and drafter.has_q:
-        policy = rule.fallback(setup)
-    return draft, make(VERIFIERS, rule.name, setup), policy
+def build(setup: Setup, choice: Choice) -> tuple:
+    """(the drafter, its Verifier, its DraftLength), built from the chosen entries."""
+    drafter = make(DRAFTERS, choice.drafter.name, setup)
+    policy = choice.rule.fallback(setup) if choice.fallback else make(DRAFT_LENGTHS, choice.length.name, setup)
+    return drafter, make(VERIFIERS, choice.rule.name, setup), policy
 
 
 def defaults(**changes) -> argparse.Namespace:
@@ -498,12 +512,18 @@ def main(argv: list[str] | None = None) -> None:
     args, ap = parse_args(argv)
     refuse([(not args.prompt, "the prompt is empty")])
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    drafter, rule, length, use_tree = choose(args, ap)
+    choice = choose(args, ap)
     ck = load_target(args)
     prompt_ids, eot = prompt_tokens(args, ck)
     check_fits(args, ck.model, prompt_ids)
-    draft, verifier, policy = build(setup_for(args, ck), drafter, rule, length, args.draft_length is not None, use_tree)
-    opts = dict(
+    drafter, verifier, policy = build(setup_for(args, ck), choice)
+    run = partial(
+        decode,
+        ck.model,
+        drafter,
+        choice.use_tree,
+        prompt_ids,
+        gamma=args.gamma,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -512,48 +532,39 @@ def main(argv: list[str] | None = None) -> None:
         draft_length=policy,
     )
     if args.compare:  # untimed warm-up of both loops, so neither pays for first-call allocations and kernel set-up
-        for d in {draft, None}:
-            decode(ck.model, d, use_tree, prompt_ids, 4, args.gamma, generator=torch.Generator(args.device), **opts)
+        run(max_new_tokens=4, generator=torch.Generator(args.device))
+        generate(ck.model, prompt_ids, 4, temperature=args.temperature, generator=torch.Generator(args.device))
     color, trees = sys.stdout.isatty() and not args.no_color, []
     sys.stdout.write(args.prompt + ("\n" if args.chat else ""))
     t0 = time.perf_counter()
-    out, stats = decode(
-        ck.model,
-        draft,
-        use_tree,
-        prompt_ids,
-        args.max_new_tokens,
-        args.gamma,
+    out, stats = run(
+        max_new_tokens=args.max_new_tokens,
         on_tokens=Printer(ck.enc, color),
         on_tree=lambda t, path: trees.append((t, path)),
         generator=torch.Generator(args.device).manual_seed(args.seed),
-        **opts,
     )
     seconds = time.perf_counter() - t0
+    tree = ", token tree" if choice.use_tree and drafter else ""
+    siblings = ", sampled siblings" if args.sampled_siblings else ""
     print(
         f"\n\n[{len(out)} new tokens in {seconds:.2f} s, {len(out) / seconds:.1f} tokens/s, {ck.description}, "
-        f"drafter {drafter.name}"
-        + (", token tree" if use_tree and draft else "")
-        + (", sampled siblings" if args.sampled_siblings else "")
-        + "]"
+        f"drafter {choice.drafter.name}{tree}{siblings}]"
     )
     if stats:
-        print_stats(stats, seconds, rule, policy_name(args, rule, length, use_tree, drafter), color)
+        print_stats(stats, seconds, choice.rule, policy_name(args, choice), color)
     if args.online:
         print(
-            f"[online: draft updates {draft.updates}, {draft.update_seconds:.2f} s (inside the time above); "
-            f"KL(p||q) on the buffer before each: {', '.join(f'{x:.2f}' for x in draft.losses) or 'none'}]"
+            f"[online: draft updates {drafter.updates}, {drafter.update_seconds:.2f} s (inside the time above); "
+            f"KL(p||q) on the buffer before each: {', '.join(f'{x:.2f}' for x in drafter.losses) or 'none'}]"
         )
     if args.show_tree:
         print_trees(trees, ck.enc)
     if args.compare:
-        compare(ck.model, prompt_ids, eot, args, out, seconds, stats, rule, use_tree)
+        compare(ck.model, prompt_ids, eot, args, out, seconds, stats, choice)
 
 
-def policy_name(args, rule: Entry, length: Entry, use_tree: bool, drafter: Entry) -> str:
-    if rule.fallback and args.draft_length is None and not use_tree and drafter.has_q:
-        return f"{rule.name}'s fallback (confidence {args.bild_fallback})"
-    return length.name
+def policy_name(args: argparse.Namespace, choice: Choice) -> str:
+    return f"{choice.rule.name}'s fallback (confidence {args.bild_fallback})" if choice.fallback else choice.length.name
 
 
 def print_stats(stats: Stats, seconds: float, rule: Entry, length: str, color: bool) -> None:
@@ -596,8 +607,7 @@ def compare(
     out: list[int],
     seconds: float,
     stats: Stats | None,
-    rule: Entry,
-    use_tree: bool,
+    choice: Choice,
 ) -> None:
     """Plain decoding of the same prompt with the same seed: is the output the same, and how much faster?"""
     t0 = time.perf_counter()
@@ -615,7 +625,7 @@ def compare(
     base_seconds = time.perf_counter() - t0
     if baseline == out:
         same = "identical to"
-    elif rule.lossy:
+    elif choice.rule.lossy:
         same = "differs from (expected: the rule is lossy)"
     elif args.temperature > 0:
         same = "differs from (expected when sampling)"
@@ -626,7 +636,7 @@ def compare(
         f"[autoregressive: {len(baseline)} tokens in {base_seconds:.2f} s, {len(baseline) / base_seconds:.1f} "
         f"tokens/s; speedup {speedup:.2f}x; output {same} the speculative one]"
     )
-    if stats and stats.target_calls and not use_tree:
+    if stats and stats.target_calls and not choice.use_tree:
         print(cost_model_line(stats, base_seconds / max(1, len(baseline)), speedup))
 
 

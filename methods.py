@@ -110,6 +110,12 @@ def missing_files(entry: Entry, setup: Setup) -> str | None:
     return None
 
 
+def brings_fallback(rule: Entry, drafter: Entry, use_tree: bool, length_given: bool) -> bool:
+    """Does the rule bring its own draft length (BiLD's fallback, a confidence stop)? Only on chains whose drafter
+    has a distribution, and only when no -l was given."""
+    return rule.fallback is not None and not length_given and not use_tree and drafter.has_q
+
+
 def make(table: dict[str, Entry], name: str, setup: Setup):
     """Build the method `name` of a table; a missing file or a failed load is one UsageError line."""
     entry = table[name]
