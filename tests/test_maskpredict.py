@@ -101,7 +101,7 @@ class CacheChecked:
 
     def __init__(self, model, contexts: list):
         self.model, self.contexts, self.checked = model, contexts, 0
-        self.config, self.lm_head, self.embed_tokens = model.config, model.lm_head, model.embed_tokens
+        self.config, self.device, self.embed_tokens = model.config, model.device, model.embed_tokens
 
     def new_cache(self):
         return self.model.new_cache()
