@@ -21,6 +21,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from cost import CostCurve
+
 
 class DraftLength(Protocol):
     gamma: int  # the most tokens a chain drafts this step
@@ -247,3 +249,81 @@ def predicted_speedup(alpha: float, gamma: int, c: float, v: float = 1.0) -> flo
 def best_gamma(alpha: float, c: float, v: float = 1.0, most: int = 16) -> int:
     """The gamma in [0, most] that predicted_speedup ranks first (0: drafting cannot pay), v held fixed."""
     return max(range(most + 1), key=lambda g: predicted_speedup(alpha, g, c, v) if g else 1.0)
+
+
+# ---- CostAware: gamma from the measured cost of the target's calls --------------------------------------------
+
+
+class CostAware(FixedLength):
+    """Each step, the gamma in [0, most] with the most expected tokens per unit of time (Leviathan et al. 2023,
+    Thm 3.8, with the verify call's cost measured instead of taken as 1; survey §9, the speculation length):
+
+        E(gamma) / (gamma c + ratio(gamma + 1)),   E(gamma) = (1 - alpha^(gamma+1)) / (1 - alpha)
+
+    ratio(T) is the measured cost of a target call of T tokens over a call of one (cost.CostCurve), so the
+    policy drafts long where long calls are cheap and nothing (gamma 0: the loop then makes a plain one-token
+    call) where no length pays. alpha is a running estimate of the per-draft acceptance rate: a Beta(a, b)
+    prior plus exponentially forgotten counts of accepted drafts and rejections (each verify call compares
+    accepted + 1 drafts, or all of them when all pass, so its rejections are 0 or 1: Stats.acceptance_rate,
+    forgotten at `decay` per step). Steps that draft nothing forget too, so the estimate drifts back to the
+    prior's mean and the policy tries drafting again if the prior says it would pay.
+
+    c, the drafter's cost per token over a one-token target call, is a constructor argument, measured once
+    (cost.draft_cost: a draft model's one-token call over the target's; prompt lookup: 0). The protocol gives
+    no timing, and timing inside the policy (wall time from reading gamma to update, less the curve's verify
+    cost) would make each step's gamma depend on the machine's load at that moment: runs would no longer
+    reproduce, and at temperature > 0 a different gamma draws different uniforms, hence a different sample for
+    the same seed. With c and the curve fixed, the choices depend on the acceptance history alone.
+
+    Trees (keep_growing): after level d, growing level d + 1 pays when its expected tokens per added cost beat
+    the tree's so far. The expected tokens of a level are its frontier's path probability mass, as in Dynamic
+    Depth Decoding (Brown et al. 2024), the next level's extrapolated by the last level's ratio; a level costs
+    one more draft call (c) and len(frontier) more nodes in the tree call (the tree curve's ratio), counting a
+    beam of nodes per level, about what EAGLE-2's final rerank keeps."""
+
+    def __init__(
+        self, curve: CostCurve, c: float, most: int = 16, prior: tuple[float, float] = (3.0, 2.0), decay: float = 0.9
+    ):
+        if c < 0 or most < 0 or not 0 <= decay < 1 or min(prior) <= 0:
+            raise ValueError("need c >= 0, most >= 0, 0 <= decay < 1 and a prior with positive counts")
+        self.curve, self.c, self.most, self.prior, self.decay = curve, c, most, prior, decay
+        self.reset()
+
+    def reset(self) -> None:
+        self.accepted, self.rejected = 0.0, 0.0  # forgotten counts since the generation started
+        self.levels: list[float] = []  # the tree being grown: each level's frontier mass
+        self.nodes = 1
+        self.gamma = self.best()
+
+    @property
+    def alpha(self) -> float:
+        a, b = self.prior
+        return (a + self.accepted) / (a + b + self.accepted + self.rejected)
+
+    def speedup(self, gamma: int) -> float:
+        """Expected tokens per unit of time (one-token target calls) at this gamma, with the current alpha."""
+        return predicted_speedup(self.alpha, gamma, self.c, self.curve.ratio(gamma + 1))
+
+    def best(self) -> int:
+        return max(range(self.most + 1), key=self.speedup)  # ties: the shorter
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + (1.0 if accepted < drafted else 0.0)
+        self.gamma = self.best()
+
+    def keep_growing(self, frontier_logprobs: list[float], depth: int) -> bool:
+        if depth == 1:  # a new tree: the root, then level 1 was just grown
+            self.levels, self.nodes = [], 1
+        mass = sum(math.exp(s) for s in frontier_logprobs)
+        self.levels.append(mass)
+        self.nodes += len(frontier_logprobs)
+        before = self.levels[-2] if len(self.levels) > 1 else 1.0  # the root is accepted with certainty
+        gain = mass * min(1.0, mass / before) if before > 0 else 0.0  # the next level's expected tokens
+        tokens, cost = 1 + sum(self.levels), depth * self.c + self.curve.ratio(self.nodes, tree=True)
+        added = (
+            self.c
+            + self.curve.ratio(self.nodes + len(frontier_logprobs), tree=True)
+            - self.curve.ratio(self.nodes, tree=True)
+        )
+        return added <= 0 or gain / added > tokens / cost

@@ -1,0 +1,261 @@
+"""What a target call costs against the number of tokens it takes: the curve that every speedup rests on.
+
+Leviathan et al. 2023 count time in target calls (§3.3, Thm 3.8): a step of gamma drafts costs gamma c + 1, c the
+draft's cost over a target call, since a call verifying gamma + 1 tokens is taken to cost as much as a call of
+one. Their §3.4 counts what that hides: the verify call does gamma + 1 times the arithmetic, which is free only
+while the hardware waits on memory (decoding is memory-bound, survey §3.1 and §4.1). The survey names the
+drafter's cost beside the acceptance rate as what the speedup hinges on (§4.2), and the trade-off between the two,
+and the speculation length, as open questions (§9). On a small model on a CPU the extra tokens are not free, and
+the curve need not even be monotone: the matrix library picks its kernel by the number of rows.
+
+This module measures the curve once per machine (ms per call of T new tokens after a realistic prefix, for draft
+chains and for token trees, which add a tree mask and their own positions), caches it under the user's cache
+folder, and prints or plots it; draft_length.CostAware plans with it.
+
+    curve = cached_cost_curve(target, tree=True)   # ~2 s the first time on the shipped target, then instant
+    curve.ratio(5)                                 # a call of 5 tokens over a call of one
+    print_cost_curve(curve)
+
+Timings are wall-clock medians of a few interleaved rounds after a warm-up; other processes on the same cores make
+them noisy (see CostCurve.spread), and on a CPU the thread count changes the whole curve, so it is part of the key.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from model import Transformer
+from tree import Tree, tree_attention_mask, tree_positions
+
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # tokens per call that are measured; 1 is always among them
+PREFIX = 256  # tokens already cached before each measured call (a prompt of a few hundred tokens)
+CACHE_FORMAT = 1  # bump when the stored JSON changes, so that old files are measured afresh
+# A curve whose repeats spread wider than this (max - min over the median) is used but not stored: with two
+# threads and another busy process on two cores a call can take 100x its quiet time, at random.
+KEEP_SPREAD = 1.0
+
+
+@dataclass
+class CostCurve:
+    sizes: list[int]  # tokens per call, ascending, starting at 1
+    chain_ms: list[float]  # median ms of a chain call (causal, consecutive positions) of sizes[i] tokens
+    tree_ms: list[float] | None = None  # ... of a tree call (tree mask, positions = prefix + depth); None: not measured
+    spread: float = 0.0  # the worst (max - min) / median over the repeats of any size: how noisy the timing was
+
+    def ms(self, tokens: float, tree: bool = False) -> float:
+        """Milliseconds of a call of `tokens` tokens, linear between measured sizes and beyond the last two."""
+        ys = self.tree_ms if tree and self.tree_ms is not None else self.chain_ms
+        xs = self.sizes
+        if len(xs) == 1:
+            return ys[0]
+        tokens = max(tokens, xs[0])
+        i = next((i for i in range(1, len(xs)) if tokens <= xs[i]), len(xs) - 1)  # the segment [xs[i-1], xs[i]]
+        slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + slope * (tokens - xs[i - 1])
+
+    def ratio(self, tokens: float, tree: bool = False) -> float:
+        """A call of `tokens` tokens over a one-token call: Leviathan et al.'s verify cost v, measured."""
+        return self.ms(tokens, tree) / self.ms(1, tree)
+
+
+# ---- measuring ------------------------------------------------------------------------------------------------
+
+
+def clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # time the kernels, not their launch
+    return time.perf_counter()
+
+
+def sample_tree(tokens: list[int]) -> Tree:
+    """A tree of len(tokens) nodes, each node i > 0 under node (i - 1) // 2: a bushy tree like EAGLE-2's. Only its
+    size matters to the cost (the mask is dense either way); its depths set the positions."""
+    return Tree(tokens, [-1] + [(i - 1) // 2 for i in range(1, len(tokens))], [0.0] * len(tokens))
+
+
+def call_for(model: Transformer, cache, tokens: torch.Tensor, tree: bool, prefix: int):
+    """The target call that the loops make on `tokens` [1, T] after `prefix` cached tokens, as a closure."""
+    if not tree:
+        return lambda: model(tokens, cache)
+    t = sample_tree(tokens[0].tolist())
+    positions, mask = tree_positions(t, prefix, tokens.device), tree_attention_mask(t, prefix, tokens.device)
+    # As tree_speculative_generate calls it: embeddings in, hidden states out
+    return lambda: model(None, cache, positions, mask, return_hidden=True, inputs_embeds=model.embed_tokens(tokens))
+
+
+@torch.inference_mode()
+def measure_cost_curve(
+    model: Transformer,
+    sizes: tuple[int, ...] = SIZES,
+    tree: bool = False,
+    prefix: int = PREFIX,
+    repeats: int = 5,
+) -> CostCurve:
+    """Median wall-clock ms of a call of T new tokens for each T in `sizes` (1 added if missing), after `prefix`
+    cached tokens: chain calls and, with tree=True, tree calls too. All calls are interleaved round by round (a
+    warm-up round first, then `repeats`), so that a change of load hits every size alike."""
+    sizes = sorted(set(sizes) | {1})
+    device = model.lm_head.weight.device
+    cache = model.new_cache()
+    if sizes[0] < 1 or sizes[-1] > cache.max_len:
+        raise ValueError(f"tokens per call must be in [1, {cache.max_len}] (the model's context), got {sizes}")
+    prefix = max(0, min(prefix, cache.max_len - sizes[-1]))
+    generator = torch.Generator().manual_seed(0)  # the tokens do not change the cost; a fixed draw anyway
+    text = torch.randint(model.config.vocab_size, (1, prefix + sizes[-1]), generator=generator).to(device)
+    if prefix:
+        model(text[:, :prefix], cache)
+    kinds = [False, True] if tree else [False]
+    calls = {(k, T): call_for(model, cache, text[:, prefix : prefix + T], k, prefix) for k in kinds for T in sizes}
+    times: dict[tuple[bool, int], list[float]] = {key: [] for key in calls}
+    for r in range(repeats + 1):
+        order = list(calls) if r % 2 else list(calls)[::-1]  # alternate the order: drift cancels out
+        for key in order:
+            t0 = clock(device)
+            calls[key]()
+            elapsed = clock(device) - t0
+            cache.truncate(prefix)
+            if r:  # round 0 warms up
+                times[key].append(1000 * elapsed)
+    median = {key: statistics.median(ts) for key, ts in times.items()}
+    spread = max((max(ts) - min(ts)) / median[key] for key, ts in times.items())
+    return CostCurve(
+        sizes,
+        [median[(False, T)] for T in sizes],
+        [median[(True, T)] for T in sizes] if tree else None,
+        spread,
+    )
+
+
+# ---- the per-machine cache ------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The processor's name (Linux: /proc/cpuinfo's "model name"), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def curve_key(model: Transformer, sizes: tuple[int, ...], tree: bool, prefix: int) -> dict:
+    """Everything a curve depends on: the model's shape, dtype and device, torch, the processor and its threads
+    (and OpenMP's wait policy, which decides how threads fare when other processes share the cores)."""
+    w = model.lm_head.weight
+    device = str(w.device) + (f" {torch.cuda.get_device_name(w.device)}" if w.device.type == "cuda" else "")
+    return {
+        "format": CACHE_FORMAT,
+        "config": asdict(model.config),
+        "dtype": str(w.dtype),
+        "device": device,
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "sizes": sorted(set(sizes) | {1}),
+        "tree": tree,
+        "prefix": prefix,
+    }
+
+
+def fingerprint(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/specdec, or ~/.cache/specdec."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specdec"
+
+
+def cached_cost_curve(
+    model: Transformer,
+    sizes: tuple[int, ...] = SIZES,
+    tree: bool = False,
+    prefix: int = PREFIX,
+    directory: Path | None = None,
+    refresh: bool = False,
+) -> CostCurve:
+    """The curve measured on this machine before, for this model shape and setting, else measured now and stored
+    (directory default: cache_dir()) unless it was too noisy to keep (KEEP_SPREAD). refresh=True measures again.
+    A folder that cannot be written only costs the next run a measurement."""
+    key = curve_key(model, sizes, tree, prefix)
+    path = (directory or cache_dir()) / f"cost-{fingerprint(key)}.json"
+    if not refresh and path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored["key"] == key:
+                return CostCurve(**stored["curve"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or from another format: measure again
+    curve = measure_cost_curve(model, sizes, tree, prefix)
+    if curve.spread > KEEP_SPREAD:
+        return curve
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"key": key, "curve": asdict(curve)}, indent=1) + "\n")
+        partial.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError:
+        pass
+    return curve
+
+
+def draft_cost(draft: Transformer, target_curve: CostCurve, directory: Path | None = None) -> float:
+    """Leviathan et al.'s c for a draft model: its one-token call over the target's (both cached per machine)."""
+    return cached_cost_curve(draft, sizes=(1,), directory=directory).ms(1) / target_curve.ms(1)
+
+
+# ---- showing --------------------------------------------------------------------------------------------------
+
+
+def cost_table(curve: CostCurve) -> str:
+    """The curve as a Markdown table: tokens per call, chain and tree ms, and each over a one-token call."""
+    tree = curve.tree_ms is not None
+    lines = ["| tokens per call | chain ms | tree ms | ratio to one token |", "|---:|---:|---:|---:|"]
+    for i, T in enumerate(curve.sizes):
+        tree_ms = f"{curve.tree_ms[i]:.1f}" if tree else "-"
+        ratio = f"{curve.ratio(T):.2f}" + (f" (tree {curve.ratio(T, tree=True):.2f})" if tree else "")
+        lines.append(f"| {T} | {curve.chain_ms[i]:.1f} | {tree_ms} | {ratio} |")
+    return "\n".join(lines)
+
+
+def print_cost_curve(curve: CostCurve, file=None) -> None:
+    """cost_table, then how noisy the timing was."""
+    print(cost_table(curve), file=file or sys.stdout)
+    print(
+        f"\n[median of interleaved repeats; the worst (max - min) / median was {curve.spread:.0%}; "
+        f"{torch.get_num_threads()} threads]",
+        file=file or sys.stdout,
+    )
+
+
+def plot_cost_curve(curve: CostCurve, path: str | Path) -> None:
+    """ms per call against tokens per call, chain and tree, to an image file. Needs matplotlib (optional)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(curve.sizes, curve.chain_ms, "o-", label="chain call")
+    if curve.tree_ms is not None:
+        ax.plot(curve.sizes, curve.tree_ms, "s--", label="tree call")
+    ax.set_xlabel("tokens per target call")
+    ax.set_ylabel("ms per call")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
