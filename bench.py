@@ -17,6 +17,8 @@ chosen by its flag (TABLES); the rows of the methods table come from the table o
     python bench.py --suite --prompts 10 -n 32                 # Spec-Bench for code: speedup per prompt category
     python bench.py --suite-all --prompts 10 -n 32             # ... every method (27 minutes on 2 CPU cores)
     python bench.py --online --prompts 8 -n 64                 # OSD: acceptance before and after, on a held-out package
+    python bench.py --model smollm2 --specbench ../shared/specbench/question.jsonl --per-category 10 -n 64
+                                                               # Spec-Bench's own questions on SmolLM2, Table 5
 """
 
 import argparse
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+import cost
+import peer
 from batched import (
     BatchModelDrafter,
     BatchPromptLookup,
@@ -55,9 +59,11 @@ from methods import (
     refuse,
 )
 from online import OnlineDrafter
+from peer import transformers_missing
 from prompts import completion_prompt, function_prompts
+from specbench import read_questions, subsample
 from specdec import Stats, decode
-from suite import CATEGORIES, suite_prompts
+from suite import suite_prompts
 from verify import Verifier
 
 SUITE_DRAFTERS = ("none", "draft", "pld", "eagle", "lookahead", "suffix", "sam")  # one method per family
@@ -89,12 +95,12 @@ class Method:
     prefill: float = 0.0  # ... the target's prefill seconds ...
     target_seconds: float = 0.0  # ... the target's forward seconds over the batched calls, hook-timed ...
     batched_calls: int = 0  # ... and how many batched calls there were
+    peer: Callable | None = None  # a row that transformers decodes (peer.py): (prompt, n_new, eot, T, seed) -> ids
 
     def again(self, **changes) -> "Method":
         """A fresh row with the same method (no measurements), some fields changed."""
-        return Method(
-            self.name, self.drafter, self.use_tree, self.verifier, self.length, self.temperature, self.budget, **changes
-        )
+        how = ("name", "drafter", "use_tree", "verifier", "length", "temperature", "budget", "peer")
+        return Method(**{**{k: getattr(self, k) for k in how}, **changes})
 
 
 @dataclass
@@ -105,6 +111,9 @@ class Bench:
     setup: Setup  # the target, weights and flags that methods are built from
     enc: object  # the tokenizer
     eot: int  # the token that ends an output
+    chat: Callable[[str], list[int]] | None = None  # a user turn in the model's chat template (pretrained.py)
+    end_of_turn: int | None = None  # the token that ends a chat answer
+    folder: Path | None = None  # the target's Hugging Face folder (--peer loads it in transformers)
 
     @property
     def target(self):
@@ -134,24 +143,29 @@ def clock(device: str) -> float:
     return time.perf_counter()
 
 
-def run(target, method: Method, prompt: list[int], args, n_new: int) -> list[int]:
-    """Decode one prompt with `method`, add its counts to the method's totals, return the output."""
+def run(target, method: Method, prompt: list[int], args, n_new: int, eot: int | None = None) -> list[int]:
+    """Decode one prompt with `method` (up to n_new tokens or `eot`), add its counts to the method's totals,
+    return the output."""
     temperature = args.temperature if method.temperature is None else method.temperature
     t0 = clock(args.device)
-    out, stats = decode(
-        target,
-        method.drafter,
-        method.use_tree,
-        prompt,
-        n_new,
-        args.gamma,
-        verifier=method.verifier,
-        draft_length=method.length,
-        temperature=temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        generator=torch.Generator(args.device).manual_seed(args.seed),
-    )
+    if method.peer is not None:  # transformers decodes this row (peer.py)
+        out, stats = method.peer(prompt, n_new, eot, temperature, args.seed), None
+    else:
+        out, stats = decode(
+            target,
+            method.drafter,
+            method.use_tree,
+            prompt,
+            n_new,
+            args.gamma,
+            verifier=method.verifier,
+            draft_length=method.length,
+            temperature=temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eot=eot,
+            generator=torch.Generator(args.device).manual_seed(args.seed),
+        )
     seconds = clock(args.device) - t0
     method.seconds += seconds
     method.tokens += len(out)
@@ -162,9 +176,10 @@ def run(target, method: Method, prompt: list[int], args, n_new: int) -> list[int
     return out
 
 
-def measure(target, methods: list[Method], prompts: list[list[int]], args) -> None:
+def measure(target, methods: list[Method], prompts: list[list[int]], args, eot: int | None = None) -> None:
     """Every method on every prompt, interleaved (drifts of a noisy machine hit every method alike), after an
-    untimed warm-up; methods[0] is the autoregressive reference that `identical` compares with."""
+    untimed warm-up; methods[0] is the autoregressive reference that `identical` compares with. Outputs stop at
+    `eot` (chat prompts: the end of the turn) or after --max-new-tokens."""
     for method in methods:
         run(target, method, prompts[0][:64], args, 8)
         method.tokens, method.seconds, method.stats, method.per_prompt, method.rates = 0, 0.0, Stats(), [], []
@@ -172,7 +187,7 @@ def measure(target, methods: list[Method], prompts: list[list[int]], args) -> No
         reference = None
         for method in methods:
             progress(args, f"prompt {i + 1} of {len(prompts)}: {method.name}")
-            out = run(target, method, prompt, args, args.max_new_tokens)
+            out = run(target, method, prompt, args, args.max_new_tokens, eot)
             reference = out if reference is None else reference
             agree, nll = continuation_quality(target, prompt, out)
             method.agree += agree
@@ -200,8 +215,10 @@ def speed_columns(m: Method, base: Method) -> str:
     acceptance = accepted / compared drafts (Leviathan et al.'s alpha), then the same at each draft position."""
     rate, base_rate = m.tokens / m.seconds, base.tokens / base.seconds
     s = m.stats
+    if m.peer is not None:  # transformers does not say how many calls it made
+        return f"- | - | - | - | {rate:.1f} | {rate / base_rate:.2f}x"
     if s.target_calls == 0:
-        return f"1.00 | 1.00 | - | - | {rate:.1f} | 1.00x"
+        return f"1.00 | 1.00 | - | - | {rate:.1f} | {rate / base_rate:.2f}x"
     theory = f" ({s.predicted_acceptance_rate:.2f})" if s.expected_accepted else ""
     positions = " ".join(f"{s.acceptance_at(i):.2f}" for i in range(min(4, len(s.compare_counts) - 1)))
     return (
@@ -340,14 +357,15 @@ def spec_bench_speedup(methods: list[Method], baselines: list[Method]) -> float:
 
 
 def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
-    """Spec-Bench's Table 5 layout: each method's speedup per category and overall, its tau and mean accepted
-    length over all categories, then each method's accepted-length histogram. A speedup is Spec-Bench's (its
-    evaluation/speed.py): the mean of the method's per-prompt tokens/s over the mean of the baseline's, "overall"
-    pooling every category's prompts."""
+    """Spec-Bench's Table 5 layout: each method's speedup per category (the keys of `results`) and overall, its tau
+    and mean accepted length over all categories, then each method's accepted-length histogram. A speedup is
+    Spec-Bench's (its evaluation/speed.py): the mean of the method's per-prompt tokens/s over the mean of the
+    baseline's, "overall" pooling every category's prompts."""
     print(f"\nT = {temperature}\n")
     rows, totals = [], []  # totals: each method over every category, for the histograms
-    for i, name in enumerate(m.name for m in results[CATEGORIES[0]]):
-        mine, base = [results[c][i] for c in CATEGORIES], [results[c][0] for c in CATEGORIES]
+    categories = list(results)
+    for i, name in enumerate(m.name for m in results[categories[0]]):
+        mine, base = [results[c][i] for c in categories], [results[c][0] for c in categories]
         total = Method(name, None)
         for m in mine:
             total.stats.merge(m.stats)
@@ -356,7 +374,7 @@ def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
         speedups = " | ".join(f"{spec_bench_speedup([m], [b]):.2f}x" for m, b in zip(mine, base))
         rows.append(f"{name} | {speedups} | {spec_bench_speedup(mine, base):.2f}x | {tau}")
         totals.append(total)
-    print_table(f"Method | {' | '.join(CATEGORIES)} | overall | tau | mean accepted length", rows)
+    print_table(f"Method | {' | '.join(categories)} | overall | tau | mean accepted length", rows)
     print_histograms(totals)
 
 
@@ -390,8 +408,39 @@ def prompts_for(b: Bench) -> list[list[int]]:
 
 
 def table_methods(b: Bench) -> None:
-    """Every drafter of the table, its variants included."""
-    report(b, drafter_rows(b, list(DRAFTERS)), prompts_for(b), print_methods)
+    """Every drafter of the table (or --drafters), its variants included; with --peer, transformers' rows too."""
+    rows = drafter_rows(b, b.args.drafters or list(DRAFTERS))
+    rows += peer_rows(b) if b.args.peer else []
+    report(b, rows, prompts_for(b), print_methods)
+    if b.args.peer:
+        print_peer_summary(rows)
+
+
+def peer_rows(b: Bench) -> list[Method]:
+    """transformers' autoregressive decoding, prompt lookup and (with a draft of this tokenizer) assisted
+    generation, on the same weights (peer.py)."""
+    a, draft = b.args, None
+    try:
+        draft_model(b.setup)
+        draft = a.draft_model
+    except UsageError:
+        print(f"note: no assisted-generation row: the draft in {a.draft_model} has another tokenizer than the target")
+    return [Method(label, None, peer=decode) for label, decode in peer.rows(b.folder, draft, a.device)]
+
+
+def print_peer_summary(rows: list[Method]) -> None:
+    """Each side's best speculative row over its own autoregressive decoding, and ours over theirs."""
+    ours, theirs = [m for m in rows if m.peer is None], [m for m in rows if m.peer is not None]
+
+    def rate(m: Method) -> float:
+        return m.tokens / m.seconds
+
+    mine, peers = max(ours[1:], key=rate), max(theirs[1:], key=rate)
+    print(
+        f"\nours: {mine.name} {rate(mine):.1f} tokens/s, {rate(mine) / rate(ours[0]):.2f}x our autoregressive; "
+        f"transformers: {peers.name} {rate(peers):.1f} tokens/s, {rate(peers) / rate(theirs[0]):.2f}x its "
+        f"autoregressive; ours over theirs {rate(mine) / rate(peers):.2f}x"
+    )
 
 
 def table_verify(b: Bench) -> None:
@@ -509,19 +558,46 @@ def report(
 def table_suite(b: Bench) -> None:
     """Spec-Bench for code: each method on each category of held-out prompts (suite.py), T 0 and 1; one method of
     each family (--suite), or every method (--suite-all, about 30 minutes on a 2-core CPU)."""
-    rows = drafter_rows(b, list(DRAFTERS) if b.args.suite_all else list(SUITE_DRAFTERS), b.args.suite_all)
+    rows = drafter_rows(b, b.args.drafters or list(DRAFTERS if b.args.suite_all else SUITE_DRAFTERS), b.args.suite_all)
     categories = suite_prompts(b.enc, b.args.prompts)
     sizes = [len(c) for c in categories.values()]
+    run_categories(b, rows, categories, f"{min(sizes)}-{max(sizes)} held-out prompts per category", b.eot)
+
+
+def table_specbench(b: Bench) -> None:
+    """Spec-Bench itself (specbench.py): the first turn of each question in the model's chat template, stopped at
+    the end of the turn, one method of each family (or --drafters), T 0 and 1, in Spec-Bench's Table 5 layout."""
+    a = b.args
+    refuse([(b.chat is None, "--specbench asks chat questions: use a model with a chat template (--model smollm2)")])
+    try:
+        questions = read_questions(a.specbench)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    questions = subsample(questions, a.per_category) if a.per_category else questions
+    categories = {s: [b.chat(q) for q in qs] for s, qs in questions.items()}
+    rows = drafter_rows(b, a.drafters or list(SUITE_DRAFTERS), variants=False)
+    sizes = [len(c) for c in categories.values()]
+    run_categories(
+        b,
+        rows,
+        categories,
+        f"Spec-Bench ({a.specbench}), first turns, {min(sizes)}-{max(sizes)} questions per subtask, chat template",
+        b.end_of_turn,
+    )
+
+
+def run_categories(b: Bench, rows: list[Method], categories: dict[str, list[list[int]]], source: str, eot) -> None:
+    """Each row on each category's prompts at T 0 and then T 1, printed in Spec-Bench's Table 5 layout."""
     a = b.args
     print(
-        f"{min(sizes)}-{max(sizes)} held-out prompts per category, {a.max_new_tokens} new tokens max, gamma "
-        f"{a.gamma}, device {a.device}, {'bf16' if a.bf16 else 'fp32'}"
+        f"{source}, {a.max_new_tokens} new tokens max, gamma {a.gamma}, device {a.device}, "
+        f"{'bf16' if a.bf16 else 'fp32'}"
     )
     for t in (0.0, 1.0):
         results = {c: [m.again(temperature=t) for m in rows] for c in categories}
         for category, todo in categories.items():
             progress(a, f"T {t}, {category}: ")
-            measure(b.target, results[category], todo, a)
+            measure(b.target, results[category], todo, a, eot)
         print_suite(results, t)
 
 
@@ -663,6 +739,20 @@ def plot_batches(rows: list[Method], path: Path) -> None:
 # ---- inputs ---------------------------------------------------------------------------------------------------
 
 
+def table_cost_curve(b: Bench) -> None:
+    """ms per target call against tokens per call, chain and tree calls (cost.py), measured afresh and stored for
+    the cost-aware draft length; --plot draws it."""
+    a = b.args
+    curve = cost.cached_cost_curve(b.target, tree=True, refresh=True)
+    what = a.model or "the shipped target"
+    print(
+        f"verify-cost curve of {what}: {a.device}, {'bf16' if a.bf16 else 'fp32'}, after a {cost.PREFIX}-token prefix\n"
+    )
+    cost.print_cost_curve(curve)
+    if a.plot:
+        cost.plot_cost_curve(curve, a.plot)
+
+
 def package_prompts(enc, n: int, package: str, corpus_dir: Path, context_tokens: int = 384) -> list[list[int]]:
     """Up to n code-completion prompts cut as function_prompts cuts them, from the files of a package that
     corpus_packages.txt holds out (never trained on), in path order."""
@@ -714,7 +804,9 @@ TABLES = {  # the flag that asks for a table: the function that measures and pri
     "samples": table_batch,
     "suite": table_suite,
     "suite_all": table_suite,
+    "specbench": table_specbench,
     "online": table_online,
+    "cost_curve": table_cost_curve,
 }
 
 
@@ -766,6 +858,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "prompts (suite.py), at T 0 and 1; --prompts is the number per category",
     )
     t.add_argument("--suite-all", action="store_true", help="--suite with every method of the table")
+    t.add_argument(
+        "--cost-curve",
+        action="store_true",
+        help="ms per target call against tokens per call (1-32), chain and tree calls, measured on this machine",
+    )
+    t.add_argument(
+        "--specbench",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="Spec-Bench's question.jsonl (github.com/hemingkx/Spec-Bench, data/spec_bench/): speedup per subtask "
+        "in the model's chat template, at T 0 and 1 (needs a chat model: --model smollm2)",
+    )
+    ap.add_argument(
+        "--per-category",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--specbench: at most N questions per subtask, spread over its rows (0 = all 80)",
+    )
+    ap.add_argument(
+        "--drafters",
+        type=lambda v: ["none"] + [n for n in names(v, DRAFTERS, "drafter") if n != "none"],
+        default=None,
+        help="the methods table, --suite and --specbench: only these drafters (comma-separated; none is the "
+        "baseline and always comes first)",
+    )
     ap.add_argument(
         "--budget",
         type=int,
@@ -774,7 +893,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "draft selection, at most this many drafts verified per batched call",
     )
     ap.add_argument(
-        "--plot", type=Path, default=None, help="--batch: also draw the curve to this image file (needs matplotlib)"
+        "--plot",
+        type=Path,
+        default=None,
+        help="--batch, --cost-curve: also draw the curve to this image file (needs matplotlib)",
     )
     ap.add_argument("--online-package", default="httpx", help="--online: the held-out package the prompts come from")
     ap.add_argument(
@@ -782,6 +904,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=Path(__file__).parent / "data" / "corpus",
         help="--online: where python train.py corpus put the packages",
+    )
+    ap.add_argument(
+        "--peer",
+        action="store_true",
+        help="the methods table: add transformers' generate on the same weights (autoregressive, prompt lookup, "
+        "assisted generation with the draft), the peer a user would pick (needs transformers)",
     )
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
     ap.set_defaults(tree=False)  # variant rows set it (methods.Setup.with_opts)
@@ -797,10 +925,13 @@ def check(a: argparse.Namespace) -> list:
     refuse(
         [
             (a.prompts < 1, f"--prompts must be at least 1, got {a.prompts}"),
+            (a.per_category < 0, f"--per-category must be at least 0, got {a.per_category}"),
+            (a.per_category and a.specbench is None, "--per-category subsamples --specbench: add --specbench PATH"),
             (
                 len(tables) > 1,
                 "--verify, --draft-length, --siblings, --sweep-lookahead, --sweep-exit, --batch, "
-                "--samples, --suite (or --suite-all) and --online are separate tables: one at a time",
+                "--samples, --suite (or --suite-all), --specbench, --cost-curve and --online are separate tables: "
+                "one at a time",
             ),
             (
                 a.budget is not None and not (a.batch or a.samples),
@@ -809,7 +940,8 @@ def check(a: argparse.Namespace) -> list:
             (a.budget is not None and a.budget < 0, f"--budget must be >= 0, got {a.budget}"),
             (a.samples < 0 or a.samples == 1, f"--samples must be at least 2, got {a.samples}"),
             (a.samples > 0 and a.temperature == 0, "--samples draws several samples of one prompt: use -t > 0"),
-            (plot is not None and not a.batch, "--plot draws the --batch curve: add --batch"),
+            (plot is not None and not (a.batch or a.cost_curve), "--plot draws a curve: add --batch or --cost-curve"),
+            (a.peer and transformers_missing(), "--peer runs transformers' generate: pip install transformers"),
             (
                 plot is not None and matplotlib_missing(),
                 "--plot needs matplotlib, an optional extra: pip install matplotlib (the table alone does not)",
@@ -831,7 +963,7 @@ def main(argv: list[str] | None = None) -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     (table,) = check(args)
     ck = load_target(args)
-    table(Bench(args, setup_for(args, ck), ck.enc, ck.eot))
+    table(Bench(args, setup_for(args, ck), ck.enc, ck.eot, ck.chat, ck.end_of_turn, ck.folder))
 
 
 if __name__ == "__main__":

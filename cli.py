@@ -444,7 +444,7 @@ def load_target(args: argparse.Namespace) -> Checkpoint:
     if args.model is None:
         enc = load_checked("tokenizer", args.weights / "tokenizer.tiktoken", load_tokenizer)
         model = load_model(args.weights / "target", args.device, dtype)
-        return Checkpoint(model, enc, enc.eot_token, None, None, "the shipped target")
+        return Checkpoint(model, enc, enc.eot_token, None, None, "the shipped target", args.weights / "target")
     try:
         return load_checkpoint(args.model, args.device, dtype, args.cache_dir)
     except ValueError as e:

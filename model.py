@@ -85,8 +85,10 @@ class KVCache:
         device: torch.device,
     ):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        # Uninitialised: a slot is written before anything reads it (update returns slots [0, end) only), and
+        # zeroing a model's whole context (377 MB for SmolLM2's 8192 slots) would cost every generation a call.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.length = 0  # slots in use, the same for every layer
         self.max_len = max_len
 

@@ -62,6 +62,7 @@ class Checkpoint:
     chat: Callable[[str], list[int]] | None  # user prompt -> its chat-template token ids, up to the assistant header
     end_of_turn: int | None  # the id that ends a chat turn (<|im_end|>); None without a chat template
     description: str  # one line saying what was loaded, for a run's header
+    folder: Path  # the Hugging Face layout it was loaded from (bench.py's transformers rows load it too)
 
 
 def default_cache_dir() -> Path:
@@ -363,7 +364,7 @@ def load_folder(folder: Path, device: str, dtype: torch.dtype) -> Checkpoint:
         f"{c.hidden_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads, vocab {c.vocab_size}, context "
         f"{c.max_position_embeddings}, {'ChatML' if chat else 'no'} chat template ({folder})"
     )
-    return Checkpoint(model, enc, eot, chat, end_of_turn, description)
+    return Checkpoint(model, enc, eot, chat, end_of_turn, description, folder)
 
 
 def load_checkpoint(

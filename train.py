@@ -14,6 +14,10 @@
     python train.py corpus      # corpus_packages.txt -> data/corpus/ (the wider corpus for the next run, corpus.py)
     python train.py eval        # bits per byte of the target and the draft on held-out packages and stdlib files
 
+With `--model NAME|DIR` (a pretrained target, pretrained.py), `data`, `datastore` and `layerskip` build that
+model's own files with its own tokenizer: data/NAME/ and weights/NAME/layerskip.json, where specdec.py --model
+NAME looks for them.
+
 The default corpus is the Python standard library of the interpreter running this file (tests included,
 site-packages excluded), so anyone can rebuild the weights offline; `--data FILE` trains on any text file instead,
 and `--corpus packages` on the standard library plus the packages of corpus_packages.txt (after `train.py corpus`).
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import corpus
+import pretrained
 import retrieval
 from draft_length import DiscoClassifier, Recorder
 from drafters import ModelDrafter
@@ -92,6 +97,17 @@ def package_splits(args) -> dict[str, list[corpus.Document]]:
 
 # ---- stages ---------------------------------------------------------------------------------------------------
 
+MODEL_STAGES = ("data", "datastore", "layerskip")  # the stages that build a --model target's own files
+
+
+def stage_target(args) -> tuple[Transformer, object, int]:
+    """(target, tokenizer, end-of-text id): the shipped target of --weights, or the pretrained --model."""
+    if args.model is not None:
+        ck = pretrained.load_checkpoint(args.model)
+        return ck.model, ck.enc, ck.eot
+    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
+    return Transformer.from_pretrained(Path(args.weights) / "target"), enc, enc.eot_token
+
 
 def build_tokenizer(args) -> None:
     t0 = time.time()
@@ -102,11 +118,13 @@ def build_tokenizer(args) -> None:
 
 
 def build_data(args) -> None:
-    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
+    _, enc, eot = stage_target(args)
+    if enc.n_vocab > 2**16:  # the retrieval indexes and the training windows read uint16 ids
+        raise SystemExit(f"train.py data: {enc.n_vocab} token ids do not fit the uint16 token files")
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         docs = corpus_documents(split, args.data, args)
-        ids = [t for doc in docs for t in enc.encode_ordinary(doc) + [enc.eot_token]]
+        ids = [t for doc in docs for t in enc.encode_ordinary(doc) + [eot]]
         np.array(ids, dtype=np.uint16).tofile(Path(args.data_dir) / f"{split}.bin")
         print(f"{split}: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB, {len(ids) / 1e6:.2f}M tokens")
 
@@ -623,8 +641,7 @@ def search_layerskip(args) -> None:
     """Draft & Verify's skip set (Zhang et al. 2023), searched on training-split prompts only: the target's greedy
     continuations of them, and which sublayers can go while the skipped model still predicts those tokens."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
-    target = Transformer.from_pretrained(Path(args.weights) / "target")
+    target, enc, _ = stage_target(args)
     t0 = time.time()
     prompts = function_prompts(enc, args.layerskip_prompts, args.layerskip_context, heldout=False)
     sequences = [(p, generate(target, p, args.layerskip_new)) for p in prompts]
@@ -639,6 +656,11 @@ def search_layerskip(args) -> None:
 
 def main(stage: str, **args) -> None:
     args = argparse.Namespace(stage=stage, **args)
+    if args.model is not None:  # a pretrained target's files go in folders of its name (cli.setup_for)
+        if stage not in MODEL_STAGES:
+            sys.exit(f"train.py: error: --model builds only the stages {', '.join(MODEL_STAGES)}")
+        args.weights = str(Path(args.weights) / Path(args.model).name)
+        args.data_dir = args.data_dir or str(HERE / "data" / Path(args.model).name)
     if args.data_dir is None:  # the wider corpus gets its own token files, so the stdlib ones stay as they were
         args.data_dir = str(HERE / "data" / ("packages" if args.corpus == "packages" else ""))
     stages = {
@@ -659,7 +681,7 @@ def main(stage: str, **args) -> None:
     }
     try:
         stages[stage](args)
-    except corpus.CorpusError as e:
+    except (corpus.CorpusError, ValueError) as e:  # ValueError: a --model that pretrained.py cannot load
         sys.exit(f"train.py {stage}: {e}")
 
 
@@ -691,6 +713,12 @@ if __name__ == "__main__":
         help="what to build (datastore: the retrieval indexes of -d rest and -d sam, after data)",
     )
     ap.add_argument("--data", default=None, help="train on this text file instead of the Python standard library")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="data, datastore, layerskip: for this pretrained target (smollm2 or a Hugging Face Llama folder) "
+        "instead of the shipped one, into data/NAME/ and weights/NAME/",
+    )
     ap.add_argument(
         "--weights", default=str(HERE / "weights"), help="output directory for the tokenizer and the models"
     )

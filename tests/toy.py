@@ -125,6 +125,11 @@ class BrokenRule:
         return self.tree_fn(p, tree.q, torch.tensor(tree.tokens), torch.tensor(tree.parents), generator)
 
 
+def accept_every_draft(p, q, draft_tokens, generator):
+    """BROKEN: no rejection test (transformers PR #28508's n_matches bug)."""
+    return len(draft_tokens), sample_token(p[len(draft_tokens)], generator)
+
+
 # ---- sampling -------------------------------------------------------------------------------------------------
 
 CHUNKS = 2  # fixed, so the samples do not depend on how many workers run them
@@ -181,6 +186,12 @@ def sample_speculative(
     for _, stats in results:
         add_stats(total, stats)
     return np.concatenate([samples for samples, _ in results]), total
+
+
+def acceptance_matches_theory(stats: specdec.Stats) -> bool:
+    """Each compared draft is accepted with probability sum_x min(p, q) given the past, so accepted minus
+    expected_accepted is a martingale: within 4 sigma of 0, sigma <= sqrt(compared) / 2."""
+    return abs(stats.accepted - stats.expected_accepted) < 4 * math.sqrt(stats.compared) / 2
 
 
 # ---- chi-square -----------------------------------------------------------------------------------------------
