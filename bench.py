@@ -382,27 +382,34 @@ def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
 
 
 def drafter_rows(b: Bench, names: list[str], variants: bool = True) -> list[Method]:
-    """A row for each drafter of the table (its default loop and draft length), then its variants; a drafter
-    whose files are missing is left out with a note."""
+    """A row for each drafter of the table (its default loop and draft length), then its variants, and with
+    --cost-rows each chain row again with -l cost; a drafter whose files are missing is left out with a note."""
     rows = []
     for name in names:
         e = DRAFTERS[name]
         if missing_files(e, b.setup):
             print(f"note: no {e.bench} row: {missing_files(e, b.setup)}")
             continue
-        for label, setup in [(e.bench, b.setup)] + [(lb, b.setup.with_opts(**ch)) for lb, ch in e.variants if variants]:
+        mine = [(e.bench, b.setup.with_opts(drafter=name))]
+        mine += [(label, b.setup.with_opts(drafter=name, **changes)) for label, changes in e.variants if variants]
+        for label, setup in mine:
             try:
                 rows.append(drafter_row(b, e, label, setup))
             except UsageError as err:  # a variant this target cannot run (a tree of a cross-vocabulary draft)
                 print(f"note: no {label} row: {err}")
+                continue
+            if b.args.cost_rows and name != "none" and not rows[-1].use_tree:
+                rows.append(drafter_row(b, e, f"{label}, -l cost", setup, "cost"))
     return rows
 
 
-def drafter_row(b: Bench, e: Entry, label: str, setup: Setup) -> Method:
+def drafter_row(b: Bench, e: Entry, label: str, setup: Setup, length_name: str | None = None) -> Method:
+    """The row of drafter `e`: its default draft length, or the policy `length_name`."""
     use_tree = e.shape == "tree" or setup.opts.tree
+    name = length_name or e.length
     length = None  # a fixed gamma; a drafter's own policy stops early, so it may draft up to --max-gamma
-    if e.length != "fixed" and not use_tree:
-        length = make(DRAFT_LENGTHS, e.length, setup.with_opts(gamma=b.args.max_gamma))
+    if name != "fixed" and not use_tree:
+        length = make(DRAFT_LENGTHS, name, setup.with_opts(gamma=b.args.max_gamma))
     return Method(label, make(DRAFTERS, e.name, setup), use_tree, length=length)
 
 
@@ -467,19 +474,21 @@ def table_draft_length(b: Bench) -> None:
     chosen, g, most = names(b.args.draft_length, DRAFT_LENGTHS, "--draft-length"), b.args.gamma, b.args.max_gamma
 
     def policy(name: str, gamma: int, use_tree: bool) -> Method:
-        setup = b.setup.with_opts(gamma=gamma)
+        drafter = "eagle" if use_tree else "draft"
+        setup = b.setup.with_opts(gamma=gamma, drafter=drafter)
         label = f"{name} ({'EAGLE-2' if use_tree else f'gamma {gamma}'})"
         return Method(
             label,
-            make(DRAFTERS, "eagle" if use_tree else "draft", setup),
+            make(DRAFTERS, drafter, setup),
             use_tree,
             length=make(DRAFT_LENGTHS, name, setup),
         )
 
     rows = [Method("Autoregressive", None)]
     rows += [policy("fixed", gamma, False) for gamma in sorted({g, most}) if "fixed" in chosen]
-    rows += [policy(n, g if n == "heuristic" else most, False) for n in chosen if DRAFT_LENGTHS[n].shape == "chain"]
-    rows += [policy(n, g, True) for n in ("fixed", "dynamic") if n in chosen]
+    chains = [n for n in chosen if n != "fixed" and DRAFT_LENGTHS[n].shape in ("chain", "both")]
+    rows += [policy(n, g if n == "heuristic" else most, False) for n in chains]
+    rows += [policy(n, g, True) for n in ("fixed", "dynamic", "cost") if n in chosen]
     report(b, rows, prompts_for(b), print_lengths)
 
 
@@ -907,6 +916,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=Path(__file__).parent / "data" / "corpus",
         help="--online: where python train.py corpus put the packages",
+    )
+    ap.add_argument(
+        "--cost-rows",
+        action="store_true",
+        help="the methods table, --suite, --specbench: each chain drafter's row again with -l cost (the "
+        "cost-aware draft length) beside its fixed gamma",
     )
     ap.add_argument(
         "--peer",

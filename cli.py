@@ -212,6 +212,12 @@ def add_length_flags(d) -> None:
         help="disco: stop when the classifier's acceptance probability is below this (default: the trained one)",
     )
     d.add_argument(
+        "--most-drafts",
+        type=NONNEGATIVE,
+        default=16,
+        help="cost: the longest draft it may choose; it chooses 0 (a plain call) where drafting cannot pay",
+    )
+    d.add_argument(
         "--ddd-threshold",
         type=UNIT,
         default=0.1,

@@ -17,8 +17,19 @@ import torch
 
 from approximate import BiLD, Lenient, TopK, Typical
 from cascade import CascadeDrafter, CollectiveDrafter, note_without_rest
+from cost import cached_cost_curve, draft_cost
 from crossvocab import CrossVocabDrafter
-from draft_length import SVIP, Adaptive, Confidence, Disco, DiscoClassifier, DynamicDepth, FixedLength, Heuristic
+from draft_length import (
+    SVIP,
+    Adaptive,
+    Confidence,
+    CostAware,
+    Disco,
+    DiscoClassifier,
+    DynamicDepth,
+    FixedLength,
+    Heuristic,
+)
 from drafters import ModelDrafter, PromptLookupDrafter
 from heads import EagleDrafter, HydraDrafter, MedusaDrafter
 from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
@@ -97,6 +108,8 @@ class Entry:
     lossy: bool = False  # -v: the output is not the target's (approximate.py)
     fallback: Callable[[Setup], Any] | None = None  # -v: the draft length it brings when -l is not given
     needs: str = ""  # -l: "q" reads the draft's distribution, "dynamic" grows dynamic trees
+    cost: Callable[["Setup"], float] | None = None  # -d: a draft token's cost over a one-token target call, for
+    # -l cost (None: no model runs, 0)
     bench: str = ""  # bench.py's row label (the summary's head when empty)
     variants: tuple[tuple[str, dict], ...] = ()  # bench.py's extra rows: (label, flags changed)
 
@@ -237,6 +250,27 @@ def build_blockwise(s: Setup):
     return MedusaDrafter(s.target, heads, width=1, size=len(heads.linears))
 
 
+def model_cost(s: Setup) -> float:
+    """A draft model's one-token call over the target's, both measured once per machine (cost.py)."""
+    return draft_cost(load_model(s.opts.draft_model, s.target.device, s.dtype), cached_cost_curve(s.target))
+
+
+def exit_cost(s: Setup) -> float:
+    """An early exit after E of L blocks: E / L of the blocks (and the LM head, as the target's call)."""
+    return exit_layer(s) / s.target.config.num_hidden_layers
+
+
+def skip_cost(s: Setup) -> float:
+    """The target without the skipped sublayers, by their share of the weights' multiply-adds."""
+    costs = sublayer_costs(s.target.config)
+    return 1 - sum(costs.get(name, 0.0) for name in load_skip_set(s.weights / "layerskip.json"))
+
+
+def quant_cost(s: Setup) -> float:
+    """The quantized target's one-token call over the target's, measured once per machine."""
+    return draft_cost(quantized(s.target, s.opts.quant_bits), cached_cost_curve(s.target))
+
+
 DATASTORE = "python train.py data && python train.py datastore"
 SIBLINGS = ("sampled_siblings",)  # the flag of every drafter that grows EAGLE-2 dynamic trees
 # The tables are laid out by hand, an entry a few lines, to read top to bottom.
@@ -250,7 +284,7 @@ DRAFTERS = {
               "EAGLE-2 tree; of another tokenizer than the target's: string-level drafts at -t 0, Token-Level "
               "Intersection above (Timor et al. 2025)", build_draft, "both", options=SIBLINGS + ("draft_model",
               "online", "online_lr", "online_every", "online_steps", "online_rows"), dynamic=True,
-              bench="SpS (draft model)",
+              cost=model_cost, bench="SpS (draft model)",
               variants=(("SpS tree (draft model, EAGLE-2 tree)", {"tree": True}),)),
         Entry("pld", "prompt lookup: copy what followed the last n-gram's earlier match (§5.1; LLMA, Yang et al. "
               "2023; Saxena 2023); "
@@ -298,7 +332,7 @@ DRAFTERS = {
               bench="SAM Decoding (suffix automata)"),
         Entry("cascade", "Cascade Speculative Drafting: prompt lookup drafts for the draft model (§5.1; Chen et al. "
               "2023)", lambda s: CascadeDrafter(draft_model(s), PromptLookupDrafter(), s.opts.cascade_horizontal),
-              options=("draft_model", "cascade_horizontal"),
+              options=("draft_model", "cascade_horizontal"), cost=model_cost,
               bench="CS Drafting (vertical: PLD under the draft model)",
               variants=(("CS Drafting (vertical + horizontal: PLD after 2 model tokens)", {"cascade_horizontal": 2}),)),
         Entry("collective", "SpecInfer's collective tree: the draft model's tree, prompt lookup and REST, merged "
@@ -306,16 +340,17 @@ DRAFTERS = {
               bench="Collective tree (SpecInfer: draft model + PLD + REST)"),
         Entry("layerskip", "Draft & Verify: the target with a searched set of sublayers skipped (§5.2; Zhang et al. "
               "2023)", build_layerskip, "both", weights=("layerskip.json",), make="python train.py layerskip",
-              options=SIBLINGS, dynamic=True, length="adaptive",
+              options=SIBLINGS, dynamic=True, length="adaptive", cost=skip_cost,
               bench="Draft & Verify (sublayers skipped, adaptive stop)"),
         Entry("earlyexit", "LayerSkip: the first --exit-layer blocks draft into the target's own cache (§5.2; Elhoushi "
               "et al. 2024)", lambda s: EarlyExitDrafter(s.target, exit_layer(s)), options=("exit_layer",),
+              cost=exit_cost,
               bench="LayerSkip early exit (shared cache)"),
         Entry("del", "DEL: the exit layer and draft length chosen every step (§5.2; Entezari Zarch et al. 2025)",
-              lambda s: DynamicExitDrafter(s.target, exit_layer(s)), options=("exit_layer",),
+              lambda s: DynamicExitDrafter(s.target, exit_layer(s)), options=("exit_layer",), cost=exit_cost,
               bench="DEL (exit layer and length chosen per step)"),
         Entry("quant", "ML-SpecQD: the target's own weights quantized, int8 or int4 (§5.2; Georganas et al. 2025)",
-              build_quant, "both", options=SIBLINGS + ("quant_bits",), dynamic=True,
+              build_quant, "both", options=SIBLINGS + ("quant_bits",), dynamic=True, cost=quant_cost,
               bench="ML-SpecQD (int8 self-draft)"),
         Entry("nar", "SpecDec's non-autoregressive drafter: k [MASK] queries, k drafts in one call (§5.1; Xia et "
               "al. 2023)", build_nar, weights=("nar/model.safetensors",), make="python train.py nar",
@@ -359,11 +394,21 @@ def build_disco(s: Setup):
     return Disco(s.opts.gamma, classifier, trained if s.opts.disco_threshold is None else s.opts.disco_threshold)
 
 
+def build_cost(s: Setup):
+    """CostAware: the target's measured call-cost curve (cost.py, cached per machine) and the drafter's c."""
+    entry = DRAFTERS[s.opts.drafter]
+    c = entry.cost(s) if entry.cost is not None else 0.0
+    return CostAware(cached_cost_curve(s.target, tree=True), c, most=s.opts.most_drafts)
+
+
 # fmt: off
 DRAFT_LENGTHS = {
     e.name: e
     for e in [
         Entry("fixed", "gamma drafts every step (Leviathan et al. 2023)", lambda s: FixedLength(s.opts.gamma), "both"),
+        Entry("cost", "the gamma (or tree depth) with the most expected tokens per second, from the measured cost "
+              "of target calls and the running acceptance rate (Leviathan et al. 2023's optimum, measured verify "
+              "cost; survey §9)", build_cost, "both", options=("most_drafts",)),
         Entry("heuristic", "transformers' schedule: +2 after a full accept, -1 otherwise",
               lambda s: Heuristic(s.opts.gamma)),
         Entry("confidence", "stop after a draft token whose top probability is below --confidence (BiLD's "

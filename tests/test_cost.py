@@ -248,3 +248,34 @@ def test_greedy_identity_of_dynamic_trees_on_the_shipped_weights(short_reference
                 target, d, prompt, len(ref), eot=enc.eot_token, draft_length=CostAware(curve, 0.14)
             )
             assert out == ref
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. -l cost as the command line builds it: the drafter's c from the table of methods, the curve measured here.
+
+
+@pytest.fixture
+def private_cache(monkeypatch, tmp_path):
+    """cost.py's per-machine cache in a temporary folder, not the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+
+@pytest.mark.parametrize("drafter", ["draft", "cascade", "earlyexit", "layerskip", "quant"])
+def test_each_model_drafter_states_its_cost_per_token(short_references, private_cache, drafter):
+    _, target, _ = short_references
+    policy = table.draft_length("cost", target, drafter=drafter)
+    assert 0 < policy.c < 1.5  # a draft token costs less than about one target call, and something
+
+
+def test_model_free_drafters_cost_nothing(short_references, private_cache):
+    _, target, _ = short_references
+    assert table.draft_length("cost", target, drafter="pld").c == 0.0
+
+
+@pytest.mark.parametrize("drafter", ["pld", "draft", "earlyexit"])
+def test_greedy_identity_with_the_cli_built_policy(short_references, private_cache, drafter):
+    enc, target, refs = short_references
+    d, policy = table.drafter(drafter, target), table.draft_length("cost", target, drafter=drafter)
+    for prompt, ref in refs:
+        out, _ = speculative_generate(target, d, prompt, len(ref), eot=enc.eot_token, draft_length=policy)
+        assert out == ref
