@@ -168,6 +168,9 @@ class ModelDrafter:
         self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
     ):
         device = self.model.device
+        if gamma == 0:  # nothing to draft (-l cost, the last token): feed nothing now; the next draft catches up on
+            self.start = self.cache.length  # the whole gap in one call, and accept(0) keeps what the cache holds
+            return [], None
         # Catch up on the context this cache has not seen: the whole prompt at first, then the target's correction
         # or bonus token, and after a full accept also our own last draft, which was never fed
         # (docs/pitfalls.md: After a full accept the draft has not seen its last draft).
