@@ -431,10 +431,10 @@ def peer_rows(b: Bench) -> list[Method]:
     generation, on the same weights (peer.py)."""
     a, draft = b.args, None
     try:
-        draft_model(b.setup)
+        draft_model(b.setup)  # refuses a draft that is missing or of another tokenizer
         draft = a.draft_model
-    except UsageError:
-        print(f"note: no assisted-generation row: the draft in {a.draft_model} has another tokenizer than the target")
+    except UsageError as err:
+        print(f"note: no assisted-generation row: {err}")
     return [Method(label, None, peer=decode) for label, decode in peer.rows(b.folder, draft, a.device)]
 
 
@@ -613,6 +613,20 @@ def run_categories(b: Bench, rows: list[Method], categories: dict[str, list[list
         print_suite(results, t)
 
 
+def table_cost_curve(b: Bench) -> None:
+    """ms per target call against tokens per call, chain and tree calls (cost.py), measured afresh and stored for
+    the cost-aware draft length; --plot draws it."""
+    a = b.args
+    curve = cost.cached_cost_curve(b.target, tree=True, refresh=True)
+    what = a.model or "the shipped target"
+    print(
+        f"verify-cost curve of {what}: {a.device}, {'bf16' if a.bf16 else 'fp32'}, after a {cost.PREFIX}-token prefix\n"
+    )
+    cost.print_cost_curve(curve)
+    if a.plot:
+        cost.plot_cost_curve(curve, a.plot)
+
+
 # ---- batched decoding (survey §9) -----------------------------------------------------------------------------
 
 
@@ -749,20 +763,6 @@ def plot_batches(rows: list[Method], path: Path) -> None:
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
-
-
-def table_cost_curve(b: Bench) -> None:
-    """ms per target call against tokens per call, chain and tree calls (cost.py), measured afresh and stored for
-    the cost-aware draft length; --plot draws it."""
-    a = b.args
-    curve = cost.cached_cost_curve(b.target, tree=True, refresh=True)
-    what = a.model or "the shipped target"
-    print(
-        f"verify-cost curve of {what}: {a.device}, {'bf16' if a.bf16 else 'fp32'}, after a {cost.PREFIX}-token prefix\n"
-    )
-    cost.print_cost_curve(curve)
-    if a.plot:
-        cost.plot_cost_curve(curve, a.plot)
 
 
 def package_prompts(enc, n: int, package: str, corpus_dir: Path, context_tokens: int = 384) -> list[list[int]]:

@@ -108,7 +108,7 @@ class Entry:
     lossy: bool = False  # -v: the output is not the target's (approximate.py)
     fallback: Callable[[Setup], Any] | None = None  # -v: the draft length it brings when -l is not given
     needs: str = ""  # -l: "q" reads the draft's distribution, "dynamic" grows dynamic trees
-    cost: Callable[["Setup"], float] | None = None  # -d: a draft token's cost over a one-token target call, for
+    cost: Callable[[Setup], float] | None = None  # -d: a draft token's cost over a one-token target call, for
     # -l cost (None: no model runs, 0)
     bench: str = ""  # bench.py's row label (the summary's head when empty)
     variants: tuple[tuple[str, dict], ...] = ()  # bench.py's extra rows: (label, flags changed)

@@ -100,13 +100,29 @@ def package_splits(args) -> dict[str, list[corpus.Document]]:
 MODEL_STAGES = ("data", "datastore", "layerskip")  # the stages that build a --model target's own files
 
 
-def stage_target(args) -> tuple[Transformer, object, int]:
-    """(target, tokenizer, end-of-text id): the shipped target of --weights, or the pretrained --model."""
+def pretrained_target(args) -> pretrained.Checkpoint:
+    """The pretrained --model, or a one-line exit where pretrained.py cannot load it."""
+    try:
+        return pretrained.load_checkpoint(args.model)
+    except ValueError as e:
+        sys.exit(f"train.py {args.stage}: {e}")
+
+
+def stage_tokenizer(args) -> tuple[object, int]:
+    """(tokenizer, end-of-text id): the shipped tokenizer of --weights (the target need not exist yet), or --model's."""
     if args.model is not None:
-        ck = pretrained.load_checkpoint(args.model)
-        return ck.model, ck.enc, ck.eot
+        ck = pretrained_target(args)
+        return ck.enc, ck.eot
     enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
-    return Transformer.from_pretrained(Path(args.weights) / "target"), enc, enc.eot_token
+    return enc, enc.eot_token
+
+
+def stage_target(args) -> tuple[Transformer, object]:
+    """(target, tokenizer): the shipped target of --weights, or the pretrained --model."""
+    if args.model is not None:
+        ck = pretrained_target(args)
+        return ck.model, ck.enc
+    return Transformer.from_pretrained(Path(args.weights) / "target"), stage_tokenizer(args)[0]
 
 
 def build_tokenizer(args) -> None:
@@ -118,7 +134,7 @@ def build_tokenizer(args) -> None:
 
 
 def build_data(args) -> None:
-    _, enc, eot = stage_target(args)
+    enc, eot = stage_tokenizer(args)
     if enc.n_vocab > 2**16:  # the retrieval indexes and the training windows read uint16 ids
         raise SystemExit(f"train.py data: {enc.n_vocab} token ids do not fit the uint16 token files")
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
@@ -641,7 +657,7 @@ def search_layerskip(args) -> None:
     """Draft & Verify's skip set (Zhang et al. 2023), searched on training-split prompts only: the target's greedy
     continuations of them, and which sublayers can go while the skipped model still predicts those tokens."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    target, enc, _ = stage_target(args)
+    target, enc = stage_target(args)
     t0 = time.time()
     prompts = function_prompts(enc, args.layerskip_prompts, args.layerskip_context, heldout=False)
     sequences = [(p, generate(target, p, args.layerskip_new)) for p in prompts]
@@ -681,7 +697,7 @@ def main(stage: str, **args) -> None:
     }
     try:
         stages[stage](args)
-    except (corpus.CorpusError, ValueError) as e:  # ValueError: a --model that pretrained.py cannot load
+    except corpus.CorpusError as e:
         sys.exit(f"train.py {stage}: {e}")
 
 
