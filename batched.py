@@ -65,9 +65,16 @@ class RaggedCache:
         self.kv.length = int(counts.max())
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Drop every row not in `rows` (finished ones) from the batch."""
-        self.kv.k = [k[rows] for k in self.kv.k]
-        self.kv.v = [v[rows] for v in self.kv.v]
+        """Drop every row not in `rows` (finished ones) from the batch. Only the slots in use are copied: the
+        buffers span the model's whole context (8192 slots for SmolLM2), most of it not yet written."""
+        used = self.kv.length
+
+        def kept(buf: Tensor) -> Tensor:
+            out = buf.new_empty(len(rows), *buf.shape[1:])
+            out[:, :, :used] = buf[rows, :, :used]
+            return out
+
+        self.kv.k, self.kv.v = [kept(k) for k in self.kv.k], [kept(v) for v in self.kv.v]
         self.valid = self.valid[rows]
 
 

@@ -53,6 +53,7 @@ from methods import (
     Setup,
     UsageError,
     brings_fallback,
+    default_length,
     draft_model,
     make,
     missing_files,
@@ -96,10 +97,11 @@ class Method:
     target_seconds: float = 0.0  # ... the target's forward seconds over the batched calls, hook-timed ...
     batched_calls: int = 0  # ... and how many batched calls there were
     peer: Callable | None = None  # a row that transformers decodes (peer.py): (prompt, n_new, eot, T, seed) -> ids
+    length_name: str = "fixed"  # the draft-length policy's name (-l)
 
     def again(self, **changes) -> "Method":
         """A fresh row with the same method (no measurements), some fields changed."""
-        how = ("name", "drafter", "use_tree", "verifier", "length", "temperature", "budget", "peer")
+        how = ("name", "drafter", "use_tree", "verifier", "length", "temperature", "budget", "peer", "length_name")
         return Method(**{**{k: getattr(self, k) for k in how}, **changes})
 
 
@@ -229,12 +231,13 @@ def speed_columns(m: Method, base: Method) -> str:
 
 def cost_columns(m: Method, base: Method) -> str:
     """Draft, verify and overhead ms per target call, and the speedup Leviathan et al.'s cost model predicts from
-    them (chains: c = a draft token, v = this run's verify call, both over a one-token call of the baseline)."""
+    them (chains: c = a draft token, v = this run's verify call, both over a one-token call of the baseline).
+    Overhead is the loop's own time: the run's wall time less drafting, verifying and the prompt's prefill."""
     s, calls = m.stats, max(1, m.stats.target_calls)
     if not s.target_calls:
         return f"- | {1000 * m.seconds / max(1, m.tokens):.1f} | - | -"
     one_call = base.seconds / max(1, base.tokens)
-    overhead = m.seconds - s.draft_seconds - s.verify_seconds
+    overhead = m.seconds - s.draft_seconds - s.verify_seconds - s.prefill_seconds
     split = " | ".join(f"{1000 * t / calls:.1f}" for t in (s.draft_seconds, s.verify_seconds, overhead))
     if m.use_tree:
         return f"{split} | -"
@@ -382,8 +385,9 @@ def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
 
 
 def drafter_rows(b: Bench, names: list[str], variants: bool = True) -> list[Method]:
-    """A row for each drafter of the table (its default loop and draft length), then its variants, and with
-    --cost-rows each chain row again with -l cost; a drafter whose files are missing is left out with a note."""
+    """A row for each drafter of the table (its default loop and draft length), then its variants; each row whose
+    length is sized by cost (-l cost, the default) is followed by the same drafter at a fixed gamma. A drafter whose
+    files are missing is left out with a note."""
     rows = []
     for name in names:
         e = DRAFTERS[name]
@@ -398,19 +402,21 @@ def drafter_rows(b: Bench, names: list[str], variants: bool = True) -> list[Meth
             except UsageError as err:  # a variant this target cannot run (a tree of a cross-vocabulary draft)
                 print(f"note: no {label} row: {err}")
                 continue
-            if b.args.cost_rows and name != "none" and not rows[-1].use_tree:
-                rows.append(drafter_row(b, e, f"{label}, -l cost", setup, "cost"))
+            if rows[-1].length_name == "cost":
+                rows.append(drafter_row(b, e, f"{label}, -l fixed", setup.with_opts(draft_length="fixed")))
     return rows
 
 
-def drafter_row(b: Bench, e: Entry, label: str, setup: Setup, length_name: str | None = None) -> Method:
-    """The row of drafter `e`: its default draft length, or the policy `length_name`."""
+def drafter_row(b: Bench, e: Entry, label: str, setup: Setup) -> Method:
+    """The row of drafter `e`: -l if the setup names one (a variant's; bench.py's own -l picks the draft-length
+    table, so it is unset wherever this runs), else the drafter's default draft length."""
     use_tree = e.shape == "tree" or setup.opts.tree
-    name = length_name or e.length
-    length = None  # a fixed gamma; a drafter's own policy stops early, so it may draft up to --max-gamma
-    if name != "fixed" and not use_tree:
-        length = make(DRAFT_LENGTHS, name, setup.with_opts(gamma=b.args.max_gamma))
-    return Method(label, make(DRAFTERS, e.name, setup), use_tree, length=length)
+    name = getattr(setup.opts, "draft_length", None) or default_length(e, use_tree)
+    drafter = make(DRAFTERS, e.name, setup)
+    length = None  # a fixed gamma; a policy that stops early may draft up to --max-gamma
+    if name != "fixed":
+        length = make(DRAFT_LENGTHS, name, setup.with_opts(gamma=b.args.max_gamma).with_drafter(drafter))
+    return Method(label, drafter, use_tree, length=length, length_name=name)
 
 
 def prompts_for(b: Bench) -> list[list[int]]:
@@ -916,12 +922,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=Path(__file__).parent / "data" / "corpus",
         help="--online: where python train.py corpus put the packages",
-    )
-    ap.add_argument(
-        "--cost-rows",
-        action="store_true",
-        help="the methods table, --suite, --specbench: each chain drafter's row again with -l cost (the "
-        "cost-aware draft length) beside its fixed gamma",
     )
     ap.add_argument(
         "--peer",

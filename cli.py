@@ -27,6 +27,7 @@ from methods import (
     Setup,
     UsageError,
     brings_fallback,
+    default_length,
     load_checked,
     load_model,
     make,
@@ -314,8 +315,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
         "-l",
         "--draft-length",
         default=None,
-        help="draft-length policy (default: the drafter's own, "
-        "fixed for most; all lossless): " + choices_help(DRAFT_LENGTHS),
+        help="draft-length policy (default: cost, or fixed on trees that do not grow level by level; all "
+        "lossless): " + choices_help(DRAFT_LENGTHS),
     )
     ap.add_argument(
         "--tree",
@@ -388,8 +389,7 @@ def choose(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Choice:
     drafter = entry(DRAFTERS, args.drafter, "drafter")
     rule = entry(VERIFIERS, args.verify, "--verify")
     use_tree = args.tree or drafter.shape == "tree"
-    default = drafter.length if not use_tree else "fixed"
-    length = entry(DRAFT_LENGTHS, args.draft_length or default, "--draft-length")
+    length = entry(DRAFT_LENGTHS, args.draft_length or default_length(drafter, use_tree), "--draft-length")
     greedy = args.temperature == 0
     refuse(
         [
@@ -433,7 +433,10 @@ def choose(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Choice:
 def build(setup: Setup, choice: Choice) -> tuple:
     """(the drafter, its Verifier, its DraftLength), built from the chosen entries."""
     drafter = make(DRAFTERS, choice.drafter.name, setup)
-    policy = choice.rule.fallback(setup) if choice.fallback else make(DRAFT_LENGTHS, choice.length.name, setup)
+    if choice.fallback:
+        policy = choice.rule.fallback(setup)
+    else:  # a policy sized by the drafter's cost (-l cost) reads the drafter just built
+        policy = make(DRAFT_LENGTHS, choice.length.name, setup.with_drafter(drafter))
     return drafter, make(VERIFIERS, choice.rule.name, setup), policy
 
 

@@ -79,6 +79,7 @@ class Setup:
     weights: Path  # the folder of the files trained for this target (eagle/, layerskip.json, ...; weights/README.md)
     data_dir: Path  # train.py's data folder (train.bin and the retrieval datastores)
     opts: argparse.Namespace  # the parsed flags: the run's (gamma, tree, temperature) and cli.add_method_flags'
+    drafter: Any = None  # the built drafter, once there is one: a policy sized by its cost reads it (-l cost)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -87,6 +88,10 @@ class Setup:
     def with_opts(self, **changes) -> "Setup":
         """The same setup with some flags changed (bench.py's variant rows, a second gamma)."""
         return replace(self, opts=argparse.Namespace(**{**vars(self.opts), **changes}))
+
+    def with_drafter(self, drafter) -> "Setup":
+        """The same setup, holding the drafter built from it (for the draft-length policy built next)."""
+        return replace(self, drafter=drafter)
 
 
 @dataclass(frozen=True)
@@ -103,13 +108,13 @@ class Entry:
     options: tuple[str, ...] = ()  # flags (argparse dests) that only this method reads: refused with any other
     has_q: bool = True  # -d: drafts from a distribution (policies that read it, BiLD's fallback)
     dynamic: bool = False  # -d: grows EAGLE-2 dynamic trees (--sampled-siblings, -l dynamic)
-    length: str = "fixed"  # -d: its draft-length policy when -l is not given
+    length: str = "cost"  # -d: its draft-length policy when -l is not given
     temperature: str = "any"  # -v: greedy (-t 0 only), sampling (-t > 0 only) or any
     lossy: bool = False  # -v: the output is not the target's (approximate.py)
     fallback: Callable[[Setup], Any] | None = None  # -v: the draft length it brings when -l is not given
     needs: str = ""  # -l: "q" reads the draft's distribution, "dynamic" grows dynamic trees
     cost: Callable[[Setup], float] | None = None  # -d: a draft token's cost over a one-token target call, for
-    # -l cost (None: no model runs, 0)
+    # -l cost, from the setup and its built drafter (None: no model runs, 0)
     bench: str = ""  # bench.py's row label (the summary's head when empty)
     variants: tuple[tuple[str, dict], ...] = ()  # bench.py's extra rows: (label, flags changed)
 
@@ -121,6 +126,12 @@ def missing_files(entry: Entry, setup: Setup) -> str | None:
             if not (folder / name).is_file():
                 return f"{entry.name} needs {folder / name}: {entry.make}"
     return None
+
+
+def default_length(drafter: Entry, use_tree: bool) -> str:
+    """The draft length a drafter runs with when -l is not given: its own, but on a tree that does not grow level by
+    level (a static or retrieved tree) nothing is sized, so fixed."""
+    return drafter.length if not use_tree or drafter.dynamic else "fixed"
 
 
 def brings_fallback(rule: Entry, drafter: Entry, use_tree: bool, length_given: bool) -> bool:
@@ -251,8 +262,9 @@ def build_blockwise(s: Setup):
 
 
 def model_cost(s: Setup) -> float:
-    """A draft model's one-token call over the target's, both measured once per machine (cost.py)."""
-    return draft_cost(load_model(s.opts.draft_model, s.target.device, s.dtype), cached_cost_curve(s.target))
+    """A draft model's one-token call over the target's, both measured once per machine (cost.py). The drafter
+    holds the draft model (SpS, OSD, the cascade's; a draft of another tokenizer too)."""
+    return draft_cost(s.drafter.model, cached_cost_curve(s.target))
 
 
 def exit_cost(s: Setup) -> float:
@@ -267,8 +279,8 @@ def skip_cost(s: Setup) -> float:
 
 
 def quant_cost(s: Setup) -> float:
-    """The quantized target's one-token call over the target's, measured once per machine."""
-    return draft_cost(quantized(s.target, s.opts.quant_bits), cached_cost_curve(s.target))
+    """The quantized target's one-token call over the target's (the drafter's model), measured once per machine."""
+    return draft_cost(s.drafter.model, cached_cost_curve(s.target))
 
 
 DATASTORE = "python train.py data && python train.py datastore"
@@ -279,7 +291,7 @@ DRAFTERS = {
     e.name: e
     for e in [
         Entry("none", "plain autoregressive decoding, the baseline (Algorithm 1)", lambda s: None, has_q=False,
-              bench="Autoregressive"),
+              length="fixed", bench="Autoregressive"),
         Entry("draft", "a small draft model (§5.1; SpS, Leviathan et al. 2023, Chen et al. 2023); --tree: its "
               "EAGLE-2 tree; of another tokenizer than the target's: string-level drafts at -t 0, Token-Level "
               "Intersection above (Timor et al. 2025)", build_draft, "both", options=SIBLINGS + ("draft_model",
@@ -340,8 +352,8 @@ DRAFTERS = {
               bench="Collective tree (SpecInfer: draft model + PLD + REST)"),
         Entry("layerskip", "Draft & Verify: the target with a searched set of sublayers skipped (§5.2; Zhang et al. "
               "2023)", build_layerskip, "both", weights=("layerskip.json",), make="python train.py layerskip",
-              options=SIBLINGS, dynamic=True, length="adaptive", cost=skip_cost,
-              bench="Draft & Verify (sublayers skipped, adaptive stop)"),
+              options=SIBLINGS, dynamic=True, cost=skip_cost, bench="Draft & Verify (sublayers skipped)",
+              variants=(("Draft & Verify (sublayers skipped), the paper's adaptive stop", {"draft_length": "adaptive"}),)),
         Entry("earlyexit", "LayerSkip: the first --exit-layer blocks draft into the target's own cache (§5.2; Elhoushi "
               "et al. 2024)", lambda s: EarlyExitDrafter(s.target, exit_layer(s)), options=("exit_layer",),
               cost=exit_cost,
@@ -397,6 +409,8 @@ def build_disco(s: Setup):
 def build_cost(s: Setup):
     """CostAware: the target's measured call-cost curve (cost.py, cached per machine) and the drafter's c."""
     entry = DRAFTERS[s.opts.drafter]
+    if entry.cost is not None and s.drafter is None:  # built on its own (tests): build the drafter it sizes
+        s = s.with_drafter(make(DRAFTERS, entry.name, s))
     c = entry.cost(s) if entry.cost is not None else 0.0
     return CostAware(cached_cost_curve(s.target, tree=True), c, most=s.opts.most_drafts)
 

@@ -31,6 +31,7 @@ class Stats:
     produced: int = 0  # tokens emitted (accepted drafts + one target token per call)
     draft_seconds: float = 0.0  # wall time spent drafting
     verify_seconds: float = 0.0  # wall time spent in target forwards and verification
+    prefill_seconds: float = 0.0  # wall time of the target's prefill of the prompt (not a target call)
     accept_counts: list[int] = field(default_factory=list)  # accept_counts[n]: steps that accepted n drafts
     expected_accepted: float = 0.0  # sum over compared positions of sum_x min(p(x), q(x))
     compared: int = 0  # draft positions compared with the target
@@ -76,6 +77,7 @@ class Stats:
             "produced",
             "draft_seconds",
             "verify_seconds",
+            "prefill_seconds",
             "expected_accepted",
             "extra",
         ):
@@ -187,8 +189,10 @@ def speculative_generate(
     # the verify call from the layer it exited at; online speculative decoding (online.py) only reads the call's
     # logits. Every other drafter leaves the target's call alone.
     forward = drafter.attach(target, cache) if hasattr(drafter, "attach") else target
+    t0 = time.perf_counter()
     if len(context) > 1:
         target(torch.tensor([context[:-1]], device=device), cache)  # prefill
+    stats.prefill_seconds = time.perf_counter() - t0
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
@@ -263,8 +267,10 @@ def tree_speculative_generate(
     context, features = list(prompt_ids), torch.zeros(0, target.config.hidden_size, device=device)
     drafter.reset()
     length.reset()
+    t0 = time.perf_counter()
     if len(context) > 1:
         features = target(torch.tensor([context[:-1]], device=device), cache, return_hidden=True)[1][0]
+    stats.prefill_seconds = time.perf_counter() - t0
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
