@@ -353,7 +353,7 @@ DRAFTERS = {
         Entry("layerskip", "Draft & Verify: the target with a searched set of sublayers skipped (§5.2; Zhang et al. "
               "2023)", build_layerskip, "both", weights=("layerskip.json",), make="python train.py layerskip",
               options=SIBLINGS, dynamic=True, cost=skip_cost, bench="Draft & Verify (sublayers skipped)",
-              variants=(("Draft & Verify (sublayers skipped), the paper's adaptive stop", {"draft_length": "adaptive"}),)),
+              variants=(("Draft & Verify, the paper's adaptive stop", {"draft_length": "adaptive"}),)),
         Entry("earlyexit", "LayerSkip: the first --exit-layer blocks draft into the target's own cache (§5.2; Elhoushi "
               "et al. 2024)", lambda s: EarlyExitDrafter(s.target, exit_layer(s)), options=("exit_layer",),
               cost=exit_cost,
