@@ -8,6 +8,8 @@ chosen by its flag (TABLES); the rows of the methods table come from the table o
     python bench.py --prompts 20 -n 128                        # every drafter (the README's results table)
     python bench.py --verify exact,topk,bild                   # verification rules: speed against quality (-t 0)
     python bench.py --verify exact,typical,lenient -t 0.7      # ... the sampling ones
+    python bench.py --verify exact,contrastive -t 1            # ... Speculative Contrastive Decoding (LOSSY)
+    python bench.py --verify exact,spectr --sampled-siblings -t 1   # SpecInfer's and SpecTr's rule, the same trees
     python bench.py --draft-length fixed,heuristic,confidence,svip,disco,dynamic   # draft-length policies
     python bench.py --siblings                                 # deterministic vs sampled tree siblings, T 0.7 and 1
     python bench.py --sweep-lookahead --prompts 8 -n 64        # Lookahead decoding's W, N, G on this machine
@@ -58,6 +60,7 @@ from methods import (
     make,
     missing_files,
     refuse,
+    rule_misfits,
 )
 from online import OnlineDrafter
 from peer import transformers_missing
@@ -460,13 +463,23 @@ def print_peer_summary(rows: list[Method]) -> None:
 
 
 def table_verify(b: Bench) -> None:
-    """One drafter, every rule named: speed against quality (the lossy rules' cost)."""
-    drafter = DRAFTERS[b.args.drafter]
+    """One drafter, every rule named: speed against quality (the lossy rules' cost). With --sampled-siblings every
+    row verifies the drafter's trees of i.i.d. children (-v exact is then SpecInfer's rule, -v spectr SpecTr's)."""
+    drafter, a = DRAFTERS[b.args.drafter], b.args
     refuse([(drafter.name == "none", "--verify needs a drafter whose drafts the rules verify")])
-    use_tree = drafter.shape == "tree"
+    use_tree = drafter.shape == "tree" or a.sampled_siblings
+    refuse(
+        [
+            (
+                a.sampled_siblings and not (a.temperature > 0 and drafter.dynamic),
+                "--sampled-siblings samples tree children at -t > 0: use -d eagle or -d draft",
+            )
+        ]
+    )
     rows = [Method("Autoregressive", None)]
     for name in names(b.args.verify, VERIFIERS, "--verify"):
         rule = VERIFIERS[name]
+        refuse(rule_misfits(rule, drafter, use_tree, a.temperature == 0, a.sampled_siblings))
         length = rule.fallback(b.setup) if brings_fallback(rule, drafter, use_tree, False) else None
         rows.append(
             Method(name, make(DRAFTERS, drafter.name, b.setup), use_tree, make(VERIFIERS, name, b.setup), length)

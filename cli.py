@@ -32,6 +32,7 @@ from methods import (
     load_model,
     make,
     refuse,
+    rule_misfits,
 )
 from pretrained import Checkpoint, load_checkpoint
 from specdec import Stats, decode, generate
@@ -187,6 +188,20 @@ def add_rule_flags(v) -> None:
         type=bounded(float, lambda x: 0 < x <= 1, "in (0, 1]"),
         default=0.5,
         help="lenient (LOSSY): accept with min(1, p / (l q)); 1 = exact",
+    )
+    v.add_argument(
+        "--contrastive-alpha",
+        type=UNIT,
+        default=0.1,
+        help="contrastive (LOSSY): the plausibility constraint, only tokens with p >= alpha max p (Li et al. 2023's "
+        "alpha; 0 = every token)",
+    )
+    v.add_argument(
+        "--contrastive-beta",
+        type=bounded(float, lambda x: 0 <= x < math.inf, "a finite number >= 0"),
+        default=0.5,
+        help="contrastive (LOSSY): the strength, softmax((1 + beta) log p - beta log q); beta 0 with alpha 0 = "
+        "exact speculative sampling",
     )
     v.add_argument(
         "--typical-epsilon", type=NONNEGATIVE_FLOAT, default=0.09, help="typical (LOSSY): Medusa's posterior_threshold"
@@ -398,14 +413,7 @@ def choose(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Choice:
                 drafter.name == "none" and (rule.name != "exact" or args.draft_length not in (None, "fixed")),
                 "--verify and --draft-length need a drafter: plain decoding (-d none) verifies nothing",
             ),
-            (
-                rule.temperature == "greedy" and not greedy,
-                f"--verify {rule.name} is a greedy-decoding rule (survey §6.1): use it with -t 0",
-            ),
-            (
-                rule.temperature == "sampling" and greedy,
-                f"--verify {rule.name} relaxes speculative sampling (survey §6.2): use it with -t > 0",
-            ),
+            *rule_misfits(rule, drafter, use_tree, greedy, args.sampled_siblings),
             (
                 length.shape == "chain" and use_tree,
                 f"--draft-length {length.name} sets the length of draft chains: tree drafters take fixed or dynamic",

@@ -17,6 +17,7 @@ import torch
 
 from approximate import BiLD, Lenient, TopK, Typical
 from cascade import CascadeDrafter, CollectiveDrafter, note_without_rest
+from contrastive import Contrastive
 from cost import cached_cost_curve, draft_cost
 from crossvocab import CrossVocabDrafter
 from draft_length import (
@@ -38,6 +39,7 @@ from nar import NarDrafter, NarModel
 from online import OnlineDrafter
 from retrieval import RestDrafter, SamDrafter, SuffixDrafter
 from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized, sublayer_costs
+from spectr import SpecTr
 from tokenizer import load_tokenizer
 from verify import exact
 
@@ -112,7 +114,8 @@ class Entry:
     temperature: str = "any"  # -v: greedy (-t 0 only), sampling (-t > 0 only) or any
     lossy: bool = False  # -v: the output is not the target's (approximate.py)
     fallback: Callable[[Setup], Any] | None = None  # -v: the draft length it brings when -l is not given
-    needs: str = ""  # -l: "q" reads the draft's distribution, "dynamic" grows dynamic trees
+    needs: str = ""  # -l, -v: "q" reads the draft's distribution, "dynamic" grows dynamic trees, "siblings" (-v)
+    # selects among tree children sampled i.i.d. (--sampled-siblings)
     cost: Callable[[Setup], float] | None = None  # -d: a draft token's cost over a one-token target call, for
     # -l cost, from the setup and its built drafter (None: no model runs, 0)
     bench: str = ""  # bench.py's row label (the summary's head when empty)
@@ -375,6 +378,53 @@ RENAMED = {"specdec": "nar"}  # old drafter names, refused with the new one
 
 # ---- verification rules (-v) ----------------------------------------------------------------------------------
 
+
+def build_contrastive(s: Setup):
+    """SCD contrasts the draft's whole distribution: a top-k or top-p draft has q = 0 on most tokens."""
+    o = s.opts
+    refuse(
+        [
+            (
+                o.top_k > 0 or o.top_p < 1,
+                "--verify contrastive contrasts the draft's full distribution: drop --top-k and --top-p",
+            )
+        ]
+    )
+    return Contrastive(o.contrastive_alpha, o.contrastive_beta)
+
+
+def rule_misfits(rule: Entry, drafter: Entry, use_tree: bool, greedy: bool, sampled: bool) -> list[tuple[bool, str]]:
+    """The refusals of a verification rule that does not fit the run: its temperature, chain or tree, what it reads
+    of the drafter (cli.py and bench.py's --verify table)."""
+    return [
+        (
+            rule.temperature == "greedy" and not greedy,
+            f"--verify {rule.name} is a greedy-decoding rule (survey §6.1): use it with -t 0",
+        ),
+        (
+            rule.temperature == "sampling" and greedy,
+            f"--verify {rule.name} is a rule of speculative sampling (survey §6.2, §6.3): use it with -t > 0",
+        ),
+        (
+            rule.shape == "chain" and use_tree,
+            f"--verify {rule.name} verifies chains: use a drafter of chains, without --tree",
+        ),
+        (
+            rule.needs == "siblings" and not sampled,
+            f"--verify {rule.name} selects among children drawn i.i.d. from the draft: add --sampled-siblings "
+            "(on a tree: -d draft --tree, eagle, hydra, layerskip --tree, quant --tree)",
+        ),
+        (
+            rule.shape == "tree" and not use_tree,
+            f"--verify {rule.name} verifies token trees: add --tree",
+        ),
+        (
+            rule.needs == "q" and not drafter.has_q,
+            f"--verify {rule.name} reads the draft's distribution, and -d {drafter.name} has none",
+        ),
+    ]
+
+
 # fmt: off
 VERIFIERS = {
     e.name: e
@@ -393,6 +443,12 @@ VERIFIERS = {
               fallback=lambda s: Confidence(s.opts.gamma, s.opts.bild_fallback)),
         Entry("lenient", "LOSSY: lenient speculative sampling, min(1, p / (l q)) (§6.2; Leviathan et al. 2023 App. A)",
               lambda s: Lenient(s.opts.lenience), "both", temperature="sampling", lossy=True, options=("lenience",)),
+        Entry("spectr", "lossless: SpecTr's k-sequential selection among children sampled i.i.d. (--tree "
+              "--sampled-siblings), min(1, p / (rho q)) with its optimal-transport rho (§6.3; Sun et al. 2023)",
+              lambda s: SpecTr(), "tree", temperature="sampling", needs="siblings"),
+        Entry("contrastive", "LOSSY: Speculative Contrastive Decoding, drafts verified against the contrast of target "
+              "and draft (§9, §6.2; Yuan et al. 2023)", build_contrastive, "chain", temperature="sampling",
+              lossy=True, needs="q", options=("contrastive_alpha", "contrastive_beta")),
     ]
 }
 # fmt: on

@@ -197,7 +197,8 @@ def tree_speculative_sample(
         acceptance is r(x) and a rejection zeroes x in r and renormalises. Lossless for EVERY fixed tree;
         a duplicate sibling token has r(x) = 0 by then and is simply rejected.
       [N, V]: draft_probs[i] is the distribution the children of node i were drawn from, i.i.d. Lossless only
-        averaged over that random drawing of the tree (SpecTr's k-sequential draft selection).
+        averaged over that random drawing of the tree (SpecInfer's multi-step speculative sampling; SpecTr's
+        k-sequential selection for the same trees is spectr.py).
     lenience < 1: LOSSY, see acceptance_probability.
     """
     token_list, kids = tokens.tolist(), children(parents.tolist())

@@ -87,6 +87,10 @@ BAD_INPUTS = {
     "int8 quant in bf16": ["-p", PROMPT, "-d", "quant", "--bf16"],
     "sampled siblings at temperature 0": ["-p", PROMPT, "-d", "eagle", "--sampled-siblings"],
     "verification without a drafter": ["-p", PROMPT, "-d", "none", "-v", "topk"],
+    "spectr on a chain": ["-p", PROMPT, "-t", "1", "-v", "spectr"],
+    "spectr on top-k siblings": ["-p", PROMPT, "-t", "1", "--tree", "-v", "spectr"],
+    "contrastive without a draft distribution": ["-p", PROMPT, "-t", "1", "-d", "pld", "-v", "contrastive"],
+    "contrastive with top-k": ["-p", PROMPT, "-t", "1", "-k", "20", "-v", "contrastive"],
     "missing prompt": ["-n", "3"],
 }
 
@@ -265,6 +269,7 @@ def test_argparse_errors_are_one_line_with_exit_code_2_too(cli):
         ["--specbench", "question.jsonl"],  # the shipped target has no chat template
         ["--drafters", "pld,nope"],
         ["--cost-curve", "--suite"],
+        ["--verify", "exact,spectr", "-t", "1"],  # spectr needs --sampled-siblings
     ],
 )
 def test_bench_bad_input_is_one_line_on_stderr_and_exit_code_2(args):
