@@ -146,7 +146,7 @@ def add_run_flags(ap: argparse.ArgumentParser) -> None:
         "for --draft-length confidence/svip/disco, the start for heuristic",
     )
     g.add_argument("--tree-size", type=POSITIVE, default=12, help="drafted nodes per tree (EAGLE-2's m)")
-    g.add_argument("--tree-depth", type=POSITIVE, default=6, help="deepest tree level (sam: its chain length)")
+    g.add_argument("--tree-depth", type=POSITIVE, default=6, help="deepest tree level (sam, samd: the chain length)")
     g.add_argument(
         "--tree-width", type=POSITIVE, default=2, help="children tried per node, and nodes expanded per level"
     )
@@ -281,6 +281,20 @@ def add_drafter_flags(m) -> None:
         default=2.0,
         help="suffix: at most alpha x match length drafted nodes (SuffixDecoding's "
         "MAX_SPEC), and never more than --tree-size",
+    )
+    m.add_argument(
+        "--samd-threshold",
+        type=NONNEGATIVE,
+        default=5,
+        help="samd: draft the automata's chain when their match is at least this long, EAGLE-2's tree otherwise "
+        "(SAM-Decoding's l_threshold)",
+    )
+    m.add_argument(
+        "--samd-bias",
+        type=NONNEGATIVE,
+        default=5,
+        help="samd: the static automaton's match counts this many tokens shorter than the request's own "
+        "(SAM-Decoding's l_bias)",
     )
     m.add_argument(
         "--cascade-horizontal",

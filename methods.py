@@ -37,7 +37,8 @@ from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import Transformer
 from nar import NarDrafter, NarModel
 from online import OnlineDrafter
-from retrieval import RestDrafter, SamDrafter, SuffixDrafter
+from recycling import RecyclingDrafter
+from retrieval import RestDrafter, SamdDrafter, SamDrafter, SuffixDrafter
 from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized, sublayer_costs
 from spectr import SpecTr
 from tokenizer import load_tokenizer
@@ -264,6 +265,16 @@ def build_blockwise(s: Setup):
     return MedusaDrafter(s.target, heads, width=1, size=len(heads.linears))
 
 
+def build_samd(s: Setup):
+    """SAM-Decoding's automata and, where their match is short, EAGLE-2's tree (SAMD[EAGLE2])."""
+    o = s.opts
+    sam = SamDrafter.load(s.data_dir, depth=o.tree_depth, size=o.tree_size)
+    eagle = EagleDrafter.from_pretrained(
+        s.target, s.weights / "eagle", depth=o.tree_depth, beam=o.tree_width, **tree_shape(o)
+    )
+    return SamdDrafter(sam, eagle, o.samd_threshold, o.samd_bias)
+
+
 def model_cost(s: Setup) -> float:
     """A draft model's one-token call over the target's, both measured once per machine (cost.py). The drafter
     holds the draft model (SpS, OSD, the cascade's; a draft of another tokenizer too)."""
@@ -345,6 +356,16 @@ DRAFTERS = {
               "al. 2024)", lambda s: SamDrafter.load(s.data_dir, depth=s.opts.tree_depth, size=s.opts.tree_size),
               "tree", data=("train.bin", "sam.npz"), make=DATASTORE, has_q=False,
               bench="SAM Decoding (suffix automata)"),
+        Entry("samd", "SAM-Decoding[EAGLE-2]: the automata's chain where their match is long enough, EAGLE-2's "
+              "tree otherwise (§5.1, §5.2; Hu et al. 2024)", build_samd, "tree",
+              weights=("eagle/model.safetensors",), data=("train.bin", "sam.npz"),
+              make=f"python train.py eagle (the EAGLE head) and {DATASTORE} (the automaton)",
+              options=("samd_threshold", "samd_bias"), bench="SAM-Decoding[EAGLE-2] (automata, else EAGLE-2 tree)"),
+        Entry("recycling", "Token Recycling: each token's top-k next tokens from every verify call, rejected "
+              "candidates too, fill a static tree (§5.2, §6.3; Luo et al. 2024)", lambda s: RecyclingDrafter(
+              s.target, size=s.opts.tree_size, depth=s.opts.tree_depth), "tree", has_q=False,
+              bench="Token Recycling (adjacency matrix, learns across prompts)",
+              variants=(("Token Recycling (the paper's 80-node tree)", {"tree_size": 80}),)),
         Entry("cascade", "Cascade Speculative Drafting: prompt lookup drafts for the draft model (§5.1; Chen et al. "
               "2023)", lambda s: CascadeDrafter(draft_model(s), PromptLookupDrafter(), s.opts.cascade_horizontal),
               options=("draft_model", "cascade_horizontal"), cost=model_cost,

@@ -4,10 +4,11 @@ tuning-free drafting; §6.3 token trees). The structures are in suffix.py.
     RestDrafter      REST (He et al. 2023): suffix array over the training split, frequency trie of continuations
     SuffixDrafter    SuffixDecoding (Oliaro et al. 2024): suffix tries over this request and all earlier outputs
     SamDrafter       SAM Decoding (Hu et al. 2024): static automaton over the datastore, dynamic over the request
+    SamdDrafter      SAM Decoding with an auxiliary drafter (EAGLE-2) where the automata's match is short
 
-All three are deterministic (tree.q is None): at temperature > 0 they are verified with the one-hot multi-draft rule,
-which is lossless for every fixed tree. REST's own sampled mode, exact match of independently sampled paths, is not
-distribution preserving and is not implemented
+The first three are deterministic (tree.q is None): at temperature > 0 they are verified with the one-hot
+multi-draft rule, which is lossless for every fixed tree; SamdDrafter's retrieved chains are too. REST's own
+sampled mode, exact match of independently sampled paths, is not distribution preserving and is not implemented
 (docs/pitfalls.md: Retrieval and mask-predict drafters are deterministic).
 
 Datastore files, built by `python train.py datastore` from data/train.bin (uint16 token ids):
@@ -187,6 +188,19 @@ class SamDrafter:
         if self.d_state and self.d_len <= self.dynamic.length[self.dynamic.link[self.d_state]]:
             self.d_state = self.dynamic.link[self.d_state]  # the extension cloned our state: the clone holds our match
 
+    def retrieve(self, context: list[int], static_bias: int = 0) -> tuple[int, list[int]]:
+        """(match length, what followed the match): the longer of the two automata's matches, the static one's
+        shortened by static_bias first (SAM-Decoding's l_bias, which trusts the corpus less than the request);
+        ties go to the request's own text. Feeds the automata the context they have not seen."""
+        for token in context[self.seen :]:
+            self.feed(token)
+        self.seen = len(context)
+        if self.d_len >= self.s_len - static_bias:
+            length, end, text = self.d_len, self.dynamic.end[self.d_state], self.dynamic.tokens
+        else:
+            length, end, text = self.s_len - static_bias, int(self.static.end[self.s_state]), self.static.tokens
+        return length, ([int(t) for t in text[end + 1 : end + 1 + self.length]] if length > 0 else [])
+
     def propose_tree(
         self,
         context: list[int],
@@ -195,16 +209,43 @@ class SamDrafter:
         generator: torch.Generator | None,
         keep: KeepGrowing = always,
     ) -> Tree:
-        for token in context[self.seen :]:
-            self.feed(token)
-        self.seen = len(context)
-        if self.d_len >= self.s_len and self.d_len > 0:  # ties: the request's own text is the more relevant
-            end, text = self.dynamic.end[self.d_state], self.dynamic.tokens
-        elif self.s_len > 0:
-            end, text = int(self.static.end[self.s_state]), self.static.tokens
-        else:
-            return Tree.from_root(context[-1])
-        tree = Tree.from_root(context[-1])
-        for token in list(text[end + 1 : end + 1 + self.length]):
-            tree.add(len(tree) - 1, int(token), 0.0)
-        return tree
+        return chain(context[-1], self.retrieve(context)[1])
+
+
+def chain(root: int, tokens: list[int]) -> Tree:
+    """A one-branch tree: root, tokens[0], tokens[1], ..."""
+    tree = Tree.from_root(root)
+    for token in tokens:
+        tree.add(len(tree) - 1, token, 0.0)
+    return tree
+
+
+class SamdDrafter:
+    """SAM-Decoding with an auxiliary drafter (Hu et al. 2024; survey §5.1, §6.3), SAMD[EAGLE2] with EAGLE-2's tree:
+    when the automata's match is at least `threshold` tokens long (the static automaton's shortened by `bias`),
+    its continuation is drafted as a chain; otherwise the auxiliary drafter drafts its tree. The paper's adaptive
+    draft selection, with its release's defaults (threshold 5, bias 5). Paper: 2.49x on Spec-Bench (Vicuna-7B,
+    A6000; EAGLE-2 alone 2.38x there); Spec-Bench's leaderboard: 2.38x. A retrieved chain is deterministic
+    (q None, one-hot); the auxiliary tree is what that drafter drafts, so the pair is as lossless as each part."""
+
+    def __init__(self, sam: SamDrafter, aux, threshold: int = 5, bias: int = 5):
+        self.sam, self.aux, self.threshold, self.bias = sam, aux, threshold, bias
+        self.retrieved = 0  # trees drafted by retrieval, over the drafter's life (the rest are aux's)
+
+    def reset(self) -> None:
+        self.sam.reset()
+        self.aux.reset()
+
+    def propose_tree(
+        self,
+        context: list[int],
+        features: Tensor,
+        warp: Warp,
+        generator: torch.Generator | None,
+        keep: KeepGrowing = always,
+    ) -> Tree:
+        length, found = self.sam.retrieve(context, self.bias)  # the automata see every token, drafted from or not
+        if length >= self.threshold and found:
+            self.retrieved += 1
+            return chain(context[-1], found)
+        return self.aux.propose_tree(context, features, warp, generator, keep)

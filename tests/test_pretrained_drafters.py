@@ -15,6 +15,7 @@ import torch
 import cli
 import retrieval
 import specdec
+from methods import UsageError
 from prompts import is_heldout, stdlib_files
 from tests.conftest import WEIGHTS
 from tests.toy import BrokenRule, accept_every_draft, chi_square, chi_square_critical, sample_speculative
@@ -30,6 +31,7 @@ TRAINING_FREE = [
     ["-d", "rest"],
     ["-d", "lookahead"],
     ["-d", "jacobi"],
+    ["-d", "recycling"],
     ["-d", "layerskip"],
     ["-d", "earlyexit"],
     ["-d", "del"],
@@ -83,6 +85,11 @@ def cli_method(smollm2, data_dir, argv: list[str]):
         )
 
     return decode
+
+
+def test_samd_on_smollm2_says_in_one_line_that_it_has_no_eagle_head(smollm2, data_dir):
+    with pytest.raises(UsageError, match=r"samd needs .*smollm2/eagle/model.safetensors: python train.py eagle"):
+        cli_method(smollm2, data_dir, ["-d", "samd"])
 
 
 def test_the_skip_set_shipped_for_smollm2_exists():

@@ -1,7 +1,9 @@
 """Retrieval drafters (retrieval.py) and their structures (suffix.py): each structure agrees with brute-force
 substring search on random small token strings (hypothesis), the draft trees are well-formed tries, and greedy
 decoding with each drafter on the shipped weights equals plain decoding. The datastores are built here from a
-synthetic token stream or the prompts' own tokens: nothing needs `train.py data` to have run."""
+synthetic token stream or the prompts' own tokens: nothing needs `train.py data` to have run. SAM-Decoding with
+EAGLE-2 (SamdDrafter): its choice between the automata and the auxiliary drafter, greedy identity with the shipped
+EAGLE head, and the sampled law with a power check."""
 
 from collections import Counter
 from pathlib import Path
@@ -14,9 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from methods import UsageError
-from retrieval import RestDrafter, SamDrafter, SuffixDrafter, frequency_tree
+from retrieval import RestDrafter, SamdDrafter, SamDrafter, SuffixDrafter, build_datastore, frequency_tree
 from specdec import tree_speculative_generate
 from suffix import FrozenAutomaton, SuffixAutomaton, SuffixTrie, sa_longest_match, sa_range, sam_step, suffix_array
+from tests.test_tree_decoding import first_child_always, sample_tree_decoding, toy_eagle_drafter, toy_target
+from tests.toy import BrokenRule, chi_square, chi_square_critical, exact_joint
 from tree import Tree, depths, path_to
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -231,8 +235,6 @@ def test_missing_datastore_is_a_usage_error(short_references, tmp_path):
 
 def test_datastore_files_round_trip(tmp_path, capsys):
     """train.py datastore's files load into working drafters (a small train.bin here)."""
-    from retrieval import build_datastore
-
     np.array(list(range(50)) * 4, dtype=np.uint16).tofile(tmp_path / "train.bin")
     build_datastore(tmp_path)
     assert "suffix array" in capsys.readouterr().out
@@ -241,3 +243,141 @@ def test_datastore_files_round_trip(tmp_path, capsys):
         drafter.reset()
         tree = drafter.propose_tree([7, 8, 9], torch.zeros(0), lambda x: x, None)
         assert tree.tokens[:2] == [9, 10]
+
+
+# ---- SAM-Decoding with an auxiliary drafter (SamdDrafter) --------------------------------------------------------
+
+
+def follows_an_occurrence(source: list[int], suffix: list[int], found: list[int], length: int) -> bool:
+    """Brute force: `found` is what followed some occurrence of `suffix` in `source`, `length` tokens or up to the
+    end of the source (nothing, for an occurrence at its very end)."""
+    return any(source[s + len(suffix) : s + len(suffix) + length] == found for s in occurrences(source, suffix))
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts, st.lists(st.integers(0, 3), min_size=1, max_size=30), st.integers(0, 4))
+def test_retrieval_takes_the_longer_match_with_the_static_one_shortened_by_the_bias(store, context, bias):
+    sam = SuffixAutomaton()
+    for token in store:
+        sam.extend(token)
+    drafter = SamDrafter(FrozenAutomaton.freeze(sam), depth=3, size=3)
+    for n in range(1, len(context) + 1):  # a growing context, as the loop feeds it
+        now = context[:n]
+        length, found = drafter.retrieve(now, bias)
+        dynamic = longest_suffix_in(now[:-1], now, n)  # occurred earlier in the request
+        static = longest_suffix_in(store, now, n)
+        assert length == (dynamic if dynamic >= static - bias else static - bias)
+        if length <= 0:
+            assert found == []
+        elif dynamic >= static - bias:  # ties go to the request's own text
+            assert found and follows_an_occurrence(now, now[n - dynamic :], found, 3)  # an earlier one: it goes on
+        else:
+            assert follows_an_occurrence(store, now[n - static :], found, 3)
+
+
+class StubAux:
+    """An auxiliary tree drafter that drafts the root alone and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def reset(self):
+        pass
+
+    def propose_tree(self, context, features, warp, generator, keep=None):
+        self.calls += 1
+        return Tree.from_root(context[-1])
+
+
+@pytest.mark.parametrize("threshold", [1, 2, 3, 5])
+@pytest.mark.parametrize("bias", [0, 2])
+def test_samd_drafts_the_automata_chain_exactly_when_the_match_reaches_the_threshold(threshold, bias):
+    store = [5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6] * 2
+    sam = SuffixAutomaton()
+    for token in store:
+        sam.extend(token)
+    context = [1, 2, 3, 7, 8, 9, 1, 2, 3, 4, 0, 1, 2]
+    samd = SamdDrafter(SamDrafter(FrozenAutomaton.freeze(sam), depth=4, size=4), StubAux(), threshold, bias)
+    alone = SamDrafter(FrozenAutomaton.freeze(sam), depth=4, size=4)  # the same matches, seen from outside
+    samd.reset()
+    alone.reset()
+    for n in range(1, len(context) + 1):
+        calls = samd.aux.calls
+        tree = samd.propose_tree(context[:n], torch.zeros(0), lambda x: x, None)
+        length, found = alone.retrieve(context[:n], bias)
+        if length >= threshold and found:
+            assert tree.tokens == context[n - 1 : n] + found and tree.parents == list(range(-1, len(found)))
+            assert samd.aux.calls == calls
+        else:
+            assert samd.aux.calls == calls + 1 and len(tree) == 1
+    assert 0 < samd.retrieved < len(context)  # both kinds of draft happened
+
+
+@pytest.fixture(scope="module")
+def samd_data(short_references, tmp_path_factory):
+    """A data folder whose automaton is built from the prompts' own token stream: long matches to retrieve."""
+    enc, target, refs = short_references
+    folder = tmp_path_factory.mktemp("samd")
+    stream = [t for prompt, out in refs for t in prompt + out + [enc.eot_token]]
+    np.array(stream, dtype=np.uint16).tofile(folder / "train.bin")
+    build_datastore(folder)
+    return folder
+
+
+def test_greedy_decoding_with_samd_equals_autoregressive_and_uses_both_drafters(short_references, samd_data):
+    """-d samd as the command line builds it: the shipped EAGLE head and an automaton of the prompts' own text."""
+    enc, target, refs = short_references
+    drafter = table.drafter("samd", target, data_dir=samd_data)
+    calls = 0
+    for i, (prompt, expected) in enumerate(refs):
+        out, stats = tree_speculative_generate(target, drafter, prompt, 24, temperature=0, eot=enc.eot_token)
+        assert out == expected, f"prompt {i}"
+        assert sum(stats.accept_counts) == stats.target_calls and stats.produced == len(out)
+        calls += stats.target_calls
+    assert 0 < drafter.retrieved < calls  # the automata drafted some calls, EAGLE-2 the others
+
+
+def test_samd_without_its_head_or_its_automaton_is_a_usage_error(short_references, samd_data, tmp_path):
+    enc, target, refs = short_references
+    with pytest.raises(UsageError, match="train.bin: python train.py eagle .* python train.py datastore"):
+        table.drafter("samd", target, data_dir=tmp_path)
+    with pytest.raises(UsageError, match="eagle/model.safetensors: python train.py eagle"):
+        table.drafter("samd", target, data_dir=samd_data, weights=tmp_path)
+
+
+# The sampled law on the toy target (V = 6): EAGLE-2's trees from a random head where the automata's match is short,
+# their chains where it is at least 2 tokens; both happen on this prompt.
+SAMD_STORE, SAMD_PROMPT = [1, 4, 1, 5, 0, 2, 3, 1, 4, 1, 2, 2, 0, 3, 3, 1], [1, 2, 3]
+N_SAMD, N_SAMD_BROKEN = 5_000, 500
+WARPED = dict(temperature=0.8, top_k=4, top_p=0.9)
+
+
+def toy_samd():
+    sam = SuffixAutomaton()
+    for token in SAMD_STORE:
+        sam.extend(token)
+    static = SamDrafter(FrozenAutomaton.freeze(sam), depth=2, size=4)
+    return SamdDrafter(static, toy_eagle_drafter(), threshold=2, bias=0)
+
+
+def samd_chi_square(n_samples: int, **opts):
+    samples, accept_counts = sample_tree_decoding(toy_samd, SAMD_PROMPT, n_samples, **WARPED, **opts)
+    stat, dof = chi_square(samples, exact_joint(toy_target(), SAMD_PROMPT, 3, **WARPED))
+    return stat, chi_square_critical(dof), dof, accept_counts
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_samd_sampling_reproduces_the_target_distribution():
+    stat, critical, dof, accept_counts = samd_chi_square(N_SAMD)
+    print(f"samd sampling: chi2 {stat:.1f} < {critical:.1f} (dof {dof}); accepted per call {accept_counts}")
+    assert stat < critical, f"chi2 = {stat:.1f} >= {critical:.1f} (dof {dof})"
+    assert (accept_counts > 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_the_law_test_with_samd_rejects_a_verifier_that_accepts_every_first_child():
+    stat, critical, dof, _ = samd_chi_square(N_SAMD_BROKEN, verifier=BrokenRule(tree_fn=first_child_always))
+    print(f"first child always: chi2 {stat:.1f} > {critical:.1f} (dof {dof})")
+    assert stat > critical, f"a broken verifier passed: chi2 = {stat:.1f} <= {critical:.1f} (dof {dof})"
