@@ -274,7 +274,7 @@ class CostAware(FixedLength):
     first step drafts, the measured rate takes over within a few steps (ten forgotten observations outweigh it
     ten to one), and after a run of zero-draft steps the estimate climbs back and the policy probes again.
     Simulated over acceptance rates 0.2-0.95 and draft costs 0-0.8 on a CPU-shaped curve it keeps at least 0.85 of
-    the best fixed gamma's expected speed (tests/test_draft_length.py), where Beta(3, 2) fell to 0.49.
+    the best fixed gamma's expected speed (tests/test_cost.py), where Beta(3, 2) fell to 0.49.
 
     c, the drafter's cost per token over a one-token target call, is a constructor argument, measured once
     (cost.draft_cost: a draft model's one-token call over the target's; prompt lookup: 0). The protocol gives
