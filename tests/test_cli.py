@@ -144,8 +144,10 @@ def cli(tmp_path_factory) -> dict:
     dirs = {k: str(v) for k, v in weights_dirs(tmp_path_factory.mktemp("weights")).items()}
     jobs = {name: (run_cli, *args) for name, args in RUNS.items()}
     jobs |= {name: (run_cli, *(a.format(**dirs) for a in args)) for name, args in BAD_INPUTS.items()}
-    jobs["terminal"] = (run_in_terminal, "-p", PROMPT, "-n", "16", "-d", "pld")
-    jobs["terminal --no-color"] = (run_in_terminal, "-p", PROMPT, "-n", "16", "-d", "pld", "--no-color")
+    # -l fixed: the cost-aware default may draft nothing on a machine whose small calls are dear, and then no
+    # token is green
+    jobs["terminal"] = (run_in_terminal, "-p", PROMPT, "-n", "16", "-d", "pld", "-l", "fixed")
+    jobs["terminal --no-color"] = (run_in_terminal, "-p", PROMPT, "-n", "16", "-d", "pld", "-l", "fixed", "--no-color")
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(*job) for name, job in jobs.items()}
         return {name: future.result() for name, future in futures.items()}
