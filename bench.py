@@ -19,6 +19,7 @@ chosen by its flag (TABLES); the rows of the methods table come from the table o
     python bench.py --suite --prompts 10 -n 32                 # Spec-Bench for code: speedup per prompt category
     python bench.py --suite-all --prompts 10 -n 32             # ... every method (27 minutes on 2 CPU cores)
     python bench.py --online --prompts 8 -n 64                 # OSD: acceptance before and after, on a held-out package
+    python bench.py --pipelined --prompts 8                    # PPD and SPEED's latency models, measured costs
     python bench.py --model smollm2 --specbench question.jsonl --per-category 10 -n 32   # Spec-Bench's questions
                                        # (its data/spec_bench/question.jsonl, github.com/hemingkx/Spec-Bench)
 """
@@ -65,6 +66,7 @@ from methods import (
 from online import OnlineDrafter
 from peer import transformers_missing
 from prompts import completion_prompt, function_prompts
+from selfdraft import exit_topk_agreement, ppd_speedup, speed_speedup
 from specbench import read_questions, subsample
 from specdec import Stats, decode
 from suite import suite_prompts
@@ -646,6 +648,33 @@ def table_cost_curve(b: Bench) -> None:
         cost.plot_cost_curve(curve, a.plot)
 
 
+def table_pipelined(b: Bench) -> None:
+    """PPD and SPEED (survey §5.2, Fig. 3): not runnable here (concurrent passes; a weight-shared model), so their
+    latency models (selfdraft.ppd_speedup, speed_speedup) with this machine's measured call costs and the target's
+    measured early-exit agreement on the held-out prompts."""
+    curve, L = cost.cached_cost_curve(b.target), b.target.config.num_hidden_layers
+    prompts = prompts_for(b)
+
+    def agreement(exit_layer: int, k: int) -> float:
+        return sum(exit_topk_agreement(b.target, p, exit_layer, k) for p in prompts) / len(prompts)
+
+    print(f"\n{len(prompts)} held-out prompts; one-token call {curve.ms(1):.1f} ms (cost.py), {L} blocks\n")
+    rows = []
+    for exit_layer in sorted({max(1, L // 4), L // 2, round(2 * L / 3)}):
+        for k in (1, 3):
+            a, e = agreement(exit_layer, k), exit_layer / L
+            ideal, one = ppd_speedup(a, e), ppd_speedup(a, e, curve.ratio(k + 1))
+            rows.append(f"E {exit_layer} (e {e:.2f}) | {k} | {a:.2f} | {ideal:.2f}x | {one:.2f}x")
+    print_table("PPD exit | top k | a_k | speedup, k idle devices | speedup, one device (k + 1 tokens a layer)", rows)
+    rows = []
+    for stages in (2, 3, 4):
+        a = agreement(max(1, L // stages), 1)
+        shared, ours = speed_speedup(a, stages, curve.ratio(stages)), speed_speedup(a, stages, 1.0, shared=False)
+        rows.append(f"{stages} | {a:.2f} | {curve.ratio(stages):.2f} | {shared:.2f}x | {ours:.2f}x")
+    print()
+    print_table("SPEED stages S | a (exit after stage one) | ratio(S) | speedup, weights shared | speedup, ours", rows)
+
+
 # ---- batched decoding (survey §9) -----------------------------------------------------------------------------
 
 
@@ -838,6 +867,7 @@ TABLES = {  # the flag that asks for a table: the function that measures and pri
     "specbench": table_specbench,
     "online": table_online,
     "cost_curve": table_cost_curve,
+    "pipelined": table_pipelined,
 }
 
 
@@ -849,7 +879,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=8,
         help="the most drafts of the policies that stop early "
-        "(confidence, svip, disco, adaptive), and a second fixed row of --draft-length",
+        "(confidence, svip, disco, adaptive, thompson), and a second fixed row of --draft-length",
     )
     ap.add_argument("-d", "--drafter", default="draft", help="--verify: the drafter whose drafts the rules verify")
     t = ap.add_argument_group("tables (one at a time; without any: every drafter)")
@@ -893,6 +923,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cost-curve",
         action="store_true",
         help="ms per target call against tokens per call (1-32), chain and tree calls, measured on this machine",
+    )
+    t.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="PPD and SPEED, early exits not runnable here: their latency models with this machine's measured costs",
     )
     t.add_argument(
         "--specbench",
@@ -961,7 +996,8 @@ def check(a: argparse.Namespace) -> list:
             (
                 len(tables) > 1,
                 "--verify, --draft-length, --siblings, --sweep-lookahead, --sweep-exit, --batch, "
-                "--samples, --suite (or --suite-all), --specbench, --cost-curve and --online are separate tables: "
+                "--samples, --suite (or --suite-all), --specbench, --cost-curve, --pipelined and --online are separate "
+                "tables: "
                 "one at a time",
             ),
             (

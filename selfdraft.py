@@ -225,6 +225,47 @@ def best_exit(alpha: Tensor, n_layers: int, max_gamma: int) -> tuple[int, int]:
     return best // (n_layers - 1) + 1, best % (n_layers - 1) + 1
 
 
+# ---- PPD and SPEED: early exits that need concurrency or shared weights (latency models only) ------------------
+#
+# Survey Fig. 3 files both under Early Exiting (§5.2) with lossless greedy verification (§6.1). Neither is a
+# drafter behind our interfaces: PPD runs forward passes concurrently with the one that produces their input, and
+# SPEED pipelines tokens through a decoder whose layers share their weights. Their latency models below, with this
+# machine's measured costs plugged in (bench.py --pipelined), say what each would gain here.
+
+
+@torch.inference_mode()
+def exit_topk_agreement(target: Transformer, tokens: list[int], exit_layer: int, k: int) -> float:
+    """a_k: the share of positions of `tokens` (teacher-forced, one call) where the target's greedy next token is
+    among the top k of the early exit after `exit_layer` blocks, read out through the final norm and LM head."""
+    x = torch.tensor([tokens], device=target.device)
+    full = target(x)[0].argmax(-1)  # [T]
+    early = target(x, layers=range(exit_layer))[0].topk(k, dim=-1).indices  # [T, k]
+    return float((early == full[:, None]).any(-1).float().mean())
+
+
+def ppd_speedup(a_k: float, exit_fraction: float, concurrent_cost: float = 1.0) -> float:
+    """Predictive Pipelined Decoding (Yang et al. 2023b): once token i's pass reaches the exit layer, a fraction
+    e = E / L of a full pass, k more passes start on the early exit's top-k guesses for token i + 1. If one of them
+    is right (probability a_k), its pass is already 1 - e done when token i is known, so a token costs
+    t (1 - a_k (1 - e)) on average. That needs the k passes to run beside the first at no cost (k idle devices or
+    cores): concurrent_cost = 1. On one device the k + 1 passes are one call of k + 1 tokens, each layer then
+    costing ratio(k + 1) of a one-token layer (cost.CostCurve.ratio): pass that as concurrent_cost."""
+    return 1.0 / (concurrent_cost * (1.0 - a_k * (1.0 - exit_fraction)))
+
+
+def speed_speedup(a: float, stages: int, stage_cost: float, shared: bool = True) -> float:
+    """SPEED (Hooper et al. 2023): the L layers form S stages; each step runs every token in flight through one
+    more stage, in one batch, while the next token enters stage one, guessed from the early exit after stage one
+    (right with probability a). With weights shared across the stages (the paper trains such a model), a step
+    streams one stage's weights for S tokens: stage_cost = ratio(S), the cost of S tokens over one, so a step costs
+    t ratio(S) / S and, when every guess is right, yields one token. A wrong guess flushes the S - 1 tokens behind
+    it: 1 + (1 - a)(S - 1) steps per token. Without shared weights (our models), a step streams all S stages'
+    weights, a full pass's worth, for one token at best: never faster than plain decoding."""
+    if not shared:
+        return 1.0 / (1.0 + (1.0 - a) * (stages - 1))
+    return stages / (stage_cost * (1.0 + (1.0 - a) * (stages - 1)))
+
+
 # ---- ML-SpecQD: a quantized copy of the target ----------------------------------------------------------------
 
 

@@ -16,10 +16,13 @@ from selfdraft import (
     DynamicExitDrafter,
     EarlyExitDrafter,
     best_exit,
+    exit_topk_agreement,
     greedy_agreement,
     load_skip_set,
+    ppd_speedup,
     quantized,
     search_skip_set,
+    speed_speedup,
     sublayer_costs,
 )
 from specdec import generate, speculative_generate, warp_for
@@ -255,3 +258,34 @@ def test_self_drafting_keeps_the_target_distribution(kind):
 def test_the_law_test_rejects_verification_that_reuses_stale_lower_layers():
     stat, critical, _ = law(StaleLowerLayers(toy_target(), 2), N_BROKEN)
     assert stat > critical, f"stale K/V not detected: chi2 {stat:.1f} <= {critical:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PPD and SPEED's latency models (not runnable methods here: bench.py --pipelined).
+
+
+def test_early_exit_agreement_counts_positions_where_the_full_greedy_token_is_in_the_exits_top_k():
+    target, tokens = toy_target(), [0, 3, 1, 4, 2, 5, 1, 1]
+    full = reference_logits(target, torch.tensor([tokens]))[0].argmax(-1)
+    for exit_layer in range(1, LAYERS + 1):
+        early = reference_logits(target, torch.tensor([tokens]), exit_layer=exit_layer)[0]
+        for k in (1, 2, 6):
+            hits = [int(full[i]) in early[i].topk(k).indices.tolist() for i in range(len(tokens))]
+            assert exit_topk_agreement(target, tokens, exit_layer, k) == pytest.approx(sum(hits) / len(hits))
+    assert exit_topk_agreement(target, tokens, LAYERS, 1) == 1.0  # the last layer is the target
+    assert exit_topk_agreement(target, tokens, 1, 6) == 1.0  # the whole vocabulary
+
+
+def test_ppd_gains_nothing_when_guesses_miss_and_saves_the_upper_layers_when_they_hit():
+    assert ppd_speedup(0.0, 0.5) == 1.0
+    assert ppd_speedup(1.0, 0.25) == pytest.approx(4.0)  # each pass starts a quarter of a pass after the last
+    assert ppd_speedup(0.5, 0.5) == pytest.approx(1 / 0.75)
+    assert ppd_speedup(0.5, 0.5, concurrent_cost=1.5) == pytest.approx(1 / (1.5 * 0.75))  # one device: dearer
+
+
+def test_speed_needs_shared_weights_and_right_guesses():
+    assert speed_speedup(1.0, 4, stage_cost=1.0) == pytest.approx(4.0)  # a token a step, a quarter of a pass each
+    assert speed_speedup(0.0, 4, stage_cost=1.0) == pytest.approx(1.0)  # every guess flushes the pipeline
+    assert speed_speedup(1.0, 4, stage_cost=2.0) == pytest.approx(2.0)
+    for a in (0.0, 0.5, 1.0):  # unshared weights: a step streams a whole pass's weights
+        assert speed_speedup(a, 3, stage_cost=1.0, shared=False) <= 1.0
