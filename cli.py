@@ -134,7 +134,7 @@ def add_run_flags(ap: argparse.ArgumentParser) -> None:
         type=Path,
         default=ROOT / "weights" / "draft",
         help="draft, cascade, "
-        "collective: the draft model's folder; a tokenizer other than the target's drafts across "
+        "collective, ouroboros: the draft model's folder; a tokenizer other than the target's drafts across "
         "vocabularies (-d draft)",
     )
     g.add_argument(
@@ -295,6 +295,35 @@ def add_drafter_flags(m) -> None:
         default=5,
         help="samd: the static automaton's match counts this many tokens shorter than the request's own "
         "(SAM-Decoding's l_bias)",
+    )
+    m.add_argument(
+        "--ouroboros-window",
+        type=POSITIVE,
+        default=3,
+        help="ouroboros: the Jacobi window W of the draft model's Lookahead decoding (places per level)",
+    )
+    m.add_argument(
+        "--ouroboros-ngram",
+        type=bounded(int, lambda n: n >= 2, "at least 2"),
+        default=4,
+        help="ouroboros: n-gram size N; the pool's phrases are the N - 1 tokens after their first",
+    )
+    m.add_argument(
+        "--ouroboros-candidates",
+        type=POSITIVE,
+        default=4,
+        help="ouroboros: G, pool phrases the draft model verifies per call, and phrases kept per first token",
+    )
+    m.add_argument(
+        "--ouroboros-suffixes",
+        type=NONNEGATIVE,
+        default=3,
+        help="ouroboros: k, pool phrases appended after the draft as candidate suffixes (0 = the draft alone)",
+    )
+    m.add_argument(
+        "--ouroboros-warm",
+        action="store_true",
+        help="ouroboros: keep the phrase pool across generations (the paper's warm start)",
     )
     m.add_argument(
         "--cascade-horizontal",

@@ -143,12 +143,18 @@ class LookaheadDrafter:
         top = logits[-self.W :].argmax(dim=-1).tolist()  # outputs of level N - 2, the last W extra tokens
         for i in range(self.W):
             gram = tuple(level[i] for level in self.levels) + (top[i],)
-            known = self.pool.setdefault(gram[0], [])
-            if gram[1:] in known:
-                known.remove(gram[1:])
-            known.insert(0, gram[1:])  # newest first, each n-gram once
-            del known[self.G :]  # G per key, as the reference's guess set: the newest are the likeliest to recur
+            remember(self.pool, gram[0], gram[1:], self.G)
         self.levels = self.levels[1:] + [top]
+
+
+def remember(pool: dict[int, list[tuple[int, ...]]], key: int, rest: tuple[int, ...], size: int) -> None:
+    """Put an n-gram (key, *rest) into a pool keyed by its first token: newest first, each n-gram once, `size` per
+    key, as the reference's guess set (the newest are the likeliest to recur)."""
+    known = pool.setdefault(key, [])
+    if rest in known:
+        known.remove(rest)
+    known.insert(0, rest)
+    del known[size:]
 
 
 class PassEmbeddings(nn.Module):

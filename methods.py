@@ -37,6 +37,7 @@ from maskpredict import JacobiDrafter, LookaheadDrafter, PassDrafter
 from model import Transformer
 from nar import NarDrafter, NarModel
 from online import OnlineDrafter
+from ouroboros import OuroborosDrafter
 from recycling import RecyclingDrafter
 from retrieval import RestDrafter, SamdDrafter, SamDrafter, SuffixDrafter
 from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized, sublayer_costs
@@ -208,6 +209,21 @@ def build_collective(s: Setup):
     return CollectiveDrafter(model, lookup, rest, size=o.tree_size, depth=o.tree_depth)
 
 
+def build_ouroboros(s: Setup):
+    """The draft model drafting phrase by phrase (Lookahead decoding over the phrase pool), lengthened by suffixes."""
+    o = s.opts
+    return OuroborosDrafter(
+        s.target,
+        draft_model(s),
+        o.gamma,
+        o.ouroboros_window,
+        o.ouroboros_ngram,
+        o.ouroboros_candidates,
+        o.ouroboros_suffixes,
+        o.ouroboros_warm,
+    )
+
+
 def build_nar(s: Setup):
     nar = load_checked(
         "NAR drafter", s.weights / "nar", lambda p: NarModel.from_pretrained(p, s.target.device, s.dtype)
@@ -374,6 +390,12 @@ DRAFTERS = {
         Entry("collective", "SpecInfer's collective tree: the draft model's tree, prompt lookup and REST, merged "
               "(§5.1, §6.3; Miao et al. 2024)", build_collective, "tree", options=("draft_model",),
               bench="Collective tree (SpecInfer: draft model + PLD + REST)"),
+        Entry("ouroboros", "Ouroboros: the draft model drafts at least --gamma tokens phrase by phrase (Lookahead "
+              "decoding over a phrase pool), pool phrases lengthen the draft into a tree, and the target's outputs "
+              "on rejected tails go back into the pool (§5.1, §6.3; Zhao et al. 2024)", build_ouroboros, "tree",
+              options=("draft_model", "ouroboros_window", "ouroboros_ngram", "ouroboros_candidates",
+              "ouroboros_suffixes", "ouroboros_warm"), has_q=False,
+              bench="Ouroboros (draft model phrase by phrase + pool suffixes)"),
         Entry("layerskip", "Draft & Verify: the target with a searched set of sublayers skipped (§5.2; Zhang et al. "
               "2023)", build_layerskip, "both", weights=("layerskip.json",), make="python train.py layerskip",
               options=SIBLINGS, dynamic=True, cost=skip_cost, bench="Draft & Verify (sublayers skipped)",
