@@ -16,6 +16,7 @@ by the exact rule (verify.exact) with its own draft distributions, so each row h
 """
 
 import time
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -195,6 +196,43 @@ def select_drafts(confidence: list[list[float] | None], lengths: list[int], budg
 BatchDrafter = BatchModelDrafter | BatchPromptLookup
 
 
+class RowLengths(Protocol):
+    """How long each active row's chain is, each step of batch_speculative_generate (its `lengths` argument): how
+    far the drafter drafts every row, then how many of each row's drafts the target verifies."""
+
+    def reset(self, rows: int) -> None: ...  # a generation of `rows` rows starts
+
+    def gamma(self, caps: list[int]) -> int: ...  # drafts to make for every row; row i can use at most caps[i]
+
+    def keep(self, drafted: list[int], gamma: int) -> list[int]: ...  # of row i's drafted[i], how many to verify
+
+    def update(self, drafted: list[int], accepted: list[int]) -> None: ...  # after each verification, per row
+
+    def keep_rows(self, rows: list[int]) -> None: ...  # the rows that stay in the batch, by index
+
+
+class FixedRows:
+    """gamma drafts for every row, every step, all verified (Algorithm 2's fixed gamma): the loop's default."""
+
+    def __init__(self, gamma: int):
+        self.fixed = gamma
+
+    def reset(self, rows: int) -> None:
+        pass
+
+    def gamma(self, caps: list[int]) -> int:
+        return self.fixed
+
+    def keep(self, drafted: list[int], gamma: int) -> list[int]:
+        return drafted
+
+    def update(self, drafted: list[int], accepted: list[int]) -> None:
+        pass
+
+    def keep_rows(self, rows: list[int]) -> None:
+        pass
+
+
 @torch.inference_mode()
 def batch_speculative_generate(
     target: Transformer,
@@ -210,11 +248,14 @@ def batch_speculative_generate(
     eot: int | None = None,
     budget: int | None = None,
     verifier: Verifier | None = None,
+    lengths: RowLengths | None = None,
 ) -> tuple[list[list[int]], Stats]:
     """Algorithm 2 for B prompts at once (survey §9). Each step: every active row drafts, ONE target call verifies
     all rows' chains (padded to the longest), each row keeps its own accepted prefix. Stats count per row, so tau
-    is tokens per row per call. `budget` caps the drafts verified per call, across rows, chosen by TETRIS
-    (select_drafts); dropping drafts never changes what is verified, so it stays lossless.
+    is tokens per row per call. `lengths` sets how far the rows draft and how many of each row's drafts are
+    verified (default FixedRows(gamma); SpecServe's cost model: specserve.SpecServe); a step whose rows verify no
+    drafts is a plain batched decoding call. `budget` caps the drafts verified per call, across rows, chosen by
+    TETRIS (select_drafts). Neither changes how a draft is verified, only how many there are: both stay lossless.
 
     Invariant: for every active row, the target's valid slots hold its context but the last token."""
     check_generator(temperature, generator)
@@ -224,20 +265,23 @@ def batch_speculative_generate(
     budgets = [min(max_new_tokens, target.config.max_position_embeddings - len(p)) for p in prompts]
     cache = RaggedCache(target, len(prompts))
     drafter.reset(prompts)
+    lengths = lengths or FixedRows(gamma)
+    lengths.reset(len(prompts))
     T = max(len(p) - 1 for p in prompts)
     if T > 0:  # prefill, right-padded: a shorter prompt leaves holes at the end
         positions, mask = cache.call_inputs([len(p) - 1 for p in prompts], [0] * len(prompts), T)
         target(pad([p[:-1] for p in prompts], T, device), cache.kv, positions=positions, attn_mask=mask)
     while rows:
         t0 = time.perf_counter()
-        # Near a row's end, every row drafts less: no row may write past its context (its budget), and all rows
-        # share the slots a call writes
-        g = min(gamma, min(budgets[r] for r in rows) - 1)
-        proposals = drafter.propose([contexts[r] for r in rows], g, warp, generator)  # 1. draft, every row
+        # 1. How far to draft. Near a row's end, every row drafts less: no row may write past its context (its
+        # budget), and all rows share the slots a call writes
+        g = min(lengths.gamma([budgets[r] - 1 for r in rows]), min(budgets[r] for r in rows) - 1)
+        proposals = drafter.propose([contexts[r] for r in rows], g, warp, generator)  # 2. draft, every row
         drafts = [d[: max(0, budgets[r] - 1)] for (d, _, _), r in zip(proposals, rows)]
-        if budget is not None:
-            keep = select_drafts([c for _, _, c in proposals], [len(d) for d in drafts], budget)
-            drafts = [d[:k] for d, k in zip(drafts, keep)]
+        keep = lengths.keep([len(d) for d in drafts], g)  # 3. how many of each row's drafts to verify ...
+        if budget is not None:  # ... and, under a budget per call, TETRIS's choice among those
+            keep = select_drafts([c for _, _, c in proposals], keep, budget)
+        drafts = [d[:k] for d, k in zip(drafts, keep)]
         qs = [q[: len(d)] if q is not None else None for (_, q, _), d in zip(proposals, drafts)]
         t1 = time.perf_counter()
         G = max(len(d) for d in drafts)
@@ -245,14 +289,14 @@ def batch_speculative_generate(
         s0 = cache.kv.length
         positions, mask = cache.call_inputs([1 + len(d) for d in drafts], [len(contexts[r]) - 1 for r in rows], 1 + G)
         tokens = pad([contexts[r][-1:] + d for r, d in zip(rows, drafts)], 1 + G, device)
-        logits = target(tokens, cache.kv, positions=positions, attn_mask=mask)  # 2. one call: [B, 1 + G, V]
+        logits = target(tokens, cache.kv, positions=positions, attn_mask=mask)  # 4. one call: [B, 1 + G, V]
         accepted, done = [], []
         seconds = dict(draft_seconds=(t1 - t0) / len(rows), verify_seconds=(time.perf_counter() - t1) / len(rows))
-        for i, (r, d, q) in enumerate(zip(rows, drafts, qs)):  # 3. verify each row on its own
+        for i, (r, d, q) in enumerate(zip(rows, drafts, qs)):  # 5. verify each row on its own
             row_logits = logits[i, : 1 + len(d)]
             p, draft_tokens = warp(row_logits), torch.tensor(d, dtype=torch.long, device=device)
             n, token = verifier.chain(row_logits, p, q, draft_tokens, generator)
-            cache.valid[i, s0 + 1 + n : s0 + 1 + G] = False  # 4. the rejected drafts become holes
+            cache.valid[i, s0 + 1 + n : s0 + 1 + G] = False  # 6. the rejected drafts become holes
             new, finished = cut_at_eot(d[:n] + [token], eot)
             compared = min(n + 1, len(d))
             stats.record(
@@ -268,10 +312,12 @@ def batch_speculative_generate(
             if finished or budgets[r] <= 0:
                 done.append(i)
         drafter.accept(accepted)
+        lengths.update([len(d) for d in drafts], accepted)  # 7. each row's acceptance, for the next lengths
         if done:  # finished rows leave the batch
             keep = [i for i in range(len(rows)) if i not in done]
             cache.keep_rows(keep)
             drafter.keep_rows(keep)
+            lengths.keep_rows(keep)
             rows = [rows[i] for i in keep]
     return [c[len(p) :] for c, p in zip(contexts, prompts)], stats
 

@@ -15,6 +15,7 @@ chosen by its flag (TABLES); the rows of the methods table come from the table o
     python bench.py --sweep-lookahead --prompts 8 -n 64        # Lookahead decoding's W, N, G on this machine
     python bench.py --sweep-exit --prompts 8 -n 64             # LayerSkip's early exit at every exit layer E
     python bench.py --batch 1,2,4,8,16,32 -n 64 --budget 8     # batched speculative decoding against batch size
+    python bench.py --batch 1,4,16,32 -n 32 --specserve        # ... with SpecServe's per-row lengths beside them
     python bench.py --samples 8 -t 1 -n 64                     # 8 samples of one prompt drafting for each other
     python bench.py --suite --prompts 10 -n 32                 # Spec-Bench for code: speedup per prompt category
     python bench.py --suite-all --prompts 10 -n 32             # ... every method (27 minutes on 2 CPU cores)
@@ -69,6 +70,7 @@ from prompts import completion_prompt, function_prompts
 from selfdraft import exit_topk_agreement, ppd_speedup, speed_speedup
 from specbench import read_questions, subsample
 from specdec import Stats, decode
+from specserve import SpecServe, StepCost, measured_step_cost
 from suite import suite_prompts
 from verify import Verifier
 
@@ -86,7 +88,7 @@ class Method:
     drafter: Drafter | Callable[[], object] | None
     use_tree: bool = False
     verifier: Verifier | None = None  # None: verify.exact
-    length: DraftLength | None = None  # None: a fixed gamma
+    length: DraftLength | None = None  # None: a fixed gamma (batched rows: a batched.RowLengths per row)
     temperature: float | None = None  # None: the run's -t
     budget: int | None = None  # batched rows: TETRIS's drafts per batched call (None: every draft)
     tokens: int = 0  # summed over prompts: tokens produced ...
@@ -680,7 +682,7 @@ def table_pipelined(b: Bench) -> None:
 
 def batched_rows(b: Bench) -> list[Method]:
     """Autoregressive, SpS, PLD and EAGLE-2 (one drafter per row, sharing the head), batched; TETRIS with
-    --budget, cross-sample lookup with --samples."""
+    --budget, cross-sample lookup with --samples, SpS and PLD with SpecServe's lengths with --specserve."""
     draft, eagle = draft_model(b.setup), make(DRAFTERS, "eagle", b.setup)
     rows = [
         Method("Autoregressive", NoDrafts),
@@ -696,6 +698,11 @@ def batched_rows(b: Bench) -> list[Method]:
         )
     if b.args.samples:  # n samples of one prompt: the others' text drafts for each sample
         rows.append(Method("Cross-sample lookup (multi-sample SD)", CrossSampleLookup))
+    if b.args.specserve:  # the same drafters, each step's lengths from the profiled cost model (specserve.py)
+        step = measured_step_cost(b.target, BatchModelDrafter(draft))  # a few seconds the first time
+        sps, pld = SpecServe(step), SpecServe(StepCost(step.verify))  # prompt lookup's drafting: not modelled
+        rows.append(Method("SpS + SpecServe (adaptive per-row length)", lambda: BatchModelDrafter(draft), length=sps))
+        rows.append(Method("PLD + SpecServe (adaptive per-row length)", BatchPromptLookup, length=pld))
     return rows
 
 
@@ -710,7 +717,9 @@ def decode_batch(b: Bench, m: Method, prompts: list[list[int]], n_new: int):
     )
     if m.use_tree:  # one tree drafter per row (batch_tree_speculative_generate)
         return batch_tree_speculative_generate(b.target, [m.drafter() for _ in prompts], prompts, n_new, **opts)
-    return batch_speculative_generate(b.target, m.drafter(), prompts, n_new, gamma=a.gamma, budget=m.budget, **opts)
+    return batch_speculative_generate(
+        b.target, m.drafter(), prompts, n_new, gamma=a.gamma, budget=m.budget, lengths=m.length, **opts
+    )
 
 
 def measure_batch(b: Bench, m: Method, prompts: list[list[int]]) -> Method:
@@ -761,9 +770,9 @@ def table_batch(b: Bench) -> None:
             ]
         )
         batches = [prompts[:B] for B in sizes]
-    rows = []
+    rows, methods = [], batched_rows(b)
     for prompts in batches:
-        for m in batched_rows(b):
+        for m in methods:
             rows.append(measure_batch(b, m, prompts))
             progress(a, f"batch {len(prompts)}: {m.name} done")
     progress(a, "batches done\n")
@@ -959,6 +968,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "draft selection, at most this many drafts verified per batched call",
     )
     ap.add_argument(
+        "--specserve",
+        action="store_true",
+        help="--batch/--samples: add rows of SpS and PLD whose draft lengths SpecServe chooses each step from a "
+        "profiled cost model of the batched step and each row's acceptance (0 when the batch is busy)",
+    )
+    ap.add_argument(
         "--plot",
         type=Path,
         default=None,
@@ -1005,6 +1020,7 @@ def check(a: argparse.Namespace) -> list:
                 "--budget caps batched calls: add --batch or --samples",
             ),
             (a.budget is not None and a.budget < 0, f"--budget must be >= 0, got {a.budget}"),
+            (a.specserve and not (a.batch or a.samples), "--specserve sizes batched drafts: add --batch or --samples"),
             (a.samples < 0 or a.samples == 1, f"--samples must be at least 2, got {a.samples}"),
             (a.samples > 0 and a.temperature == 0, "--samples draws several samples of one prompt: use -t > 0"),
             (plot is not None and not (a.batch or a.cost_curve), "--plot draws a curve: add --batch or --cost-curve"),

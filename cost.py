@@ -15,9 +15,12 @@ folder, and prints or plots it; draft_length.CostAware plans with it.
     curve = cached_cost_curve(target, tree=True)   # ~2 s the first time on the shipped target, then instant
     curve.ratio(5)                                 # a call of 5 tokens over a call of one
     print_cost_curve(curve)
+    batched = cached_batch_cost_curve(target)      # batched chain calls: ms against rows x tokens per row, a few s
+    batched.ms(16, 5)                              # 16 rows of 5 tokens (specserve.SpecServe plans with it)
 
-Timings are wall-clock medians of a few interleaved rounds after a warm-up; other processes on the same cores make
-them noisy (see CostCurve.spread), and on a CPU the thread count changes the whole curve, so it is part of the key.
+Timings are wall-clock medians of a few interleaved rounds after a warm-up (the batched curve's: the least of them);
+other processes on the same cores make them noisy (see CostCurve.spread), and on a CPU the thread count changes the
+whole curve, so it is part of the key.
 """
 
 import hashlib
@@ -38,6 +41,9 @@ from tree import Tree, tree_attention_mask, tree_positions
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # tokens per call that are measured; 1 is always among them
 PREFIX = 256  # tokens already cached before each measured call (a prompt of a few hundred tokens)
 CACHE_FORMAT = 1  # bump when the stored JSON changes, so that old files are measured afresh
+BATCHES = (1, 4, 16, 32)  # rows per batched call that are measured (BatchCostCurve); linear in between
+BATCH_SIZES = (1, 2, 3, 5, 9)  # tokens per row of a batched call: 0 to 8 drafts and the row's last token
+BATCH_PREFIX = 128  # cached slots per row before each batched call (bench.py --batch cuts its prompts to 128)
 # A curve whose repeats spread wider than this (max - min over the median) is used but not stored: with two
 # threads and another busy process on two cores a call can take 100x its quiet time, at random.
 KEEP_SPREAD = 1.0
@@ -52,18 +58,40 @@ class CostCurve:
 
     def ms(self, tokens: float, tree: bool = False) -> float:
         """Milliseconds of a call of `tokens` tokens, linear between measured sizes and beyond the last two."""
-        ys = self.tree_ms if tree and self.tree_ms is not None else self.chain_ms
-        xs = self.sizes
-        if len(xs) == 1:
-            return ys[0]
-        tokens = max(tokens, xs[0])
-        i = next((i for i in range(1, len(xs)) if tokens <= xs[i]), len(xs) - 1)  # the segment [xs[i-1], xs[i]]
-        slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
-        return ys[i - 1] + slope * (tokens - xs[i - 1])
+        return interpolate(self.sizes, self.tree_ms if tree and self.tree_ms is not None else self.chain_ms, tokens)
 
     def ratio(self, tokens: float, tree: bool = False) -> float:
         """A call of `tokens` tokens over a one-token call: Leviathan et al.'s verify cost v, measured."""
         return self.ms(tokens, tree) / self.ms(1, tree)
+
+
+def interpolate(xs: list[int], ys: list[float], x: float) -> float:
+    """ys at x, linear between the points (xs ascending), the first y below xs[0], the last segment's slope past
+    the last point."""
+    if len(xs) == 1:
+        return ys[0]
+    x = max(x, xs[0])
+    i = next((i for i in range(1, len(xs)) if x <= xs[i]), len(xs) - 1)  # the segment [xs[i-1], xs[i]]
+    slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[i - 1] + slope * (x - xs[i - 1])
+
+
+@dataclass
+class BatchCostCurve:
+    """What a batched chain call costs against both of its sizes: rows in the batch and tokens per row (the
+    batched loop pads every row to the longest chain, so a call of B rows carrying at most T tokens each costs
+    ms(B, T) whatever the rows' own lengths). Survey §9: the drafts that are free at batch 1 are paid for once
+    the batch fills the hardware."""
+
+    batches: list[int]  # rows per call, ascending, starting at 1
+    sizes: list[int]  # tokens per row, ascending, starting at 1
+    grid_ms: list[list[float]]  # grid_ms[i][j]: ms of a call of batches[i] rows of sizes[j] tokens each
+    spread: float = 0.0  # the worst (max - min) / median over the repeats of any cell
+
+    def ms(self, batch: float, tokens: float) -> float:
+        """Milliseconds of a call of `batch` rows of `tokens` tokens: linear in tokens along each measured batch
+        size, then linear in the batch size between them (and past the last two)."""
+        return interpolate(self.batches, [interpolate(self.sizes, row, tokens) for row in self.grid_ms], batch)
 
 
 # ---- measuring ------------------------------------------------------------------------------------------------
@@ -134,6 +162,53 @@ def measure_cost_curve(
     )
 
 
+@torch.inference_mode()
+def measure_batch_cost_curve(
+    model: Transformer,
+    batches: tuple[int, ...] = BATCHES,
+    sizes: tuple[int, ...] = BATCH_SIZES,
+    prefix: int = BATCH_PREFIX,
+    repeats: int = 3,
+) -> BatchCostCurve:
+    """Wall-clock ms of a batched chain call, as batched.batch_speculative_generate makes it (per-row positions
+    and an explicit [B, T, prefix + T] mask), of B rows of T new tokens after `prefix` cached slots, for each B in
+    `batches` and T in `sizes` (1 added to both), interleaved round by round as in measure_cost_curve. The least
+    of the repeats, not their median: the curve is read for ratios between cells, and other processes on the
+    cores only ever slow a call, at random, so the least is the closest to each call's own cost (with a dozen busy
+    processes on 2 cores, the median of a 2 ms call was 30 ms). The prefix is zeros written into the cache, not a
+    prefill: a call's cost does not depend on the values it attends to, and prefilling 32 rows would take longer
+    than all the measured calls."""
+    batches, sizes = sorted(set(batches) | {1}), sorted(set(sizes) | {1})
+    device = model.lm_head.weight.device
+    prefix = max(0, min(prefix, model.config.max_position_embeddings - sizes[-1]))
+    generator = torch.Generator().manual_seed(0)  # the tokens do not change the cost; a fixed draw anyway
+    calls = {}
+    for B in batches:
+        cache = model.new_cache(B)
+        for buf in cache.k + cache.v:
+            buf[:, :, :prefix].zero_()
+        cache.length = prefix
+        for T in sizes:
+            tokens = torch.randint(model.config.vocab_size, (B, T), generator=generator).to(device)
+            positions = (prefix + torch.arange(T, device=device)).expand(B, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = torch.cat([torch.ones(T, prefix, dtype=torch.bool, device=device), causal], dim=1).expand(B, T, -1)
+            calls[(B, T)] = (cache, tokens, positions, mask)
+    times: dict[tuple[int, int], list[float]] = {key: [] for key in calls}
+    for r in range(repeats + 1):
+        order = list(calls) if r % 2 else list(calls)[::-1]  # alternate the order: drift cancels out
+        for key in order:
+            cache, tokens, positions, mask = calls[key]
+            t0 = clock(device)
+            model(tokens, cache, positions=positions, attn_mask=mask)
+            elapsed = clock(device) - t0
+            cache.truncate(prefix)
+            if r:  # round 0 warms up
+                times[key].append(1000 * elapsed)
+    spread = max((max(ts) - min(ts)) / statistics.median(ts) for ts in times.values())
+    return BatchCostCurve(batches, sizes, [[min(times[(B, T)]) for T in sizes] for B in batches], spread)
+
+
 # ---- the per-machine cache ------------------------------------------------------------------------------------
 
 
@@ -191,14 +266,34 @@ def cached_cost_curve(
     A folder that cannot be written only costs the next run a measurement."""
     key = curve_key(model, sizes, tree, prefix)
     path = (directory or cache_dir()) / f"cost-{fingerprint(key)}.json"
+    return stored_or_measured(path, key, CostCurve, lambda: measure_cost_curve(model, sizes, tree, prefix), refresh)
+
+
+def cached_batch_cost_curve(
+    model: Transformer,
+    batches: tuple[int, ...] = BATCHES,
+    sizes: tuple[int, ...] = BATCH_SIZES,
+    prefix: int = BATCH_PREFIX,
+    directory: Path | None = None,
+    refresh: bool = False,
+) -> BatchCostCurve:
+    """cached_cost_curve for batched calls (measure_batch_cost_curve), stored beside the batch-1 curves."""
+    key = {**curve_key(model, sizes, False, prefix), "batches": sorted(set(batches) | {1})}
+    path = (directory or cache_dir()) / f"batch-cost-{fingerprint(key)}.json"
+    measure = lambda: measure_batch_cost_curve(model, batches, sizes, prefix)
+    return stored_or_measured(path, key, BatchCostCurve, measure, refresh)
+
+
+def stored_or_measured(path: Path, key: dict, kind: type, measure, refresh: bool):
+    """The curve of type `kind` stored at `path` under `key`, else measure() stored there if quiet enough."""
     if not refresh and path.is_file():
         try:
             stored = json.loads(path.read_text())
             if stored["key"] == key:
-                return CostCurve(**stored["curve"])
+                return kind(**stored["curve"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable or from another format: measure again
-    curve = measure_cost_curve(model, sizes, tree, prefix)
+    curve = measure()
     if curve.spread > KEEP_SPREAD:
         return curve
     try:

@@ -237,13 +237,18 @@ class Recorder(FixedLength):
         return torch.cat(features), torch.tensor(labels)
 
 
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Tokens a step of gamma drafts emits on average, (1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan et al. 2023,
+    eq. 1): the accepted drafts and the target's own token, each draft accepted with probability alpha."""
+    return gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
 def predicted_speedup(alpha: float, gamma: int, c: float, v: float = 1.0) -> float:
     """Leviathan et al. 2023's expected speedup of Algorithm 2 (Thm 3.8), with the verify call's cost as a
     parameter: (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + v)). alpha is the acceptance rate, c a draft
     token's cost and v the cost of the call of gamma + 1 tokens, both over a one-token target call (the paper
     takes v = 1, a call that costs the same whatever its length; on a CPU it does not)."""
-    tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens / (gamma * c + v)
+    return expected_tokens(alpha, gamma) / (gamma * c + v)
 
 
 def best_gamma(alpha: float, c: float, v: float = 1.0, most: int = 16) -> int:
@@ -252,6 +257,26 @@ def best_gamma(alpha: float, c: float, v: float = 1.0, most: int = 16) -> int:
 
 
 # ---- CostAware: gamma from the measured cost of the target's calls --------------------------------------------
+
+
+class AcceptanceEstimate:
+    """A running estimate of the per-draft acceptance rate alpha: a Beta(a, b) prior plus exponentially forgotten
+    counts of accepted drafts and rejections (CostAware's, and each row's in specserve.SpecServe). Each verify call
+    compares accepted + 1 drafts, or all of them when all pass, so its rejections are 0 or 1 (Stats.acceptance_rate);
+    every step forgets at `decay`, steps that drafted nothing too, so the estimate drifts back to the prior's mean."""
+
+    def __init__(self, prior: tuple[float, float], decay: float):
+        self.prior, self.decay = prior, decay
+        self.accepted, self.rejected = 0.0, 0.0  # forgotten counts since the generation started
+
+    @property
+    def alpha(self) -> float:
+        a, b = self.prior
+        return (a + self.accepted) / (a + b + self.accepted + self.rejected)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + (1.0 if accepted < drafted else 0.0)
 
 
 class CostAware(FixedLength):
@@ -298,15 +323,14 @@ class CostAware(FixedLength):
         self.reset()
 
     def reset(self) -> None:
-        self.accepted, self.rejected = 0.0, 0.0  # forgotten counts since the generation started
+        self.estimate = AcceptanceEstimate(self.prior, self.decay)
         self.levels: list[float] = []  # the tree being grown: each level's frontier mass
         self.nodes = 1
         self.gamma = self.best()
 
     @property
     def alpha(self) -> float:
-        a, b = self.prior
-        return (a + self.accepted) / (a + b + self.accepted + self.rejected)
+        return self.estimate.alpha
 
     def speedup(self, gamma: int) -> float:
         """Expected tokens per unit of time (one-token target calls) at this gamma, with the current alpha."""
@@ -316,8 +340,7 @@ class CostAware(FixedLength):
         return max(range(self.most + 1), key=self.speedup)  # ties: the shorter
 
     def update(self, drafted: int, accepted: int) -> None:
-        self.accepted = self.decay * self.accepted + accepted
-        self.rejected = self.decay * self.rejected + (1.0 if accepted < drafted else 0.0)
+        self.estimate.observe(drafted, accepted)
         self.gamma = self.best()
 
     def keep_growing(self, frontier_logprobs: list[float], depth: int) -> bool:
