@@ -306,9 +306,46 @@ def stored_or_measured(path: Path, key: dict, kind: type, measure, refresh: bool
     return curve
 
 
-def draft_cost(draft: Transformer, target_curve: CostCurve, directory: Path | None = None) -> float:
-    """Leviathan et al.'s c for a draft model: its one-token call over the target's (both cached per machine)."""
-    return cached_cost_curve(draft, sizes=(1,), directory=directory).ms(1) / target_curve.ms(1)
+@dataclass
+class DraftCost:
+    c: float  # the median over rounds of (the draft's one-token call) / (the target's one-token call)
+    spread: float = 0.0  # (max - min) / median of those ratios: how noisy the timing was
+
+
+@torch.inference_mode()
+def measure_draft_cost(draft: Transformer, target: Transformer, prefix: int = PREFIX, repeats: int = 9) -> DraftCost:
+    """Leviathan et al.'s c as one ratio: a one-token call of the draft, then one of the target, round by round,
+    each after `prefix` cached tokens. Two curves measured at different times can disagree by the load between
+    them (a c measured beside other work made -l cost draft nothing); within a round both see the same load."""
+    rounds = []
+    for model in (draft, target):
+        cache, device = model.new_cache(), model.lm_head.weight.device
+        p = max(0, min(prefix, cache.max_len - 1))
+        text = torch.randint(model.config.vocab_size, (1, p + 1), generator=torch.Generator().manual_seed(0))
+        text = text.to(device)
+        if p:
+            model(text[:, :p], cache)
+        rounds.append((call_for(model, cache, text[:, p:], False, p), cache, p, device))
+    ratios = []
+    for r in range(repeats + 1):
+        ms = []
+        for call, cache, p, device in rounds:
+            t0 = clock(device)
+            call()
+            ms.append(clock(device) - t0)
+            cache.truncate(p)
+        if r:  # round 0 warms up
+            ratios.append(ms[0] / ms[1])
+    c = statistics.median(ratios)
+    return DraftCost(c, (max(ratios) - min(ratios)) / c)
+
+
+def draft_cost(draft: Transformer, target: Transformer, directory: Path | None = None) -> float:
+    """Leviathan et al.'s c for a draft model (measure_draft_cost), cached per machine and pair of shapes."""
+    key = {"draft": curve_key(draft, (1,), False, PREFIX), "target": curve_key(target, (1,), False, PREFIX)}
+    key["draft_modules"] = sorted({type(m).__name__ for m in draft.modules()})  # a quantized copy: same config
+    path = (directory or cache_dir()) / f"draft-cost-{fingerprint(key)}.json"
+    return stored_or_measured(path, key, DraftCost, lambda: measure_draft_cost(draft, target), False).c
 
 
 # ---- showing --------------------------------------------------------------------------------------------------

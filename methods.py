@@ -294,7 +294,7 @@ def build_samd(s: Setup):
 def model_cost(s: Setup) -> float:
     """A draft model's one-token call over the target's, both measured once per machine (cost.py). The drafter
     holds the draft model (SpS, OSD, the cascade's; a draft of another tokenizer too)."""
-    return draft_cost(s.drafter.model, cached_cost_curve(s.target))
+    return draft_cost(s.drafter.model, s.target)
 
 
 def exit_cost(s: Setup) -> float:
@@ -310,7 +310,7 @@ def skip_cost(s: Setup) -> float:
 
 def quant_cost(s: Setup) -> float:
     """The quantized target's one-token call over the target's (the drafter's model), measured once per machine."""
-    return draft_cost(s.drafter.model, cached_cost_curve(s.target))
+    return draft_cost(s.drafter.model, s.target)
 
 
 DATASTORE = "python train.py data && python train.py datastore"

@@ -316,3 +316,20 @@ def test_greedy_identity_with_the_cli_built_policy(short_references, private_cac
     for prompt, ref in refs:
         out, _ = speculative_generate(target, d, prompt, len(ref), eot=enc.eot_token, draft_length=policy)
         assert out == ref
+
+
+def test_a_draft_cost_is_one_interleaved_ratio_cached_per_pair(monkeypatch, tmp_path):
+    draft, target = toy_model(0, vocab_size=16, max_len=64), toy_model(1, vocab_size=16, max_len=64, layers=3)
+    measured = cost.measure_draft_cost(draft, target, prefix=8, repeats=3)
+    assert measured.c > 0 and measured.spread >= 0  # a ratio of two timings: its value is the machine's
+    pairs = []
+
+    def fake(d, t):
+        pairs.append((d, t))
+        return cost.DraftCost(0.25, 0.1)
+
+    monkeypatch.setattr(cost, "measure_draft_cost", fake)
+    assert cost.draft_cost(draft, target, directory=tmp_path) == 0.25
+    assert cost.draft_cost(draft, target, directory=tmp_path) == 0.25 and len(pairs) == 1  # read back
+    cost.draft_cost(target, target, directory=tmp_path)  # another pair: measured on its own
+    assert len(pairs) == 2 and len(list(tmp_path.glob("draft-cost-*.json"))) == 2
