@@ -493,7 +493,7 @@ def table_verify(b: Bench) -> None:
 
 def table_draft_length(b: Bench) -> None:
     """Chain policies on the draft model (fixed at gamma and --max-gamma; those that stop early up to --max-gamma);
-    fixed and dynamic depth on EAGLE-2 trees."""
+    fixed, cost and the tree policies (dynamic depth, AdaEAGLE) on EAGLE-2 trees."""
     chosen, g, most = names(b.args.draft_length, DRAFT_LENGTHS, "--draft-length"), b.args.gamma, b.args.max_gamma
 
     def policy(name: str, gamma: int, use_tree: bool) -> Method:
@@ -511,7 +511,8 @@ def table_draft_length(b: Bench) -> None:
     rows += [policy("fixed", gamma, False) for gamma in sorted({g, most}) if "fixed" in chosen]
     chains = [n for n in chosen if n != "fixed" and DRAFT_LENGTHS[n].shape in ("chain", "both")]
     rows += [policy(n, g if n == "heuristic" else most, False) for n in chains]
-    rows += [policy(n, g, True) for n in ("fixed", "dynamic", "cost") if n in chosen]
+    trees = [n for n in chosen if n in ("fixed", "cost") or DRAFT_LENGTHS[n].shape == "tree"]
+    rows += [policy(n, g, True) for n in trees]
     report(b, rows, prompts_for(b), print_lengths)
 
 

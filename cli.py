@@ -142,8 +142,8 @@ def add_run_flags(ap: argparse.ArgumentParser) -> None:
         "--gamma",
         type=POSITIVE,
         default=4,
-        help="draft tokens per target call (chains); the most "
-        "for --draft-length confidence/svip/disco, the start for heuristic",
+        help="draft tokens per target call (chains; ouroboros: at least this many); the most "
+        "for --draft-length confidence/svip/disco/thompson, the start for heuristic",
     )
     g.add_argument("--tree-size", type=POSITIVE, default=12, help="drafted nodes per tree (EAGLE-2's m)")
     g.add_argument("--tree-depth", type=POSITIVE, default=6, help="deepest tree level (sam, samd: the chain length)")
@@ -238,6 +238,15 @@ def add_length_flags(d) -> None:
         type=UNIT,
         default=0.1,
         help="dynamic: stop growing the tree when the frontier's total path probability is below this",
+    )
+    d.add_argument(
+        "--thompson-prior",
+        type=bounded(float, lambda x: 0 < x < math.inf, "a finite number > 0"),
+        nargs=2,
+        metavar=("A", "B"),
+        default=[1.0, 1.0],
+        help="thompson: the Beta(A, B) prior on a draft's acceptance, as counts of accepted and rejected drafts "
+        "(1 1: uniform)",
     )
 
 

@@ -1,7 +1,10 @@
 """Draft-length control: how many tokens to draft before the target verifies (reading list, "Draft Length Control").
 
-A policy is consulted by the decoding loops and drafters at four points:
+A policy is consulted by the decoding loops and drafters at five points:
   gamma                               the most tokens a chain may draft this step
+  plan(context, features)             asked by the tree loop before each tree is drafted, with the target's last
+                                      hidden states of context[:-1] [len(context) - 1, C] (AdaEAGLE plans the
+                                      tree's depth from them; every other policy does nothing)
   keep_drafting(draft_logits, i)      asked by a chain drafter right after it drafted token i from draft_logits [V]
                                       (its raw, unwarped logits): draft token i + 1 too? Stopping keeps token i.
   keep_growing(frontier_logprobs, d)  asked by a dynamic tree drafter after growing level d: grow level d + 1?
@@ -18,6 +21,7 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -28,6 +32,8 @@ class DraftLength(Protocol):
     gamma: int  # the most tokens a chain drafts this step
 
     def reset(self) -> None: ...
+
+    def plan(self, context: list[int], features: Tensor) -> None: ...
 
     def keep_drafting(self, draft_logits: Tensor, i: int) -> bool: ...
 
@@ -48,6 +54,9 @@ class FixedLength:
         self.gamma = gamma
 
     def reset(self) -> None:
+        pass
+
+    def plan(self, context: list[int], features: Tensor) -> None:
         pass
 
     def keep_drafting(self, draft_logits: Tensor, i: int) -> bool:
@@ -358,3 +367,195 @@ class CostAware(FixedLength):
             - self.curve.ratio(self.nodes, tree=True)
         )
         return added <= 0 or gain / added > tokens / cost
+
+
+# ---- Thompson: EESD's Thompson-sampling control -----------------------------------------------------------------
+
+THOMPSON_STREAM = 0x5EED_7505  # XORed into --seed for the policy's own generator. The verifier's generator is seeded
+# with --seed itself, and two generators seeded alike draw the same uniforms: the policy's "go on" draws could line up
+# with the verifier's accept tests, and the length would then depend on them.
+
+
+class Thompson(FixedLength):
+    """EESD's Thompson-sampling control of the draft length, its Beta-TS (Liu et al. 2024, "Speculative Decoding via
+    Early-exiting for Faster LLM Inference with Thompson Sampling Control Mechanism", ACL Findings; survey §9, the
+    determination of the speculation length; the reading list files the paper under "Draft Models", for its early-exit
+    drafter, here -d earlyexit). Whether the target accepts a drafted token is a Bernoulli(theta) trial,
+    theta unknown and Beta(a, b) a posteriori. After each drafted token, theta is drawn from the posterior and then
+    the trial: drafting goes on if it comes up "accepted", at most gamma tokens. After each verification the
+    accepted drafts count as successes and a rejection, if there was one, as one failure (the drafts after it were
+    never compared, as in CostAware's counts). High acceptance moves the posterior up and the drafts grow; rejections
+    move it down and the drafts shrink. The prior is Beta(1, 1), uniform, by default.
+
+    Where this departs from the paper, and why:
+    - The decisions of a step read nothing of the draft, only the posterior, which changes only between steps. So
+      they are all drawn when the step's gamma is set: L tokens are L - 1 "go on"s then a "stop", or gamma - 1
+      "go on"s and the cap. That is the law of asking after each token (keep_drafting), and it also sizes
+      drafters that have no distribution and never ask (prompt lookup).
+    - Calibration-TS, the paper's variant that calibrates theta with the early exit's confidence, is not here
+      (-l confidence, svip and disco read the draft's confidence).
+    - The cap is --gamma, as for the other rules that stop drafting (confidence, svip, disco).
+    - The posterior starts from the prior at every generation (reset), and the generator from its seed, so that
+      every run reproduces on its own.
+    Randomness comes from the policy's own torch.Generator, seeded from --seed (THOMPSON_STREAM), never from the
+    sampling generator: the policy draws none of the uniforms that the drafter and the verifier draw. Lossless as
+    every policy here: the length depends on past verifications and the policy's own draws, never on the accept
+    tests of the step it sizes."""
+
+    def __init__(self, gamma: int, prior: tuple[float, float] = (1.0, 1.0), seed: int = 0):
+        if gamma < 1 or min(prior) <= 0:
+            raise ValueError("need gamma >= 1 and a prior with positive counts")
+        self.most, self.prior, self.seed = gamma, prior, seed
+        self.generator = torch.Generator().manual_seed(seed ^ THOMPSON_STREAM)
+        self.reset()
+
+    def reset(self) -> None:
+        self.generator.manual_seed(self.seed ^ THOMPSON_STREAM)
+        self.accepted, self.rejected = 0, 0  # successes and failures since the generation started
+        self.gamma = self.draw_length()
+
+    @property
+    def posterior(self) -> tuple[float, float]:
+        """(a, b) of the Beta posterior of a draft's acceptance probability."""
+        a, b = self.prior
+        return a + self.accepted, b + self.rejected
+
+    def draw_length(self) -> int:
+        """1 + the "go on"s before the first "stop", at most gamma: a fresh theta ~ Beta(a, b) and a trial after each
+        of the first gamma - 1 tokens (after the last, the cap stops). Always gamma - 1 pairs of draws, so the
+        generator's state after a step does not depend on where drafting stopped."""
+        n = self.most - 1
+        a, b = self.posterior
+        # Beta(a, b) is the first coordinate of Dirichlet(a, b), as torch.distributions.Beta samples it; this call
+        # takes an explicit generator, torch.distributions' .sample() would draw from the global one.
+        theta = torch._sample_dirichlet(
+            torch.tensor([[a, b]], dtype=torch.float64).repeat(n, 1), generator=self.generator
+        )
+        go_on = torch.rand(n, dtype=torch.float64, generator=self.generator) < theta[:, 0]  # [n]
+        stops = (~go_on).nonzero()
+        return int(stops[0]) + 1 if len(stops) else self.most
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.accepted += accepted
+        self.rejected += 1 if accepted < drafted else 0
+        self.gamma = self.draw_length()
+
+
+# ---- AdaEAGLE: the tree's depth, predicted before drafting -----------------------------------------------------
+
+
+def ldlp_input(embed: nn.Embedding, context: list[int], features: Tensor) -> Tensor:
+    """[2 C]: AdaEAGLE's LDLP input (§3.2), the target's embedding e and final-normed last hidden state f of the
+    last token of the validated prefix. That is context[-2]: its f predicted the target's own token context[-1],
+    the root of the next tree, which the target has not run yet. features [len(context) - 1, C], as the tree loop
+    holds them."""
+    e = embed(torch.tensor(context[-2], device=features.device))
+    return torch.cat([e, features[-1]]).float()
+
+
+def penalized_l1(predicted: Tensor, accepted: Tensor, penalty: float) -> Tensor:
+    """AdaEAGLE's loss (Eq. 4): |k_pred - k|, times `penalty` (lambda > 1) where k_pred < k. A prediction short of
+    the accepted length costs a whole extra target call, one too long only the draft's wasted levels; the minimiser
+    is the penalty / (1 + penalty) quantile of the accepted length."""
+    error = predicted - accepted
+    return torch.where(error < 0, -penalty * error, error).mean()
+
+
+class LengthPredictor(nn.Module):
+    """AdaEAGLE's Lightweight Draft Length Predictor (LDLP): [e; f] [..., 2 C] -> a real-valued draft length.
+    "A three-layer MLP with residual connections", the last hidden vector mapped to the scalar by a linear layer
+    (Zhang et al. 2024, §3.2 and §4.1): the first layer maps 2 C to `width`, the next two add their SiLU output to
+    their input. The inputs are standardised with the training set's mean and std, kept as buffers so that they are
+    saved with the weights (as DiscoClassifier's)."""
+
+    def __init__(self, hidden_size: int, width: int = 64):
+        super().__init__()
+        self.first = nn.Linear(2 * hidden_size, width)
+        self.residual = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+        self.out = nn.Linear(width, 1)
+        self.register_buffer("mean", torch.zeros(2 * hidden_size))
+        self.register_buffer("std", torch.ones(2 * hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., 2 C] -> predicted accepted length [...]"""
+        h = F.silu(self.first((x - self.mean) / self.std))
+        for layer in self.residual:
+            h = h + F.silu(layer(h))
+        return self.out(h).squeeze(-1)
+
+    def save(self, path: str | Path, most: int, penalty: float) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = {"hidden_size": len(self.mean) // 2, "width": self.first.out_features, "most": most, "penalty": penalty}
+        (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["LengthPredictor", int]:
+        """(predictor, the deepest length it was trained to predict: k_max of the traces of train.py adaeagle)."""
+        path = Path(path)
+        cfg = json.loads((path / "config.json").read_text())
+        model = cls(cfg["hidden_size"], cfg["width"])
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        return model.eval(), cfg["most"]
+
+
+class AdaEagle(FixedLength):
+    """AdaEAGLE (Zhang et al. 2024, "AdaEAGLE: Optimizing Speculative Decoding via Explicit Modeling of Adaptive
+    Draft Structures"; survey §9, the speculation length; reading list "Draft Length Control"): before each draft,
+    the Lightweight Draft Length Predictor reads the target's state and says how many tokens will be accepted, and
+    the drafter drafts that many, k = min(k_max, max(1, Round(LDLP(e, f)))) (Eq. 3). Other policies stop drafting
+    on what the draft outputs (DISCO, DDD, EAGLE-2's own scores); this one decides before the draft runs, from the
+    target's last hidden state, so it needs no threshold. Trained by `train.py adaeagle` with the penalised L1 loss
+    (penalized_l1) on the accepted lengths of full-depth drafts (DepthRecorder).
+
+    Where this departs from the paper, and why:
+      - The paper drafts chains (its Limitations leave trees for later work); here k is the depth of EAGLE-2's
+        dynamic tree: it grows at most k levels (keep_growing). `-d eagle --tree-width 1` grows a chain, the
+        paper's structure (a predictor for it would be trained on chains: train.py adaeagle --adaeagle-width 1).
+      - Labels: the levels the target accepted of trees grown to the drafter's depth k_max, at the start of each
+        step of a decoding run (DepthRecorder); the paper drafts k_max tokens from every position of the target's
+        greedy output and takes their common prefix with it. Ours sees the positions the policy is asked at, and
+        costs one decoding run per prompt instead of a draft per token.
+      - k >= 1: a tree always grows its first level (the paper allows k = 0, no draft).
+      - lambda is not reported in the paper; ours (2, in adaeagle/config.json) did best of 1, 1.5 and 2 in a
+        simulation of tokens per unit of time over held-out prompts. The MLP's width (64) and SiLU are ours too.
+      - Sizes and optimiser: the paper's LDLP sits on Vicuna-7B (C = 4096, width not given), trained on 68K
+        ShareGPT dialogues for 5 epochs (lr 5e-5, cosine, batch 128); ours on the shipped 384-wide target and
+        training-split code prompts (weights/README.md has the run). Inputs are standardised (our addition).
+      - AdaEAGLE-DDD (the paper's best: grow while under k or while the draft is confident) is not implemented."""
+
+    def __init__(self, predictor: LengthPredictor, embed: nn.Embedding, most: int):
+        self.gamma, self.predictor, self.embed, self.most = most, predictor, embed, most
+        self.depth = most  # the tree being drafted grows at most this many levels
+
+    def reset(self) -> None:
+        self.depth = self.most
+
+    @torch.inference_mode()
+    def plan(self, context: list[int], features: Tensor) -> None:
+        if len(features) == 0:  # a one-token prompt: no hidden state yet (the drafter drafts nothing either)
+            self.depth = self.most
+            return
+        predicted = float(self.predictor(ldlp_input(self.embed, context, features)))
+        self.depth = min(self.most, max(1, math.floor(predicted + 0.5)))
+
+    def keep_growing(self, frontier_logprobs: list[float], depth: int) -> bool:
+        return depth < self.depth
+
+
+class DepthRecorder(FixedLength):
+    """Lets trees grow to the drafter's depth and records every step: the position (the context's length), the
+    LDLP input planned on and how many levels the target accepted. AdaEAGLE's training data (train.py adaeagle):
+    labels are the accepted lengths observed when drafting at full depth."""
+
+    def __init__(self, embed: nn.Embedding):
+        self.gamma, self.embed, self.steps, self.pending = 0, embed, [], None
+
+    def plan(self, context: list[int], features: Tensor) -> None:
+        self.pending = (len(context), ldlp_input(self.embed, context, features)) if len(features) else None
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if self.pending is not None:
+            self.steps.append((*self.pending, accepted))
+        self.pending = None

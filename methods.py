@@ -22,6 +22,7 @@ from cost import cached_cost_curve, draft_cost
 from crossvocab import CrossVocabDrafter
 from draft_length import (
     SVIP,
+    AdaEagle,
     Adaptive,
     Confidence,
     CostAware,
@@ -30,6 +31,8 @@ from draft_length import (
     DynamicDepth,
     FixedLength,
     Heuristic,
+    LengthPredictor,
+    Thompson,
 )
 from drafters import ModelDrafter, PromptLookupDrafter
 from heads import EagleDrafter, HydraDrafter, MedusaDrafter
@@ -505,6 +508,22 @@ def build_disco(s: Setup):
     return Disco(s.opts.gamma, classifier, trained if s.opts.disco_threshold is None else s.opts.disco_threshold)
 
 
+def build_adaeagle(s: Setup):
+    """AdaEAGLE: the trained length predictor (weights/adaeagle), on the target's device, reading its embeddings."""
+    predictor, most = load_checked("AdaEAGLE length predictor", s.weights / "adaeagle", LengthPredictor.load)
+    width = len(predictor.mean) // 2
+    refuse(
+        [
+            (
+                width != s.target.config.hidden_size,
+                f"the AdaEAGLE predictor reads {width}-wide hidden states, the target's are "
+                f"{s.target.config.hidden_size}: python train.py adaeagle for this target",
+            )
+        ]
+    )
+    return AdaEagle(predictor.to(s.target.device), s.target.embed_tokens, most)
+
+
 def build_cost(s: Setup):
     """CostAware: the target's measured call-cost curve (cost.py, cached per machine) and the drafter's c."""
     entry = DRAFTERS[s.opts.drafter]
@@ -537,6 +556,13 @@ DRAFT_LENGTHS = {
         Entry("dynamic", "Dynamic Depth Decoding: stop growing an EAGLE-2 tree when its frontier is unlikely "
               "(Brown et al. 2024)", lambda s: DynamicDepth(s.opts.ddd_threshold), "tree", needs="dynamic",
               options=("ddd_threshold",)),
+        Entry("adaeagle", "AdaEAGLE: a small MLP on the target's last hidden state predicts each EAGLE-2 tree's depth "
+              "before it is drafted (Zhang et al. 2024)", build_adaeagle, "tree",
+              weights=("adaeagle/model.safetensors",), make="python train.py adaeagle", needs="dynamic"),
+        Entry("thompson", "EESD's Thompson sampling: a Beta posterior on a draft's acceptance, updated after each "
+              "verification, decides each step's length, at most gamma (Liu et al. 2024; survey §9)",
+              lambda s: Thompson(s.opts.gamma, tuple(s.opts.thompson_prior), s.opts.seed),
+              options=("thompson_prior",)),
     ]
 }
 # fmt: on

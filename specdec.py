@@ -256,7 +256,8 @@ def tree_speculative_generate(
 ) -> tuple[list[int], Stats]:
     """Token-tree speculative decoding (§6.3; SpecInfer, Medusa, EAGLE): draft a tree rooted at the last token,
     verify every node in ONE target call (tree attention mask, positions = prefix + depth), keep the accepted path.
-    The verifier and draft length work as in speculative_generate (draft_length.DynamicDepth cuts trees short).
+    The verifier and draft length work as in speculative_generate (draft_length.DynamicDepth cuts trees short;
+    draft_length.AdaEagle plans each tree's depth before it is drafted).
 
     Invariant as in speculative_generate; `features` holds the target's last hidden state of every cached token.
     """
@@ -274,6 +275,7 @@ def tree_speculative_generate(
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
+        length.plan(context, features)  # a policy may size the tree from the target's last hidden state (AdaEAGLE)
         tree = drafter.propose_tree(context, features, warp, generator, length.keep_growing)  # 1. draft
         tree = trim_tree(tree, budget - 1, cache.max_len - cache.length)
         t1 = time.perf_counter()

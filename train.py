@@ -8,6 +8,7 @@
     python train.py medusa      # target -> weights/medusa/ (4 Medusa heads on the frozen target)
     python train.py eagle       # target -> weights/eagle/  (one EAGLE decoder layer on the frozen target)
     python train.py disco       # target + draft -> weights/disco/ (DISCO's stop classifier, draft_length.py)
+    python train.py adaeagle    # target + eagle -> weights/adaeagle/ (AdaEAGLE's length predictor, draft_length.py)
     python train.py pass        # target -> weights/pass/  (PaSS's lookahead embeddings, maskpredict.py)
     python train.py layerskip   # target -> weights/layerskip.json (Draft & Verify's skip set, selfdraft.py)
     python train.py nar         # target + draft -> weights/nar/ (SpecDec's NAR drafter, nar.py)
@@ -37,15 +38,15 @@ import torch.nn.functional as F
 import corpus
 import pretrained
 import retrieval
-from draft_length import DiscoClassifier, Recorder
+from draft_length import DepthRecorder, DiscoClassifier, LengthPredictor, Recorder, penalized_l1
 from drafters import ModelDrafter
-from heads import EagleHead, HydraHeads, MedusaHeads, save_head
+from heads import EagleDrafter, EagleHead, HydraHeads, MedusaHeads, save_head
 from maskpredict import PassEmbeddings
 from model import ModelConfig, Transformer
 from nar import NarModel
 from prompts import function_prompts, is_heldout, stdlib_files
 from selfdraft import save_skip_set, search_skip_set
-from specdec import generate, speculative_generate
+from specdec import generate, speculative_generate, tree_speculative_generate
 from tokenizer import EOT, load_tokenizer, save_ranks, train_bpe
 
 HERE = Path(__file__).resolve().parent  # default locations are next to this file, wherever it is run from
@@ -552,6 +553,99 @@ def train_disco(args) -> None:
     print(f"saved disco: threshold {best[0]:.2f} ({best[1]:.1f} tokens/s estimated; threshold 0 = fixed gamma)")
 
 
+def adaeagle_traces(target: Transformer, drafter: EagleDrafter, prompts: list[list[int]], new: int) -> tuple:
+    """(LDLP inputs [N, 2 C], accepted levels [N], prompt index [N]) of every step of greedy EAGLE-2 decoding at
+    full depth, `new` tokens after each prompt. The run goes depth + 1 tokens further and those last steps are
+    dropped: the budget would have cut their trees short (specdec.trim_tree), and their labels with them."""
+    recorder, rows = DepthRecorder(target.embed_tokens), []
+    for k, prompt in enumerate(prompts):
+        recorder.steps = []
+        tree_speculative_generate(target, drafter, prompt, new + drafter.depth + 1, draft_length=recorder)
+        rows += [(x, accepted, k) for position, x, accepted in recorder.steps if position - len(prompt) <= new]
+    inputs = torch.stack([x for x, _, _ in rows]).clone()  # out of inference mode, to train on
+    return inputs, torch.tensor([float(a) for _, a, _ in rows]), torch.tensor([k for _, _, k in rows])
+
+
+def init_small(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Weights N(0, 1 / fan_in), biases 0, from an explicit generator: the same weights on every run."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0 * p)
+
+
+def fit_length_predictor(x: torch.Tensor, y: torch.Tensor, args, gen: torch.Generator) -> tuple:
+    """(LDLP, the best constant prediction, optimizer steps): AdamW on the penalised L1 (Eq. 4) in shuffled batches,
+    cosine learning rate, from weights drawn from `gen` and an output bias at the best constant, the
+    penalty / (1 + penalty) quantile of the labels y [N] of the inputs x [N, 2 C]."""
+    model, lam = LengthPredictor(x.shape[1] // 2, args.adaeagle_hidden), args.adaeagle_penalty
+    init_small(model, gen)
+    constant = torch.quantile(y, lam / (1 + lam))
+    with torch.no_grad():
+        model.mean, model.std = x.mean(0), x.std(0).clamp_min(1e-6)
+        model.out.bias.fill_(float(constant))
+    # strong decay: a few thousand rows of 768 inputs, which the MLP would otherwise learn by heart within epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1.0)
+    steps = args.adaeagle_epochs * math.ceil(len(y) / args.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(args.adaeagle_epochs):
+        for batch in torch.randperm(len(y), generator=gen).split(args.batch_size):
+            loss = penalized_l1(model(x[batch]), y[batch], lam)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+    return model, constant, steps
+
+
+def train_adaeagle(args) -> None:
+    """AdaEAGLE (Zhang et al. 2024; draft_length.AdaEagle): the Lightweight Draft Length Predictor, from the
+    target's embedding and last hidden state of the last accepted token to the levels of the next tree the target
+    will accept. Traces: the shipped EAGLE head growing trees of --adaeagle-depth levels (width and size as
+    specdec.py's defaults) for the shipped target, greedy, on training-split prompts; one row per step. The loss is
+    the paper's penalised L1 (Eq. 4); a tenth of the prompts are held out to report it beside the best constant
+    prediction (the penalty / (1 + penalty) quantile of the training labels)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    enc = load_tokenizer(Path(args.weights) / "tokenizer.tiktoken")
+    target = Transformer.from_pretrained(Path(args.weights) / "target")
+    w, most = args.adaeagle_width, args.adaeagle_depth
+    drafter = EagleDrafter.from_pretrained(
+        target, Path(args.weights) / "eagle", depth=most, width=w, beam=w, size=args.adaeagle_size
+    )
+    prompts = function_prompts(enc, args.adaeagle_prompts, args.adaeagle_context, heldout=False)
+    t0 = time.time()
+    x, y, prompt_of = adaeagle_traces(target, drafter, prompts, args.adaeagle_new)
+    counts = torch.bincount(y.long(), minlength=most + 1).tolist()
+    print(
+        f"traces: {len(prompts)} prompts, {len(y)} steps, {y.mean():.2f} levels accepted of {most} "
+        f"(steps accepting 0..{most}: {counts}) in {time.time() - t0:.0f}s",
+        flush=True,
+    )
+
+    gen = torch.Generator().manual_seed(args.seed)
+    held = torch.randperm(len(prompts), generator=gen)[: max(1, len(prompts) // 10)]
+    val = torch.isin(prompt_of, held)
+    fit = (~val).nonzero().squeeze(1)
+    lam, t0 = args.adaeagle_penalty, time.time()
+    model, constant, steps = fit_length_predictor(x[fit], y[fit], args, gen)
+    with torch.no_grad():
+        train_loss = penalized_l1(model(x[fit]), y[fit], lam)
+        predicted = model(x[val])
+        depth = (predicted + 0.5).floor().clamp(1, most)
+        val_loss = penalized_l1(predicted, y[val], lam)
+        base = penalized_l1(constant.expand(int(val.sum())), y[val], lam)
+        exact, near = (depth == y[val]).float().mean(), ((depth - y[val]).abs() <= 1).float().mean()
+        kept = (torch.minimum(depth, y[val]).sum() + val.sum()) / (y[val].sum() + val.sum())
+    print(
+        f"predictor: {steps} steps in {time.time() - t0:.0f}s, train loss {train_loss:.3f}, held-out loss "
+        f"{val_loss:.3f} (the best constant, {float(constant):.1f}: {base:.3f}); held-out depth = accepted "
+        f"{exact:.3f}, within one {near:.3f}; mean depth {depth.mean():.2f} of {most}, keeping about {kept:.3f} "
+        "of the tokens that full depth accepts",
+        flush=True,
+    )
+    model.save(Path(args.weights) / "adaeagle", most, lam)
+    print(f"saved {Path(args.weights) / 'adaeagle'}")
+
+
 def pass_layout(context: int, k: int, cuts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions [context + len(cuts) k] and attention mask (bool, square) for training PaSS on several cut points of
     one window at once: block b holds the k embeddings placed after token cuts[b], seeing tokens 0..cuts[b] and the
@@ -689,6 +783,7 @@ def main(stage: str, **args) -> None:
         "hydra": train_heads,
         "eagle": train_eagle,
         "disco": train_disco,
+        "adaeagle": train_adaeagle,
         "pass": train_pass,
         "corpus": build_corpus,
         "eval": evaluate,
@@ -720,6 +815,7 @@ if __name__ == "__main__":
             "hydra",
             "eagle",
             "disco",
+            "adaeagle",
             "pass",
             "layerskip",
             "nar",
@@ -801,6 +897,15 @@ if __name__ == "__main__":
     ap.add_argument("--disco-gamma", type=int, default=8, help="disco: drafts per step while tracing")
     ap.add_argument("--disco-hidden", type=int, default=32, help="disco: hidden width of the classifier")
     ap.add_argument("--disco-epochs", type=int, default=500, help="disco: full-batch Adam steps")
+    ap.add_argument("--adaeagle-prompts", type=int, default=480, help="adaeagle: training-split prompts to trace")
+    ap.add_argument("--adaeagle-context", type=int, default=128, help="adaeagle: prompt tokens")
+    ap.add_argument("--adaeagle-new", type=int, default=64, help="adaeagle: tokens generated per prompt")
+    ap.add_argument("--adaeagle-depth", type=int, default=6, help="adaeagle: tree depth while tracing (k_max)")
+    ap.add_argument("--adaeagle-width", type=int, default=2, help="adaeagle: tree width and beam while tracing")
+    ap.add_argument("--adaeagle-size", type=int, default=12, help="adaeagle: drafted nodes per tree while tracing")
+    ap.add_argument("--adaeagle-hidden", type=int, default=64, help="adaeagle: hidden width of the predictor")
+    ap.add_argument("--adaeagle-penalty", type=float, default=2.0, help="adaeagle: the loss's lambda (Eq. 4)")
+    ap.add_argument("--adaeagle-epochs", type=int, default=10, help="adaeagle: passes over the traces")
     ap.add_argument("--pass-tokens", type=int, default=4, help="pass: lookahead embeddings (drafts per call)")
     ap.add_argument("--pass-context", type=int, default=128, help="pass: training window in tokens")
     ap.add_argument("--pass-cuts", type=int, default=16, help="pass: contexts cut from each window, trained at once")
