@@ -26,7 +26,12 @@ chosen by its flag (TABLES); the rows of the methods table come from the table o
 """
 
 import argparse
+import contextlib
 import copy
+import datetime
+import io
+import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -994,6 +999,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "assisted generation with the draft), the peer a user would pick (needs transformers)",
     )
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
+    ap.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also append what the table prints (Markdown) to FILE, under a heading with the command, machine and date",
+    )
     ap.set_defaults(tree=False)  # variant rows set it (methods.Setup.with_opts)
     add_run_flags(ap)
     add_method_flags(ap)  # --online here asks for the OSD table; its knobs are the CLI's
@@ -1047,7 +1059,43 @@ def main(argv: list[str] | None = None) -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     (table,) = check(args)
     ck = load_target(args)
-    table(Bench(args, setup_for(args, ck), ck.enc, ck.eot, ck.chat, ck.end_of_turn, ck.folder))
+    bench = Bench(args, setup_for(args, ck), ck.enc, ck.eot, ck.chat, ck.end_of_turn, ck.folder)
+    if args.markdown is None:
+        return table(bench)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(Tee(sys.stdout, printed)):
+        table(bench)
+    with open(args.markdown, "a") as f:
+        f.write(f"{markdown_heading(argv if argv is not None else sys.argv[1:], args)}\n{printed.getvalue()}\n")
+
+
+class Tee:
+    """A stream that writes to several: the terminal and the Markdown being collected (--markdown)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def markdown_heading(argv: list[str], args: argparse.Namespace) -> str:
+    """### the command (less --markdown), then the machine and date it ran on: every table in docs/results.md says
+    where it is from."""
+    kept = [a for i, a in enumerate(argv) if not a.startswith("--markdown") and (i == 0 or argv[i - 1] != "--markdown")]
+    command = " ".join(["python bench.py", *(shlex.quote(a) for a in kept)])
+    machine = (
+        f"{cost.cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    if args.device.startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name(0)}; {machine}"
+    return f"### `{command}`\n{machine}, {'bf16' if args.bf16 else 'fp32'}, {datetime.date.today().isoformat()}\n"
 
 
 if __name__ == "__main__":

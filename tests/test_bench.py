@@ -1,6 +1,10 @@
 """bench.py's arithmetic, on hand-made counts: the suite's speedups are Spec-Bench's (evaluation/speed.py), the
 mean of a method's per-prompt tokens/s over the mean of the baseline's, "overall" pooling every category."""
 
+import argparse
+from pathlib import Path
+
+import bench
 from bench import Method, print_suite
 from suite import CATEGORIES
 
@@ -37,3 +41,14 @@ def test_overall_weighs_each_prompt_not_each_category(capsys):
     assert cells[len(CATEGORIES)] == f"{overall:.2f}x"
     unweighted = (4 + 2 * (len(CATEGORIES) - 1)) / len(CATEGORIES)  # the mean of the six speedups: not it
     assert cells[len(CATEGORIES)] != f"{unweighted:.2f}x"
+
+
+def test_the_markdown_heading_names_the_command_without_markdown_and_the_machine():
+    args = argparse.Namespace(markdown=Path("out.md"), device="cpu", bf16=False)
+    for argv in (
+        ["--pipelined", "--markdown", "out.md", "--prompts", "8"],
+        ["--pipelined", "--markdown=out.md", "--prompts", "8"],
+    ):
+        heading = bench.markdown_heading(argv, args)
+        assert heading.startswith("### `python bench.py --pipelined --prompts 8`\n"), heading
+        assert "fp32" in heading and "cores" in heading
