@@ -20,8 +20,8 @@ from model import KVCache
 from ouroboros import OuroborosDrafter, candidate_suffixes, lengthen, tail_phrases
 from specdec import generate, tree_speculative_generate, warp_for
 from tests.test_maskpredict import CacheChecked, keep_and_leak
-from tests.test_tree_decoding import first_child_always, sample_tree_decoding, toy_target
-from tests.toy import BrokenRule, chi_square, chi_square_critical, exact_joint, perturbed
+from tests.test_tree_decoding import first_child_always, toy_target, tree_law_chi_square
+from tests.toy import BrokenRule, perturbed
 from tree import Tree, children, keep_indices, path_to, root_to_leaf_paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,9 +282,7 @@ PROMPT = [1, 2, 3, 1, 2]
 
 
 def ouroboros_chi_square(n_samples: int, **opts):
-    samples, accept_counts = sample_tree_decoding(toy_ouroboros, PROMPT, n_samples, **WARPED, **opts)
-    stat, dof = chi_square(samples, exact_joint(toy_target(), PROMPT, 3, **WARPED))
-    return stat, chi_square_critical(dof), dof, accept_counts
+    return tree_law_chi_square(toy_ouroboros, PROMPT, WARPED, n_samples, **opts)
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from recycling import PAPER_TREE, RecyclingDrafter, cut_tree, rank_prior
 from specdec import tree_speculative_generate
-from tests.test_tree_decoding import MODEL_PROMPT, first_child_always, sample_tree_decoding, toy_target
-from tests.toy import BrokenRule, chi_square, chi_square_critical, exact_joint, toy_model
+from tests.test_tree_decoding import MODEL_PROMPT, first_child_always, toy_target, tree_law_chi_square
+from tests.toy import BrokenRule, toy_model
 from tree import check_tree_choices, children, depths, path_to
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,9 +197,7 @@ def toy_recycling():
 
 
 def recycling_chi_square(n_samples: int, **opts):
-    samples, accept_counts = sample_tree_decoding(toy_recycling, MODEL_PROMPT, n_samples, **WARPED, **opts)
-    stat, dof = chi_square(samples, exact_joint(toy_target(), MODEL_PROMPT, 3, **WARPED))
-    return stat, chi_square_critical(dof), dof, accept_counts
+    return tree_law_chi_square(toy_recycling, MODEL_PROMPT, WARPED, n_samples, **opts)
 
 
 @pytest.mark.slow

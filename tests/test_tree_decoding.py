@@ -185,12 +185,17 @@ def sample_tree_decoding(make_drafter, prompt, n_samples: int, seed: int = 0, **
     return np.concatenate([r[0] for r in results]), sum(r[1] for r in results)
 
 
-def chi_square_of_tree_decoding(drafter: str, warping: dict, n_samples: int, **opts):
-    """(statistic, critical value at alpha = 1e-3, dof, accept_counts) of tree-decoded samples vs the exact joint."""
-    make_drafter, prompt = TOY[drafter]
+def tree_law_chi_square(make_drafter, prompt, warping: dict, n_samples: int, **opts):
+    """(statistic, critical value at alpha = 1e-3, dof, accept_counts) of samples tree-decoded with the drafters
+    make_drafter() builds against toy_target()'s exact joint (the law test of every tree drafter)."""
     samples, accept_counts = sample_tree_decoding(make_drafter, prompt, n_samples, **warping, **opts)
     stat, dof = chi_square(samples, exact_joint(toy_target(), prompt, N_TOKENS, **warping))
     return stat, chi_square_critical(dof), dof, accept_counts
+
+
+def chi_square_of_tree_decoding(drafter: str, warping: dict, n_samples: int, **opts):
+    """tree_law_chi_square of one of the TOY drafters."""
+    return tree_law_chi_square(*TOY[drafter], warping, n_samples, **opts)
 
 
 # ModelDrafter (top-k siblings from a model) unwarped; prompt lookup (a trie of earlier matches) with every warper.
