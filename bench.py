@@ -423,7 +423,7 @@ def drafter_row(b: Bench, e: Entry, label: str, setup: Setup) -> Method:
     """The row of drafter `e`: -l if the setup names one (a variant's; bench.py's own -l picks the draft-length
     table, so it is unset wherever this runs), else the drafter's default draft length."""
     use_tree = e.shape == "tree" or setup.opts.tree
-    name = getattr(setup.opts, "draft_length", None) or default_length(e, use_tree)
+    name = getattr(setup.opts, "draft_length", None) or default_length(e, use_tree, b.args.temperature == 0)
     drafter = make(DRAFTERS, e.name, setup)
     length = None  # a fixed gamma; a policy that stops early may draft up to --max-gamma
     if name != "fixed":

@@ -382,8 +382,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
         "-l",
         "--draft-length",
         default=None,
-        help="draft-length policy (default: cost, or fixed on trees that do not grow level by level; all "
-        "lossless): " + choices_help(DRAFT_LENGTHS),
+        help="draft-length policy (default: cost at -t 0; fixed when sampling, so that --seed reproduces a sample "
+        "on any machine, and on trees that do not grow level by level; all lossless): " + choices_help(DRAFT_LENGTHS),
     )
     ap.add_argument(
         "--tree",
@@ -456,8 +456,8 @@ def choose(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Choice:
     drafter = entry(DRAFTERS, args.drafter, "drafter")
     rule = entry(VERIFIERS, args.verify, "--verify")
     use_tree = args.tree or drafter.shape == "tree"
-    length = entry(DRAFT_LENGTHS, args.draft_length or default_length(drafter, use_tree), "--draft-length")
     greedy = args.temperature == 0
+    length = entry(DRAFT_LENGTHS, args.draft_length or default_length(drafter, use_tree, greedy), "--draft-length")
     refuse(
         [
             (args.tree and drafter.shape == "chain", f"-d {drafter.name} drafts chains: drop --tree"),

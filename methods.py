@@ -136,10 +136,14 @@ def missing_files(entry: Entry, setup: Setup) -> str | None:
     return None
 
 
-def default_length(drafter: Entry, use_tree: bool) -> str:
+def default_length(drafter: Entry, use_tree: bool, greedy: bool = True) -> str:
     """The draft length a drafter runs with when -l is not given: its own, but on a tree that does not grow level by
-    level (a static or retrieved tree) nothing is sized, so fixed."""
-    return drafter.length if not use_tree or drafter.dynamic else "fixed"
+    level (a static or retrieved tree) nothing is sized, so fixed. When sampling, fixed too: -l cost chooses from
+    this machine's measured call costs, and a different gamma draws different uniforms, so the same --seed would
+    give another sample on another machine, or on a busy one (-l cost stays available)."""
+    if not greedy or (use_tree and not drafter.dynamic):
+        return "fixed"
+    return drafter.length
 
 
 def brings_fallback(rule: Entry, drafter: Entry, use_tree: bool, length_given: bool) -> bool:
