@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -103,6 +104,23 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def time_rounds(calls: dict, device: torch.device, repeats: int) -> dict:
+    """key -> ms of calls[key] = (run, reset) in each of `repeats` rounds, after a warm-up round. All calls are
+    interleaved round by round, in an order that alternates so that drift cancels out; reset (rolling a cache back)
+    runs after each, untimed."""
+    times = {key: [] for key in calls}
+    for r in range(repeats + 1):
+        for key in list(calls) if r % 2 else list(calls)[::-1]:
+            run, reset = calls[key]
+            t0 = clock(device)
+            run()
+            elapsed = clock(device) - t0
+            reset()
+            if r:  # round 0 warms up
+                times[key].append(1000 * elapsed)
+    return times
+
+
 def sample_tree(tokens: list[int]) -> Tree:
     """A tree of len(tokens) nodes, each node i > 0 under node (i - 1) // 2: a bushy tree like EAGLE-2's. Only its
     size matters to the cost (the mask is dense either way); its depths set the positions."""
@@ -142,16 +160,7 @@ def measure_cost_curve(
         model(text[:, :prefix], cache)
     kinds = [False, True] if tree else [False]
     calls = {(k, T): call_for(model, cache, text[:, prefix : prefix + T], k, prefix) for k in kinds for T in sizes}
-    times: dict[tuple[bool, int], list[float]] = {key: [] for key in calls}
-    for r in range(repeats + 1):
-        order = list(calls) if r % 2 else list(calls)[::-1]  # alternate the order: drift cancels out
-        for key in order:
-            t0 = clock(device)
-            calls[key]()
-            elapsed = clock(device) - t0
-            cache.truncate(prefix)
-            if r:  # round 0 warms up
-                times[key].append(1000 * elapsed)
+    times = time_rounds({key: (call, lambda: cache.truncate(prefix)) for key, call in calls.items()}, device, repeats)
     median = {key: statistics.median(ts) for key, ts in times.items()}
     spread = max((max(ts) - min(ts)) / median[key] for key, ts in times.items())
     return CostCurve(
@@ -193,18 +202,9 @@ def measure_batch_cost_curve(
             positions = (prefix + torch.arange(T, device=device)).expand(B, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             mask = torch.cat([torch.ones(T, prefix, dtype=torch.bool, device=device), causal], dim=1).expand(B, T, -1)
-            calls[(B, T)] = (cache, tokens, positions, mask)
-    times: dict[tuple[int, int], list[float]] = {key: [] for key in calls}
-    for r in range(repeats + 1):
-        order = list(calls) if r % 2 else list(calls)[::-1]  # alternate the order: drift cancels out
-        for key in order:
-            cache, tokens, positions, mask = calls[key]
-            t0 = clock(device)
-            model(tokens, cache, positions=positions, attn_mask=mask)
-            elapsed = clock(device) - t0
-            cache.truncate(prefix)
-            if r:  # round 0 warms up
-                times[key].append(1000 * elapsed)
+            run = partial(model, tokens, cache, positions=positions, attn_mask=mask)
+            calls[(B, T)] = (run, partial(cache.truncate, prefix))
+    times = time_rounds(calls, device, repeats)
     spread = max((max(ts) - min(ts)) / statistics.median(ts) for ts in times.values())
     return BatchCostCurve(batches, sizes, [[min(times[(B, T)]) for T in sizes] for B in batches], spread)
 
@@ -317,25 +317,17 @@ def measure_draft_cost(draft: Transformer, target: Transformer, prefix: int = PR
     """Leviathan et al.'s c as one ratio: a one-token call of the draft, then one of the target, round by round,
     each after `prefix` cached tokens. Two curves measured at different times can disagree by the load between
     them (a c measured beside other work made -l cost draft nothing); within a round both see the same load."""
-    rounds = []
-    for model in (draft, target):
+    calls = {}
+    for name, model in (("draft", draft), ("target", target)):
         cache, device = model.new_cache(), model.lm_head.weight.device
         p = max(0, min(prefix, cache.max_len - 1))
         text = torch.randint(model.config.vocab_size, (1, p + 1), generator=torch.Generator().manual_seed(0))
         text = text.to(device)
         if p:
             model(text[:, :p], cache)
-        rounds.append((call_for(model, cache, text[:, p:], False, p), cache, p, device))
-    ratios = []
-    for r in range(repeats + 1):
-        ms = []
-        for call, cache, p, device in rounds:
-            t0 = clock(device)
-            call()
-            ms.append(clock(device) - t0)
-            cache.truncate(p)
-        if r:  # round 0 warms up
-            ratios.append(ms[0] / ms[1])
+        calls[name] = (call_for(model, cache, text[:, p:], False, p), partial(cache.truncate, p))
+    times = time_rounds(calls, device, repeats)
+    ratios = [d / t for d, t in zip(times["draft"], times["target"])]  # round by round
     c = statistics.median(ratios)
     return DraftCost(c, (max(ratios) - min(ratios)) / c)
 
