@@ -150,10 +150,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, layer, cache, mask):
         B, T, _ = x.shape
@@ -178,9 +178,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Shazeer 2020)
@@ -204,16 +204,35 @@ class Block(nn.Module):
         return x
 
 
+FEW_ROWS = 8  # the longest call that Linear computes as (W @ x^T)^T: faster up to here, slower from 12 rows (below)
+
+
+class Linear(nn.Linear):
+    """nn.Linear, computed as (W @ x^T)^T for a call of at most FEW_ROWS rows. Same numbers up to summation order,
+    but on a CPU the matrix library streams W once for the call this way, where x @ W^T took about one pass per
+    row: SmolLM2's calls of 2-4 tokens cost 1.3-1.6x a one-token call as x @ W^T and 1.0-1.1x this way; from 12
+    rows on (prefill, large trees) x @ W^T was the faster (2-core CPU; bench.py --cost-curve shows the whole call).
+    Verify calls of 2-5 tokens are what speculative decoding makes, so this is where its calls were slow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # [N, C]
+        if rows.shape[0] > FEW_ROWS:
+            return super().forward(x)
+        y = (self.weight @ rows.T).T if self.bias is None else torch.addmm(self.bias[:, None], self.weight, rows.T).T
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 class LMHead(nn.Linear):
-    """The output projection, computed as (W @ h^T)^T rather than nn.Linear's h @ W^T. Same numbers up to summation
-    order, but on a CPU the matrix library streams a large W [V, C] once per call this way, where h @ W^T reads it
-    once per row for a few rows: SmolLM2's 49152 x 576 head took 2.3x a one-row call at 2 rows and 3.5x at 3, and
-    1.0x / 1.4x this way (bench.py --cost-curve shows the whole call). Verify calls of 2-4 tokens are what
-    speculative decoding makes, so this is where its calls were slow."""
+    """The output projection, always computed as (W @ h^T)^T (see Linear): SmolLM2's 49152 x 576 head took 2.3x a
+    one-row call at 2 rows and 3.5x at 3 as h @ W^T, 1.0x / 1.4x this way. One row goes in twice: a product with
+    one column is the library's matrix-vector routine, which ran that head on one thread in 9.8 ms here, where the
+    same product with two columns took 3.0 ms on two threads (and cost nothing measurable on the shipped head)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         rows = h.reshape(-1, h.shape[-1])  # [N, C]
-        return (self.weight @ rows.T).T.reshape(*h.shape[:-1], self.out_features)
+        columns = rows.repeat(2, 1) if rows.shape[0] == 1 else rows  # [max(N, 2), C]
+        logits = (self.weight @ columns.T).T[: rows.shape[0]]  # [N, V]
+        return logits.reshape(*h.shape[:-1], self.out_features)
 
 
 class Transformer(nn.Module):

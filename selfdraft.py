@@ -282,6 +282,9 @@ def quantized(target: Transformer, bits: int = 8) -> Transformer:
             warnings.simplefilter("ignore")
             import torch.ao.quantization as tq
 
+            for module in draft.layers.modules():  # torch.ao swaps a module by its exact type: nn.Linear
+                if isinstance(module, nn.Linear):
+                    module.__class__ = nn.Linear
             draft.layers = tq.quantize_dynamic(draft.layers, {nn.Linear: tq.per_channel_dynamic_qconfig})
         return draft
     for module in draft.layers.modules():

@@ -77,7 +77,7 @@ def test_the_folder_we_wrote_loads_through_the_folder_path_and_in_transformers(s
     ids = torch.tensor([smollm2.ck.enc.encode_ordinary(PROMPTS[1])])
     assert torch.equal(again.model(ids), smollm2.ck.model(ids))
     hf = theirs.transformers.AutoModelForCausalLM.from_pretrained(smollm2.folder, dtype=torch.float32).eval()
-    assert (hf(ids).logits - smollm2.ck.model(ids)).abs().max() < 1e-4
+    assert (hf(ids).logits - smollm2.ck.model(ids)).abs().max() < 5e-4  # another summation order (model.Linear)
     assert again.eot == smollm2.ck.eot == 2 and again.end_of_turn == 2  # <|im_end|> ends the turn and the text
 
 
