@@ -110,10 +110,12 @@ class Method:
     batched_calls: int = 0  # ... and how many batched calls there were
     peer: Callable | None = None  # a row that transformers decodes (peer.py): (prompt, n_new, eot, T, seed) -> ids
     length_name: str = "fixed"  # the draft-length policy's name (-l)
+    family: str = ""  # the drafter's taxonomy family (methods.Entry.family): the pictures' colours
 
     def again(self, **changes) -> "Method":
         """A fresh row with the same method (no measurements), some fields changed."""
         how = ("name", "drafter", "use_tree", "verifier", "length", "temperature", "budget", "peer", "length_name")
+        how += ("family",)
         return Method(**{**{k: getattr(self, k) for k in how}, **changes})
 
 
@@ -368,7 +370,9 @@ def mean_rate(methods: list[Method]) -> float:
 
 
 def spec_bench_speedup(methods: list[Method], baselines: list[Method]) -> float:
-    return mean_rate(methods) / mean_rate(baselines)
+    """nan where the baseline produced nothing (its outputs all ended at once: a sampled end of text)."""
+    base = mean_rate(baselines)
+    return mean_rate(methods) / base if base > 0 else float("nan")
 
 
 def print_suite(results: dict[str, list[Method]], temperature: float) -> None:
@@ -428,7 +432,7 @@ def drafter_row(b: Bench, e: Entry, label: str, setup: Setup) -> Method:
     length = None  # a fixed gamma; a policy that stops early may draft up to --max-gamma
     if name != "fixed":
         length = make(DRAFT_LENGTHS, name, setup.with_opts(gamma=b.args.max_gamma).with_drafter(drafter))
-    return Method(label, drafter, use_tree, length=length, length_name=name)
+    return Method(label, drafter, use_tree, length=length, length_name=name, family=e.family)
 
 
 def prompts_for(b: Bench) -> list[list[int]]:
@@ -442,6 +446,8 @@ def table_methods(b: Bench) -> None:
     report(b, rows, prompts_for(b), print_methods)
     if b.args.peer:
         print_peer_summary(rows)
+    if b.args.plot:
+        plot_speedup_tau(rows, b.args.plot, b.args.model or "the shipped weights")
 
 
 def peer_rows(b: Bench) -> list[Method]:
@@ -602,7 +608,9 @@ def table_suite(b: Bench) -> None:
     rows = drafter_rows(b, b.args.drafters or list(DRAFTERS if b.args.suite_all else SUITE_DRAFTERS), b.args.suite_all)
     categories = suite_prompts(b.enc, b.args.prompts)
     sizes = [len(c) for c in categories.values()]
-    run_categories(b, rows, categories, f"{min(sizes)}-{max(sizes)} held-out prompts per category", b.eot)
+    speedups = run_categories(b, rows, categories, f"{min(sizes)}-{max(sizes)} held-out prompts per category", b.eot)
+    if b.args.plot:
+        plot_categories(speedups, b.args.plot, f"Spec-Bench for code, {b.args.model or 'the shipped weights'}")
 
 
 def table_specbench(b: Bench) -> None:
@@ -618,28 +626,29 @@ def table_specbench(b: Bench) -> None:
     categories = {s: [b.chat(q) for q in qs] for s, qs in questions.items()}
     rows = drafter_rows(b, a.drafters or list(SUITE_DRAFTERS), variants=False)
     sizes = [len(c) for c in categories.values()]
-    run_categories(
-        b,
-        rows,
-        categories,
-        f"Spec-Bench ({a.specbench}), first turns, {min(sizes)}-{max(sizes)} questions per subtask, chat template",
-        b.end_of_turn,
-    )
+    source = f"Spec-Bench ({a.specbench}), first turns, {min(sizes)}-{max(sizes)} questions per subtask, chat template"
+    speedups = run_categories(b, rows, categories, source, b.end_of_turn)
+    if a.plot:
+        plot_categories(speedups, a.plot, f"Spec-Bench's questions, {a.model or 'the shipped weights'}")
 
 
-def run_categories(b: Bench, rows: list[Method], categories: dict[str, list[list[int]]], source: str, eot) -> None:
-    """Each row on each category's prompts at T 0 and then T 1, printed in Spec-Bench's Table 5 layout."""
+def run_categories(b: Bench, rows: list[Method], categories: dict[str, list[list[int]]], source: str, eot) -> dict:
+    """Each row on each category's prompts at T 0 and then T 1, printed in Spec-Bench's Table 5 layout; returns
+    {T: {category: {row name: speedup}}} for the picture."""
     a = b.args
     print(
         f"{source}, {a.max_new_tokens} new tokens max, gamma {a.gamma}, device {a.device}, "
         f"{'bf16' if a.bf16 else 'fp32'}"
     )
+    speedups = {}
     for t in (0.0, 1.0):
         results = {c: [m.again(temperature=t) for m in rows] for c in categories}
         for category, todo in categories.items():
             progress(a, f"T {t}, {category}: ")
             measure(b.target, results[category], todo, a, eot)
         print_suite(results, t)
+        speedups[t] = {c: {m.name: spec_bench_speedup([m], [ms[0]]) for m in ms} for c, ms in results.items()}
+    return speedups
 
 
 def table_cost_curve(b: Bench) -> None:
@@ -809,20 +818,79 @@ def print_batches(rows: list[Method]) -> None:
     )
 
 
-def plot_batches(rows: list[Method], path: Path) -> None:
-    import matplotlib  # an optional extra, checked before the run (matplotlib_missing)
+def pyplot():
+    """matplotlib's pyplot on its file-only backend: an optional extra, checked before the run (matplotlib_missing)."""
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
+def plot_batches(rows: list[Method], path: Path) -> None:
+    """Tokens per second of all rows against batch size, one line per batched method."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(m.name for m in rows):
         mine = [m for m in rows if m.name == name]
-        plt.plot([m.batch for m in mine], [m.tokens / m.seconds for m in mine], marker="o", label=name)
-    plt.xscale("log", base=2)
-    plt.xlabel("batch size")
-    plt.ylabel("tokens/s, all rows")
-    plt.legend()
-    plt.savefig(path, dpi=120)
+        ax.plot([m.batch for m in mine], [m.tokens / m.seconds for m in mine], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    sizes = sorted({m.batch for m in rows})
+    ax.set_xticks(sizes, [str(size) for size in sizes])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens/s, all rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def plot_speedup_tau(rows: list[Method], path: Path, what: str) -> None:
+    """Speedup over our autoregressive loop against tau (tokens per target call), one point per speculative row,
+    coloured by its family in the survey's taxonomy; transformers' rows (no tau reported) as dashed lines."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    base = rows[0]
+    ours = [m for m in rows[1:] if m.peer is None and m.stats.target_calls]
+    for i, family in enumerate(dict.fromkeys(m.family for m in ours)):
+        mine = [m for m in ours if m.family == family]
+        x, y = [m.stats.tau for m in mine], [m.tokens / m.seconds / (base.tokens / base.seconds) for m in mine]
+        ax.scatter(x, y, color=f"C{i}", label=family, alpha=0.8)
+    theirs = [m for m in rows if m.peer is not None]
+    for m in theirs[1:]:
+        ax.axhline(m.tokens / m.seconds / (base.tokens / base.seconds), color="gray", ls="--", lw=1)
+        ax.annotate(m.name, (ax.get_xlim()[0], m.tokens / m.seconds / (base.tokens / base.seconds)), fontsize=7)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("tau: tokens per target call")
+    ax.set_ylabel("speedup over our autoregressive loop")
+    ax.set_title(f"Every drafter on {what}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def plot_categories(speedups: dict, path: Path, what: str) -> None:
+    """Each row's speedup per category (run_categories), one group of bars per category, a panel per temperature."""
+    temperatures = list(speedups)
+    fig, axes = pyplot().subplots(1, len(temperatures), figsize=(11, 4), sharey=True, squeeze=False)
+    for ax, t in zip(axes[0], temperatures):
+        categories = list(speedups[t])
+        names = list(speedups[t][categories[0]])[1:]  # the first row is the baseline
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            x = [c + (i - (len(names) - 1) / 2) * width for c in range(len(categories))]
+            ax.bar(x, [speedups[t][c][name] for c in categories], width, label=name, color=f"C{i}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{what}, T = {t}", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("speedup over autoregressive")
+    axes[0][-1].legend(fontsize=7)
+    save(fig, path)
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
@@ -884,6 +952,9 @@ TABLES = {  # the flag that asks for a table: the function that measures and pri
     "cost_curve": table_cost_curve,
     "pipelined": table_pipelined,
 }
+
+
+PLOTTED = (table_methods, table_batch, table_cost_curve, table_suite, table_specbench)  # the tables --plot draws
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -983,7 +1054,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plot",
         type=Path,
         default=None,
-        help="--batch, --cost-curve: also draw the curve to this image file (needs matplotlib)",
+        help="also draw the table to this image file (needs matplotlib): the methods table speedup against tau, "
+        "--batch tokens/s against batch size, --cost-curve ms per call, --suite/--specbench speedup per category",
     )
     ap.add_argument("--online-package", default="httpx", help="--online: the held-out package the prompts come from")
     ap.add_argument(
@@ -1036,7 +1108,10 @@ def check(a: argparse.Namespace) -> list:
             (a.specserve and not (a.batch or a.samples), "--specserve sizes batched drafts: add --batch or --samples"),
             (a.samples < 0 or a.samples == 1, f"--samples must be at least 2, got {a.samples}"),
             (a.samples > 0 and a.temperature == 0, "--samples draws several samples of one prompt: use -t > 0"),
-            (plot is not None and not (a.batch or a.cost_curve), "--plot draws a curve: add --batch or --cost-curve"),
+            (
+                plot is not None and (tables or [table_methods])[0] not in PLOTTED,
+                "--plot draws the methods table, --batch, --cost-curve, --suite or --specbench",
+            ),
             (a.peer and transformers_missing(), "--peer runs transformers' generate: pip install transformers"),
             (
                 plot is not None and matplotlib_missing(),
@@ -1066,7 +1141,8 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.redirect_stdout(Tee(sys.stdout, printed)):
         table(bench)
     with open(args.markdown, "a") as f:
-        f.write(f"{markdown_heading(argv if argv is not None else sys.argv[1:], args)}\n{printed.getvalue()}\n")
+        heading = markdown_heading(argv if argv is not None else sys.argv[1:], args)
+        f.write(f"{heading}\n{markdown_body(printed.getvalue())}\n")
 
 
 class Tee:
@@ -1083,6 +1159,16 @@ class Tee:
     def flush(self) -> None:
         for stream in self.streams:
             stream.flush()
+
+
+def markdown_body(printed: str) -> str:
+    """What the bench printed, as Markdown: a table's rows stay together, every other line is a paragraph of its
+    own (a terminal shows one line per note or histogram, which Markdown would run together)."""
+    lines = [line for line in printed.splitlines() if line.strip()]
+    out = lines[:1]
+    for before, line in zip(lines, lines[1:]):
+        out.append(line if before.startswith("|") and line.startswith("|") else f"\n{line}")
+    return "\n".join(out) + "\n"
 
 
 def markdown_heading(argv: list[str], args: argparse.Namespace) -> str:

@@ -124,6 +124,7 @@ class Entry:
     cost: Callable[[Setup], float] | None = None  # -d: a draft token's cost over a one-token target call, for
     # -l cost, from the setup and its built drafter (None: no model runs, 0)
     bench: str = ""  # bench.py's row label (the summary's head when empty)
+    family: str = ""  # -d: its family in the survey's taxonomy (§5), which colours bench.py's pictures
     variants: tuple[tuple[str, dict], ...] = ()  # bench.py's extra rows: (label, flags changed)
 
 
@@ -333,93 +334,96 @@ DRAFTERS = {
               "EAGLE-2 tree; of another tokenizer than the target's: string-level drafts at -t 0, Token-Level "
               "Intersection above (Timor et al. 2025)", build_draft, "both", options=SIBLINGS + ("draft_model",
               "online", "online_lr", "online_every", "online_steps", "online_rows"), dynamic=True,
-              cost=model_cost, bench="SpS (draft model)",
+              cost=model_cost, bench="SpS (draft model)", family="draft model (§5.1)",
               variants=(("SpS tree (draft model, EAGLE-2 tree)", {"tree": True}),)),
         Entry("pld", "prompt lookup: copy what followed the last n-gram's earlier match (§5.1; LLMA, Yang et al. "
               "2023; Saxena 2023); "
               "--tree: several matches", lambda s: PromptLookupDrafter(depth=s.opts.tree_depth,
-              matches=s.opts.tree_width), "both", has_q=False, bench="PLD (prompt lookup)",
+              matches=s.opts.tree_width), "both", has_q=False, bench="PLD (prompt lookup)", family="retrieval (§5.1)",
               variants=(("PLD tree (several matches)", {"tree": True}),)),
         Entry("medusa", "Medusa heads on the target's hidden state, a static token tree (§5.2, §6.3; Cai et al. "
               "2024)", lambda s: MedusaDrafter.from_pretrained(s.target, s.weights / "medusa", **tree_shape(s.opts)),
               "tree", weights=("medusa/model.safetensors",), make="python train.py medusa",
-              bench="Medusa (static tree)"),
+              bench="Medusa (static tree)", family="heads (§5.2)"),
         Entry("hydra", "Hydra's sequentially dependent heads, a dynamic tree (§5.2; Ankner et al. 2024)",
               lambda s: HydraDrafter.from_pretrained(s.target, s.weights / "hydra", beam=s.opts.tree_width,
               sampled=s.opts.sampled_siblings, **tree_shape(s.opts)), "tree", weights=("hydra/model.safetensors",),
-              make="python train.py hydra", options=SIBLINGS, dynamic=True, bench="Hydra (dynamic tree)"),
+              make="python train.py hydra", options=SIBLINGS, dynamic=True, bench="Hydra (dynamic tree)",
+              family="heads (§5.2)"),
         Entry("eagle", "EAGLE's feature-level head with EAGLE-2's dynamic tree (§5.2, §6.3; Li et al. 2024)",
               lambda s: EagleDrafter.from_pretrained(s.target, s.weights / "eagle", depth=s.opts.tree_depth,
               beam=s.opts.tree_width, sampled=s.opts.sampled_siblings, **tree_shape(s.opts)), "tree",
               weights=("eagle/model.safetensors",), make="python train.py eagle", options=SIBLINGS, dynamic=True,
-              bench="EAGLE-2 (dynamic tree)"),
+              bench="EAGLE-2 (dynamic tree)", family="heads (§5.2)"),
         Entry("blockwise", "Blockwise Parallel Decoding: Medusa's heads, top-1 each, one chain (§3.2; Stern et al. "
               "2018)", build_blockwise, "tree", weights=("medusa/model.safetensors",), make="python train.py medusa",
-              bench="Blockwise (Medusa's heads, top-1 chain)"),
+              bench="Blockwise (Medusa's heads, top-1 chain)", family="heads (§5.2)"),
         Entry("jacobi", "Jacobi decoding: refine a block of guesses in the target call (§5.2; Santilli et al. 2023)",
               lambda s: JacobiDrafter(s.target, s.opts.jacobi_block), "tree", options=("jacobi_block",),
-              bench="Jacobi (block 4)"),
+              bench="Jacobi (block 4)", family="mask-predict (§5.2)"),
         Entry("lookahead", "Lookahead decoding: Jacobi's n-gram pool, verified in the same call (§5.2; Fu et al. "
               "2024)", lambda s: LookaheadDrafter(s.target, s.opts.lookahead_window, s.opts.lookahead_ngram,
               s.opts.lookahead_candidates), "tree", options=("lookahead_window", "lookahead_ngram",
-              "lookahead_candidates"), bench="Lookahead (W 3, N 3, G 3)"),
+              "lookahead_candidates"), bench="Lookahead (W 3, N 3, G 3)", family="mask-predict (§5.2)"),
         Entry("pass", "PaSS: learned lookahead embeddings in the target call (§5.2; Monea et al. 2023)",
               lambda s: PassDrafter.from_pretrained(s.target, s.weights / "pass"), "tree",
               weights=("pass/model.safetensors",), make="python train.py pass",
-              bench="PaSS (4 lookahead embeddings)"),
+              bench="PaSS (4 lookahead embeddings)", family="mask-predict (§5.2)"),
         Entry("rest", "REST: retrieval from a suffix array of the training split, a frequency trie (§5.1; He et al. "
               "2023)", lambda s: RestDrafter.load(s.data_dir, depth=s.opts.tree_depth, size=s.opts.tree_size),
               "tree", data=("train.bin", "datastore.npy"), make=DATASTORE, has_q=False,
-              bench="REST (suffix array of train split)"),
+              bench="REST (suffix array of train split)", family="retrieval (§5.1)"),
         Entry("suffix", "SuffixDecoding: suffix tries of this prompt and earlier outputs (§5.1; Oliaro et al. 2024)",
               lambda s: SuffixDrafter(depth=s.opts.tree_depth, size=s.opts.tree_size, alpha=s.opts.suffix_alpha),
               "tree", options=("suffix_alpha",), has_q=False,
-              bench="SuffixDecoding (suffix tries, learns across prompts)"),
+              bench="SuffixDecoding (suffix tries, learns across prompts)", family="retrieval (§5.1)"),
         Entry("sam", "SAM Decoding: suffix automata of the context and the training split, one chain (§5.1; Hu et "
               "al. 2024)", lambda s: SamDrafter.load(s.data_dir, depth=s.opts.tree_depth, size=s.opts.tree_size),
               "tree", data=("train.bin", "sam.npz"), make=DATASTORE, has_q=False,
-              bench="SAM Decoding (suffix automata)"),
+              bench="SAM Decoding (suffix automata)", family="retrieval (§5.1)"),
         Entry("samd", "SAM-Decoding[EAGLE-2]: the automata's chain where their match is long enough, EAGLE-2's "
               "tree otherwise (§5.1, §5.2; Hu et al. 2024)", build_samd, "tree",
               weights=("eagle/model.safetensors",), data=("train.bin", "sam.npz"),
               make=f"python train.py eagle (the EAGLE head) and {DATASTORE} (the automaton)",
-              options=("samd_threshold", "samd_bias"), bench="SAM-Decoding[EAGLE-2] (automata, else EAGLE-2 tree)"),
+              options=("samd_threshold", "samd_bias"), bench="SAM-Decoding[EAGLE-2] (automata, else EAGLE-2 tree)",
+              family="retrieval (§5.1)"),
         Entry("recycling", "Token Recycling: each token's top-k next tokens from every verify call, rejected "
               "candidates too, fill a static tree (§5.2, §6.3; Luo et al. 2024)", lambda s: RecyclingDrafter(
               s.target, size=s.opts.tree_size, depth=s.opts.tree_depth), "tree", has_q=False,
-              bench="Token Recycling (adjacency matrix, learns across prompts)",
+              bench="Token Recycling (adjacency matrix, learns across prompts)", family="retrieval (§5.1)",
               variants=(("Token Recycling (the paper's 80-node tree)", {"tree_size": 80}),)),
         Entry("cascade", "Cascade Speculative Drafting: prompt lookup drafts for the draft model (§5.1; Chen et al. "
               "2023)", lambda s: CascadeDrafter(draft_model(s), PromptLookupDrafter(), s.opts.cascade_horizontal),
               options=("draft_model", "cascade_horizontal"), cost=model_cost,
-              bench="CS Drafting (vertical: PLD under the draft model)",
+              bench="CS Drafting (vertical: PLD under the draft model)", family="draft model (§5.1)",
               variants=(("CS Drafting (vertical + horizontal: PLD after 2 model tokens)", {"cascade_horizontal": 2}),)),
         Entry("collective", "SpecInfer's collective tree: the draft model's tree, prompt lookup and REST, merged "
               "(§5.1, §6.3; Miao et al. 2024)", build_collective, "tree", options=("draft_model",),
-              bench="Collective tree (SpecInfer: draft model + PLD + REST)"),
+              bench="Collective tree (SpecInfer: draft model + PLD + REST)", family="draft model (§5.1)"),
         Entry("ouroboros", "Ouroboros: the draft model drafts at least --gamma tokens phrase by phrase (Lookahead "
               "decoding over a phrase pool), pool phrases lengthen the draft into a tree, and the target's outputs "
               "on rejected tails go back into the pool (§5.1, §6.3; Zhao et al. 2024)", build_ouroboros, "tree",
               options=("draft_model", "ouroboros_window", "ouroboros_ngram", "ouroboros_candidates",
               "ouroboros_suffixes", "ouroboros_warm"), has_q=False,
-              bench="Ouroboros (draft model phrase by phrase + pool suffixes)"),
+              bench="Ouroboros (draft model phrase by phrase + pool suffixes)", family="draft model (§5.1)"),
         Entry("layerskip", "Draft & Verify: the target with a searched set of sublayers skipped (§5.2; Zhang et al. "
               "2023)", build_layerskip, "both", weights=("layerskip.json",), make="python train.py layerskip",
               options=SIBLINGS, dynamic=True, cost=skip_cost, bench="Draft & Verify (sublayers skipped)",
+              family="early exit (§5.2)",
               variants=(("Draft & Verify, the paper's adaptive stop", {"draft_length": "adaptive"}),)),
         Entry("earlyexit", "LayerSkip: the first --exit-layer blocks draft into the target's own cache (§5.2; Elhoushi "
               "et al. 2024)", lambda s: EarlyExitDrafter(s.target, exit_layer(s)), options=("exit_layer",),
               cost=exit_cost,
-              bench="LayerSkip early exit (shared cache)"),
+              bench="LayerSkip early exit (shared cache)", family="early exit (§5.2)"),
         Entry("del", "DEL: the exit layer and draft length chosen every step (§5.2; Entezari Zarch et al. 2025)",
               lambda s: DynamicExitDrafter(s.target, exit_layer(s)), options=("exit_layer",), cost=exit_cost,
-              bench="DEL (exit layer and length chosen per step)"),
+              bench="DEL (exit layer and length chosen per step)", family="early exit (§5.2)"),
         Entry("quant", "ML-SpecQD: the target's own weights quantized, int8 or int4 (§5.2; Georganas et al. 2025)",
               build_quant, "both", options=SIBLINGS + ("quant_bits",), dynamic=True, cost=quant_cost,
-              bench="ML-SpecQD (int8 self-draft)"),
+              bench="ML-SpecQD (int8 self-draft)", family="early exit (§5.2)"),
         Entry("nar", "SpecDec's non-autoregressive drafter: k [MASK] queries, k drafts in one call (§5.1; Xia et "
               "al. 2023)", build_nar, weights=("nar/model.safetensors",), make="python train.py nar",
-              bench="SpecDec NAR drafter (k mask queries, one call)"),
+              bench="SpecDec NAR drafter (k mask queries, one call)", family="draft model (§5.1)"),
     ]
 }
 # fmt: on

@@ -4,6 +4,8 @@ mean of a method's per-prompt tokens/s over the mean of the baseline's, "overall
 import argparse
 from pathlib import Path
 
+import pytest
+
 import bench
 from bench import Method, print_suite
 from suite import CATEGORIES
@@ -52,3 +54,26 @@ def test_the_markdown_heading_names_the_command_without_markdown_and_the_machine
         heading = bench.markdown_heading(argv, args)
         assert heading.startswith("### `python bench.py --pipelined --prompts 8`\n"), heading
         assert "fp32" in heading and "cores" in heading
+
+
+def test_markdown_keeps_a_table_together_and_gives_every_other_line_its_own_paragraph():
+    printed = "settings line\n\n| a | b |\n|---|---|\n| 1 | 2 |\nhistogram one\nhistogram two\n"
+    assert bench.markdown_body(printed) == (
+        "settings line\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nhistogram one\n\nhistogram two\n"
+    )
+
+
+def test_the_pictures_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    base = bench.Method("Autoregressive", None, tokens=100, seconds=10.0)
+    rows = [base]
+    for i, family in enumerate(["retrieval (§5.1)", "heads (§5.2)"]):
+        m = bench.Method(f"row {i}", None, tokens=100, seconds=5.0 + i, family=family)
+        m.stats.target_calls, m.stats.produced = 40, 100
+        rows.append(m)
+    rows.append(bench.Method("transformers prompt lookup", None, tokens=100, seconds=7.0, peer=lambda *a: []))
+    bench.plot_speedup_tau(rows, tmp_path / "tau.png", "toy rows")
+    speedups = {t: {c: {"Autoregressive": 1.0, "PLD": 1.2 + t} for c in ("qa", "math")} for t in (0.0, 1.0)}
+    bench.plot_categories(speedups, tmp_path / "categories.png", "toy")
+    for name in ("tau.png", "categories.png"):
+        assert (tmp_path / name).stat().st_size > 1000

@@ -265,7 +265,7 @@ def test_argparse_errors_are_one_line_with_exit_code_2_too(cli):
         ["-g", "0"],
         ["--batch", "0,2"],
         ["--samples", "3"],
-        ["--plot", "curve.png"],
+        ["--verify", "exact,topk", "--plot", "curve.png"],  # a table --plot does not draw
         ["--suite-all", "--batch", "2"],
         ["--batch", "1", "--plot", "no/such/dir/c.png"],
         ["--batch", "1", "--plot", "curve.xyz"],

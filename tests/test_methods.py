@@ -40,6 +40,8 @@ def test_the_tables_agree_with_each_other():
     assert all(e.length in DRAFT_LENGTHS for e in DRAFTERS.values())  # a drafter's default policy exists
     assert all(new in DRAFTERS and old not in DRAFTERS for old, new in RENAMED.items())
     assert all(e.bench for e in DRAFTERS.values())  # every drafter has a bench.py row
+    families = {e.family for name, e in DRAFTERS.items() if name != "none"}
+    assert "" not in families and all(re.search(r"\(§5\.[12]\)$", f) for f in families)  # the pictures' colours
 
 
 @pytest.mark.parametrize("dest", OPTIONS)
