@@ -204,19 +204,20 @@ class Block(nn.Module):
         return x
 
 
-FEW_ROWS = 8  # the longest call that Linear computes as (W @ x^T)^T: faster up to here, slower from 12 rows (below)
+FEW_ROWS = 4  # the longest call that Linear computes as (W @ x^T)^T: faster from 2 rows to here, slower from 5
 
 
 class Linear(nn.Linear):
-    """nn.Linear, computed as (W @ x^T)^T for a call of at most FEW_ROWS rows. Same numbers up to summation order,
+    """nn.Linear, computed as (W @ x^T)^T for a call of 2 to FEW_ROWS rows. Same numbers up to summation order,
     but on a CPU the matrix library streams W once for the call this way, where x @ W^T took about one pass per
-    row: SmolLM2's calls of 2-4 tokens cost 1.3-1.6x a one-token call as x @ W^T and 1.0-1.1x this way; from 12
-    rows on (prefill, large trees) x @ W^T was the faster (2-core CPU; bench.py --cost-curve shows the whole call).
-    Verify calls of 2-5 tokens are what speculative decoding makes, so this is where its calls were slow."""
+    row: SmolLM2's calls of 2-4 tokens cost 72-95 ms as x @ W^T and 53-65 ms this way, a one-token call 54-59 ms;
+    at 5-8 rows x @ W^T was the faster, 71-75 ms against 81-94 (medians of 12 interleaved calls, 2-core CPU; the
+    shipped target alike). Verify calls of 2-4 tokens are what speculative decoding makes most. One row stays a
+    matrix-vector product in nn.Linear's form, which measured 10% faster than W @ x on the shipped target."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [N, C]
-        if rows.shape[0] > FEW_ROWS:
+        if not 2 <= rows.shape[0] <= FEW_ROWS:
             return super().forward(x)
         y = (self.weight @ rows.T).T if self.bias is None else torch.addmm(self.bias[:, None], self.weight, rows.T).T
         return y.reshape(*x.shape[:-1], self.out_features)
