@@ -115,8 +115,13 @@ class Method:
     def again(self, **changes) -> "Method":
         """A fresh row with the same method (no measurements), some fields changed."""
         how = ("name", "drafter", "use_tree", "verifier", "length", "temperature", "budget", "peer", "length_name")
-        how += ("family",)
+        how = (*how, "family")
         return Method(**{**{k: getattr(self, k) for k in how}, **changes})
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Over every prompt of the row: its tokens over its wall time."""
+        return self.tokens / self.seconds
 
 
 @dataclass
@@ -229,7 +234,7 @@ SPEED = (
 def speed_columns(m: Method, base: Method) -> str:
     """tau = tokens emitted per target call; mean accepted length = accepted drafts + 1 per call (vLLM's, Spec-Bench's);
     acceptance = accepted / compared drafts (Leviathan et al.'s alpha), then the same at each draft position."""
-    rate, base_rate = m.tokens / m.seconds, base.tokens / base.seconds
+    rate, base_rate = m.tokens_per_second, base.tokens_per_second
     s = m.stats
     if m.peer is not None:  # transformers does not say how many calls it made
         return f"- | - | - | - | {rate:.1f} | {rate / base_rate:.2f}x"
@@ -467,7 +472,7 @@ def print_peer_summary(rows: list[Method]) -> None:
     ours, theirs = [m for m in rows if m.peer is None], [m for m in rows if m.peer is not None]
 
     def rate(m: Method) -> float:
-        return m.tokens / m.seconds
+        return m.tokens_per_second
 
     mine, peers = max(ours[1:], key=rate), max(theirs[1:], key=rate)
     print(
@@ -797,10 +802,10 @@ def table_batch(b: Bench) -> None:
 
 
 def print_batches(rows: list[Method]) -> None:
-    base = {m.batch: m.tokens / m.seconds for m in rows if m.drafter is NoDrafts}
+    base = {m.batch: m.tokens_per_second for m in rows if m.drafter is NoDrafts}
 
     def row(m: Method) -> str:  # the Stats' draft time is the whole batch's
-        s, calls, rate = m.stats, max(1, m.batched_calls), m.tokens / m.seconds
+        s, calls, rate = m.stats, max(1, m.batched_calls), m.tokens_per_second
         accepted = f"{s.acceptance_rate:.2f}" if s.drafted else "-"
         # overhead: setting up the caches and drafters, masks and positions, each row's acceptance rule (Python,
         # row by row), dropping finished rows. The drafters' own prefill counts as drafting.
@@ -839,7 +844,7 @@ def plot_batches(rows: list[Method], path: Path) -> None:
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(m.name for m in rows):
         mine = [m for m in rows if m.name == name]
-        ax.plot([m.batch for m in mine], [m.tokens / m.seconds for m in mine], marker="o", label=name)
+        ax.plot([m.batch for m in mine], [m.tokens_per_second for m in mine], marker="o", label=name)
     ax.set_xscale("log", base=2)
     sizes = sorted({m.batch for m in rows})
     ax.set_xticks(sizes, [str(size) for size in sizes])
@@ -854,16 +859,18 @@ def plot_speedup_tau(rows: list[Method], path: Path, what: str) -> None:
     """Speedup over our autoregressive loop against tau (tokens per target call), one point per speculative row,
     coloured by its family in the survey's taxonomy; transformers' rows (no tau reported) as dashed lines."""
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
-    base = rows[0]
+
+    def speedup(m: Method) -> float:
+        return m.tokens_per_second / rows[0].tokens_per_second
+
     ours = [m for m in rows[1:] if m.peer is None and m.stats.target_calls]
     for i, family in enumerate(dict.fromkeys(m.family for m in ours)):
         mine = [m for m in ours if m.family == family]
-        x, y = [m.stats.tau for m in mine], [m.tokens / m.seconds / (base.tokens / base.seconds) for m in mine]
-        ax.scatter(x, y, color=f"C{i}", label=family, alpha=0.8)
+        ax.scatter([m.stats.tau for m in mine], [speedup(m) for m in mine], color=f"C{i}", label=family, alpha=0.8)
     theirs = [m for m in rows if m.peer is not None]
     for m in theirs[1:]:
-        ax.axhline(m.tokens / m.seconds / (base.tokens / base.seconds), color="gray", ls="--", lw=1)
-        ax.annotate(m.name, (ax.get_xlim()[0], m.tokens / m.seconds / (base.tokens / base.seconds)), fontsize=7)
+        ax.axhline(speedup(m), color="gray", ls="--", lw=1)
+        ax.annotate(m.name, (ax.get_xlim()[0], speedup(m)), fontsize=7)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xlabel("tau: tokens per target call")
     ax.set_ylabel("speedup over our autoregressive loop")

@@ -150,10 +150,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size)
 
     def forward(self, x, cos, sin, layer, cache, mask):
         B, T, _ = x.shape
@@ -178,9 +178,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Shazeer 2020)
@@ -208,19 +208,22 @@ FEW_ROWS = 4  # the longest call that Linear computes as (W @ x^T)^T: faster fro
 
 
 class Linear(nn.Linear):
-    """nn.Linear, computed as (W @ x^T)^T for a call of 2 to FEW_ROWS rows. Same numbers up to summation order,
-    but on a CPU the matrix library streams W once for the call this way, where x @ W^T took about one pass per
-    row: SmolLM2's calls of 2-4 tokens cost 72-95 ms as x @ W^T and 53-65 ms this way, a one-token call 54-59 ms;
-    at 5-8 rows x @ W^T was the faster, 71-75 ms against 81-94 (medians of 12 interleaved calls, 2-core CPU; the
-    shipped target alike). Verify calls of 2-4 tokens are what speculative decoding makes most. One row stays a
-    matrix-vector product in nn.Linear's form, which measured 10% faster than W @ x on the shipped target."""
+    """nn.Linear without a bias, computed as (W @ x^T)^T for a call of 2 to FEW_ROWS rows. Same numbers up to
+    summation order, but on a CPU the matrix library streams W once for the call this way, where x @ W^T took about
+    one pass per row: SmolLM2's calls of 2-4 tokens cost 72-95 ms as x @ W^T and 53-65 ms this way, a one-token
+    call 54-59 ms; at 5-8 rows x @ W^T was the faster, 71-75 ms against 81-94 (medians of 12 interleaved calls,
+    2-core CPU; the shipped target alike). Verify calls of 2-4 tokens are what speculative decoding makes most. One
+    row stays a matrix-vector product in nn.Linear's form, which measured 10% faster than W @ x on the shipped
+    target."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)  # Llama's projections have none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [N, C]
         if not 2 <= rows.shape[0] <= FEW_ROWS:
             return super().forward(x)
-        y = (self.weight @ rows.T).T if self.bias is None else torch.addmm(self.bias[:, None], self.weight, rows.T).T
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return (self.weight @ rows.T).T.reshape(*x.shape[:-1], self.out_features)
 
 
 class LMHead(nn.Linear):
