@@ -136,22 +136,22 @@ section "Spec-Bench for code" \
 section "The verify-cost curve of SmolLM2" \
     "The same measurement on SmolLM2-135M-Instruct.
 
-![ms per target call against tokens per call, SmolLM2](cost-curve-smollm2.png)" \
-    --model smollm2 --cost-curve --plot "$out/cost-curve-smollm2.png"
+![ms per target call against tokens per call, SmolLM2](cost-curve-pretrained.png)" \
+    --model smollm2 --cost-curve --plot "$out/cost-curve-pretrained.png"
 
 section "Every training-free drafter on SmolLM2" \
     "Every drafter that needs no weights trained for SmolLM2 (those that do are left out with a note), and transformers' generate on the same weights.
 
-![speedup against tau, SmolLM2](speedup-tau-smollm2.png)" \
-    --model smollm2 --prompts "$prompts" -n "$n" --peer ${drafters[@]+"${drafters[@]}"} --plot "$out/speedup-tau-smollm2.png"
+![speedup against tau, SmolLM2](speedup-tau-pretrained.png)" \
+    --model smollm2 --prompts "$prompts" -n "$n" --peer ${drafters[@]+"${drafters[@]}"} --plot "$out/speedup-tau-pretrained.png"
 
 if [ -f "$specbench" ]; then
     section "Spec-Bench on SmolLM2" \
         "Spec-Bench's own questions (first turns, chat template): prompt lookup per subtask, T 0 and 1.
 
-![speedup per Spec-Bench subtask, SmolLM2](specbench-smollm2.png)" \
+![speedup per Spec-Bench subtask, SmolLM2](specbench-pretrained.png)" \
         --model smollm2 --specbench "$specbench" --per-category "$per_category" -n 32 --drafters pld \
-        --plot "$out/specbench-smollm2.png"
+        --plot "$out/specbench-pretrained.png"
 else
     echo "regenerate.sh: no Spec-Bench questions at $specbench: that section is left out (set SPECBENCH)" >&2
 fi
