@@ -10,7 +10,9 @@ the curve need not even be monotone: the matrix library picks its kernel by the 
 
 This module measures the curve once per machine (ms per call of T new tokens after a realistic prefix, for draft
 chains and for token trees, which add a tree mask and their own positions), caches it under the user's cache
-folder, and prints or plots it; draft_length.CostAware plans with it.
+folder, and prints or plots it; draft_length.CostAware plans with it. A stored curve is trusted only after a quick
+re-measurement of a few sizes agrees with it (curve_holds), at most every CHECK_AFTER seconds, and the key holds a
+hash of model.py: a curve stored under a crowded machine or older code is measured again, not planned with.
 
     curve = cached_cost_curve(target, tree=True)   # ~2 s the first time on the shipped target, then instant
     curve.ratio(5)                                 # a call of 5 tokens over a call of one
@@ -24,7 +26,9 @@ whole curve, so it is part of the key.
 """
 
 import hashlib
+import inspect
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,6 +52,12 @@ BATCH_PREFIX = 128  # cached slots per row before each batched call (bench.py --
 # A curve whose repeats spread wider than this (max - min over the median) is used but not stored: with two
 # threads and another busy process on two cores a call can take 100x its quiet time, at random.
 KEEP_SPREAD = 1.0
+# A stored curve is measured afresh when a quick re-measurement (CHECK_SIZES, chain calls, 3 rounds) finds any of its
+# ratios off by this factor: a curve can be stored quiet and still wrong, e.g. measured while other work crowded
+# the cores (calls of 2-32 tokens at 13-17x a one-token call, steadily, seen after a test run on this machine).
+RECHECK = 1.5
+CHECK_SIZES = (1, 2, 4, 8)
+CHECK_AFTER = 600.0  # seconds: a curve checked this recently is used unchecked (bench.py builds a policy per row)
 
 
 @dataclass
@@ -230,6 +240,7 @@ def curve_key(model: Transformer, sizes: tuple[int, ...], tree: bool, prefix: in
     device = str(w.device) + (f" {torch.cuda.get_device_name(w.device)}" if w.device.type == "cuda" else "")
     return {
         "format": CACHE_FORMAT,
+        "code": code_version(),
         "config": asdict(model.config),
         "dtype": str(w.dtype),
         "device": device,
@@ -242,6 +253,11 @@ def curve_key(model: Transformer, sizes: tuple[int, ...], tree: bool, prefix: in
         "tree": tree,
         "prefix": prefix,
     }
+
+
+def code_version() -> str:
+    """A hash of model.py, which decides how a call is computed: a curve measured under older code is stale."""
+    return hashlib.sha256(Path(inspect.getsourcefile(Transformer)).read_bytes()).hexdigest()[:16]
 
 
 def fingerprint(key: dict) -> str:
@@ -266,7 +282,16 @@ def cached_cost_curve(
     A folder that cannot be written only costs the next run a measurement."""
     key = curve_key(model, sizes, tree, prefix)
     path = (directory or cache_dir()) / f"cost-{fingerprint(key)}.json"
-    return stored_or_measured(path, key, CostCurve, lambda: measure_cost_curve(model, sizes, tree, prefix), refresh)
+    measure, check = lambda: measure_cost_curve(model, sizes, tree, prefix), partial(curve_holds, model, prefix=prefix)
+    return stored_or_measured(path, key, CostCurve, measure, refresh, check)
+
+
+def curve_holds(model: Transformer, stored: CostCurve, prefix: int = PREFIX) -> bool:
+    """Whether a quick chain re-measurement at CHECK_SIZES (a fraction of a second on the shipped target, about one
+    on SmolLM2) gives every ratio within a factor RECHECK of the stored curve's. Ratios, not milliseconds: a
+    machine that is busier now than then slows every size alike."""
+    fresh = measure_cost_curve(model, tuple(T for T in CHECK_SIZES if T in stored.sizes), prefix=prefix, repeats=3)
+    return all(abs(math.log(stored.ratio(T) / fresh.ratio(T))) < math.log(RECHECK) for T in fresh.sizes)
 
 
 def cached_batch_cost_curve(
@@ -284,15 +309,26 @@ def cached_batch_cost_curve(
     return stored_or_measured(path, key, BatchCostCurve, measure, refresh)
 
 
-def stored_or_measured(path: Path, key: dict, kind: type, measure, refresh: bool):
-    """The curve of type `kind` stored at `path` under `key`, else measure() stored there if quiet enough."""
+def stored_or_measured(path: Path, key: dict, kind: type, measure, refresh: bool, check=None):
+    """The curve of type `kind` stored at `path` under `key`, else measure() stored there if quiet enough. A stored
+    curve not checked in the last CHECK_AFTER seconds must pass check(curve), if given, or is measured again; a
+    passed check is recorded as the file's modification time."""
+    stored = None
     if not refresh and path.is_file():
         try:
-            stored = json.loads(path.read_text())
-            if stored["key"] == key:
-                return kind(**stored["curve"])
+            raw = json.loads(path.read_text())
+            stored = kind(**raw["curve"]) if raw["key"] == key else None
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable or from another format: measure again
+    if stored is not None:
+        if check is None or time.time() - path.stat().st_mtime < CHECK_AFTER:
+            return stored
+        if check(stored):
+            try:
+                os.utime(path)
+            except OSError:
+                pass
+            return stored
     curve = measure()
     if curve.spread > KEEP_SPREAD:
         return curve
@@ -337,7 +373,14 @@ def draft_cost(draft: Transformer, target: Transformer, directory: Path | None =
     key = {"draft": curve_key(draft, (1,), False, PREFIX), "target": curve_key(target, (1,), False, PREFIX)}
     key["draft_modules"] = sorted({type(m).__name__ for m in draft.modules()})  # a quantized copy: same config
     path = (directory or cache_dir()) / f"draft-cost-{fingerprint(key)}.json"
-    return stored_or_measured(path, key, DraftCost, lambda: measure_draft_cost(draft, target), False).c
+    measure, check = lambda: measure_draft_cost(draft, target), partial(draft_cost_holds, draft, target)
+    return stored_or_measured(path, key, DraftCost, measure, False, check).c
+
+
+def draft_cost_holds(draft: Transformer, target: Transformer, stored: DraftCost) -> bool:
+    """Whether a quick re-measurement (3 rounds) gives a c within a factor RECHECK of the stored one."""
+    fresh = measure_draft_cost(draft, target, repeats=3).c
+    return stored.c > 0 and fresh > 0 and abs(math.log(stored.c / fresh)) < math.log(RECHECK)
 
 
 # ---- showing --------------------------------------------------------------------------------------------------

@@ -204,39 +204,45 @@ class Block(nn.Module):
         return x
 
 
-FEW_ROWS = 4  # the longest call that Linear computes as (W @ x^T)^T: faster from 2 rows to here, slower from 5
+FEW_ROWS = 8  # the longest call that Linear computes by columns: faster up to here, slower from 12 rows
+
+
+def by_columns(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """rows [N, C] @ weight^T, computed as (weight @ rows^T)^T: [N, out], in the transposed layout. Same numbers up
+    to summation order, but on a CPU the matrix library then streams the weight once for the call, where
+    rows @ weight^T took about one pass per row. One row goes in as two columns: a product with one column is the
+    library's matrix-vector routine, which ran on one thread (SmolLM2's 49152 x 576 LM head: 9.8 ms, against
+    3.0 ms for two columns on two threads)."""
+    columns = rows.repeat(2, 1) if rows.shape[0] == 1 else rows  # [max(N, 2), C]
+    return (weight @ columns.T).T[: rows.shape[0]]
 
 
 class Linear(nn.Linear):
-    """nn.Linear without a bias, computed as (W @ x^T)^T for a call of 2 to FEW_ROWS rows. Same numbers up to
-    summation order, but on a CPU the matrix library streams W once for the call this way, where x @ W^T took about
-    one pass per row: SmolLM2's calls of 2-4 tokens cost 72-95 ms as x @ W^T and 53-65 ms this way, a one-token
-    call 54-59 ms; at 5-8 rows x @ W^T was the faster, 71-75 ms against 81-94 (medians of 12 interleaved calls,
-    2-core CPU; the shipped target alike). Verify calls of 2-4 tokens are what speculative decoding makes most. One
-    row stays a matrix-vector product in nn.Linear's form, which measured 10% faster than W @ x on the shipped
-    target."""
+    """nn.Linear without a bias, computed by columns (by_columns) for a call of up to FEW_ROWS rows: the calls that
+    decoding and speculative verification make. SmolLM2's calls of 1-8 tokens cost 32-58 ms this way, 48-73 ms as
+    x @ W^T; the shipped target's 7-11 ms against 11-14 (medians of 18 interleaved calls after a 256-token prefix,
+    2-core CPU). From 12 rows on (prefill, large trees) x @ W^T was as fast or faster and is kept."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)  # Llama's projections have none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [N, C]
-        if not 2 <= rows.shape[0] <= FEW_ROWS:
+        if rows.shape[0] > FEW_ROWS:
             return super().forward(x)
-        return (self.weight @ rows.T).T.reshape(*x.shape[:-1], self.out_features)
+        # contiguous: a transposed output carries its layout on, and q would then reach SDPA with T innermost,
+        # which its fused CPU kernel refuses (every call of 2-8 tokens fell back to SDPA's slower math path)
+        return by_columns(self.weight, rows).contiguous().reshape(*x.shape[:-1], self.out_features)
 
 
 class LMHead(nn.Linear):
-    """The output projection, always computed as (W @ h^T)^T (see Linear): SmolLM2's 49152 x 576 head took 2.3x a
-    one-row call at 2 rows and 3.5x at 3 as h @ W^T, 1.0x / 1.4x this way. One row goes in twice: a product with
-    one column is the library's matrix-vector routine, which ran that head on one thread in 9.8 ms here, where the
-    same product with two columns took 3.0 ms on two threads (and cost nothing measurable on the shipped head)."""
+    """The output projection, always computed by columns (by_columns): SmolLM2's head took 2.3x a one-row call at
+    2 rows and 3.5x at 3 as h @ W^T, 1.0x / 1.4x this way. The logits keep the transposed layout (a prefill's
+    [T, V] would be a large copy for the one row that is read)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         rows = h.reshape(-1, h.shape[-1])  # [N, C]
-        columns = rows.repeat(2, 1) if rows.shape[0] == 1 else rows  # [max(N, 2), C]
-        logits = (self.weight @ columns.T).T[: rows.shape[0]]  # [N, V]
-        return logits.reshape(*h.shape[:-1], self.out_features)
+        return by_columns(self.weight, rows).reshape(*h.shape[:-1], self.out_features)
 
 
 class Transformer(nn.Module):

@@ -18,6 +18,15 @@ from tokenizer import load_tokenizer
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory):
+    """The test run keeps its per-machine caches (cost.py's curves) in a temporary folder, never the user's: a
+    curve measured while the tests crowd the cores would size every later run's drafts on this machine."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Toy-sized matmuls and batch-1 forwards run fastest on one thread, and several threads crawl when other jobs

@@ -5,6 +5,8 @@ No test asserts a timing: the decisions are tested on hand-made curves."""
 
 import json
 import math
+import os
+import time
 
 import pytest
 import table
@@ -131,6 +133,50 @@ def test_a_noisy_curve_is_used_but_not_kept(monkeypatch, tmp_path, toy):
     monkeypatch.setattr(cost, "measure_cost_curve", lambda *a: noisy)
     assert cached_cost_curve(toy, sizes=(1,)) is noisy
     assert not list(cost.cache_dir().glob("cost-*.json"))
+
+
+def age(path, seconds: float) -> None:
+    """Make a cache file look last checked `seconds` ago."""
+    then = path.stat().st_mtime - seconds
+    os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize("fresh_ratio, kept", [(1.25, True), (17.0, False), (0.7, False)])
+def test_a_stored_curve_is_rechecked_and_measured_again_if_it_no_longer_holds(
+    measured, toy, monkeypatch, fresh_ratio, kept
+):
+    first = cached_cost_curve(toy, sizes=(1, 2))  # stored: a 2-token call at 1.2x a one-token call
+    (path,) = cost.cache_dir().glob("cost-*.json")
+    checks = []
+
+    def quick(model, sizes, tree=False, prefix=cost.PREFIX, repeats=5):  # the re-measurement curve_holds makes
+        checks.append(repeats)
+        return CostCurve([1, 2], [10.0, 10.0 * fresh_ratio])
+
+    monkeypatch.setattr(cost, "measure_cost_curve", quick)
+    assert cached_cost_curve(toy, sizes=(1, 2)) == first and not checks  # checked a moment ago: not again
+    age(path, cost.CHECK_AFTER + 1)
+    again = cached_cost_curve(toy, sizes=(1, 2))
+    assert checks[0] == 3  # the quick check, then, where it disagreed, a full measurement
+    assert (again == first) == kept and len(checks) == (1 if kept else 2)
+    assert time.time() - path.stat().st_mtime < cost.CHECK_AFTER  # checked (or stored) just now
+
+
+def test_the_key_holds_the_model_code_so_that_a_new_version_measures_again(toy):
+    key = cost.curve_key(toy, (1, 2), False, 8)
+    assert key["code"] == cost.code_version() and len(key["code"]) == 16
+
+
+def test_a_stored_draft_cost_is_rechecked_too(monkeypatch, tmp_path):
+    draft, target = toy_model(0, vocab_size=16, max_len=64), toy_model(1, vocab_size=16, max_len=64, layers=3)
+    values = iter([0.25, 0.24, 0.9, 0.9])  # stored, a check that agrees, a check that does not, the new measurement
+    monkeypatch.setattr(cost, "measure_draft_cost", lambda d, t, repeats=9: cost.DraftCost(next(values)))
+    assert cost.draft_cost(draft, target, directory=tmp_path) == 0.25
+    (path,) = tmp_path.glob("draft-cost-*.json")
+    age(path, cost.CHECK_AFTER + 1)
+    assert cost.draft_cost(draft, target, directory=tmp_path) == 0.25
+    age(path, cost.CHECK_AFTER + 1)
+    assert cost.draft_cost(draft, target, directory=tmp_path) == 0.9
 
 
 def test_an_unwritable_cache_folder_only_costs_a_measurement(measured, toy, tmp_path):
