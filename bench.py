@@ -69,6 +69,7 @@ from methods import (
     refuse,
     rule_misfits,
 )
+from model import FEW_ROWS
 from online import OnlineDrafter
 from peer import transformers_missing
 from prompts import completion_prompt, function_prompts
@@ -668,6 +669,12 @@ def table_cost_curve(b: Bench) -> None:
     cost.print_cost_curve(curve)
     if a.plot:
         cost.plot_cost_curve(curve, a.plot)
+    plain, ours = cost.measure_forms(b.target)
+    print(
+        "\nThe same chain calls in two forms, interleaved: every projection as x @ W^T (nn.Linear, as transformers "
+        f"computes it) and as model.Linear computes calls of up to {FEW_ROWS} rows, by columns (model.by_columns)\n"
+    )
+    print(cost.forms_table(plain, ours))
 
 
 def table_pipelined(b: Bench) -> None:

@@ -25,6 +25,7 @@ other processes on the same cores make them noisy (see CostCurve.spread), and on
 whole curve, so it is part of the key.
 """
 
+import copy
 import hashlib
 import inspect
 import json
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from model import Transformer
+from model import Transformer, as_plain_linears
 from tree import Tree, tree_attention_mask, tree_positions
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # tokens per call that are measured; 1 is always among them
@@ -147,6 +148,35 @@ def call_for(model: Transformer, cache, tokens: torch.Tensor, tree: bool, prefix
     return lambda: model(None, cache, positions, mask, return_hidden=True, inputs_embeds=model.embed_tokens(tokens))
 
 
+def prefilled_calls(model: Transformer, sizes: list[int], kinds: list[bool], prefix: int) -> dict:
+    """(tree, T) -> (run, reset): the call of T new tokens after `prefix` cached tokens (prefilled here), chain or
+    tree, for time_rounds; reset rolls the cache back to the prefix."""
+    device, cache = model.lm_head.weight.device, model.new_cache()
+    generator = torch.Generator().manual_seed(0)  # the tokens do not change the cost; a fixed draw anyway
+    text = torch.randint(model.config.vocab_size, (1, prefix + sizes[-1]), generator=generator).to(device)
+    if prefix:
+        model(text[:, :prefix], cache)
+    reset = partial(cache.truncate, prefix)
+    tokens = {T: text[:, prefix : prefix + T] for T in sizes}
+    return {(k, T): (call_for(model, cache, tokens[T], k, prefix), reset) for k in kinds for T in sizes}
+
+
+def checked_sizes(model: Transformer, sizes: tuple[int, ...], prefix: int) -> tuple[list[int], int]:
+    """(sizes with 1 added, sorted; the prefix, shortened where prefix + the largest size would not fit)."""
+    sizes, max_len = sorted(set(sizes) | {1}), model.config.max_position_embeddings
+    if sizes[0] < 1 or sizes[-1] > max_len:
+        raise ValueError(f"tokens per call must be in [1, {max_len}] (the model's context), got {sizes}")
+    return sizes, max(0, min(prefix, max_len - sizes[-1]))
+
+
+def curve_from(times: dict, sizes: list[int], tree: bool, form=()) -> CostCurve:
+    """A CostCurve of the medians of time_rounds' times keyed (*form, tree, T)."""
+    median = {key: statistics.median(ts) for key, ts in times.items() if key[: len(form)] == form}
+    spread = max((max(times[key]) - min(times[key])) / median[key] for key in median)
+    chain = [median[(*form, False, T)] for T in sizes]
+    return CostCurve(sizes, chain, [median[(*form, True, T)] for T in sizes] if tree else None, spread)
+
+
 @torch.inference_mode()
 def measure_cost_curve(
     model: Transformer,
@@ -158,27 +188,24 @@ def measure_cost_curve(
     """Median wall-clock ms of a call of T new tokens for each T in `sizes` (1 added if missing), after `prefix`
     cached tokens: chain calls and, with tree=True, tree calls too. All calls are interleaved round by round (a
     warm-up round first, then `repeats`), so that a change of load hits every size alike."""
-    sizes = sorted(set(sizes) | {1})
-    device = model.lm_head.weight.device
-    cache = model.new_cache()
-    if sizes[0] < 1 or sizes[-1] > cache.max_len:
-        raise ValueError(f"tokens per call must be in [1, {cache.max_len}] (the model's context), got {sizes}")
-    prefix = max(0, min(prefix, cache.max_len - sizes[-1]))
-    generator = torch.Generator().manual_seed(0)  # the tokens do not change the cost; a fixed draw anyway
-    text = torch.randint(model.config.vocab_size, (1, prefix + sizes[-1]), generator=generator).to(device)
-    if prefix:
-        model(text[:, :prefix], cache)
-    kinds = [False, True] if tree else [False]
-    calls = {(k, T): call_for(model, cache, text[:, prefix : prefix + T], k, prefix) for k in kinds for T in sizes}
-    times = time_rounds({key: (call, lambda: cache.truncate(prefix)) for key, call in calls.items()}, device, repeats)
-    median = {key: statistics.median(ts) for key, ts in times.items()}
-    spread = max((max(ts) - min(ts)) / median[key] for key, ts in times.items())
-    return CostCurve(
-        sizes,
-        [median[(False, T)] for T in sizes],
-        [median[(True, T)] for T in sizes] if tree else None,
-        spread,
-    )
+    sizes, prefix = checked_sizes(model, sizes, prefix)
+    calls = prefilled_calls(model, sizes, [False, True] if tree else [False], prefix)
+    return curve_from(time_rounds(calls, model.lm_head.weight.device, repeats), sizes, tree)
+
+
+@torch.inference_mode()
+def measure_forms(
+    model: Transformer, sizes: tuple[int, ...] = SIZES, prefix: int = PREFIX, repeats: int = 5
+) -> tuple[CostCurve, CostCurve]:
+    """(chain calls as x @ W^T, the same calls as the model computes them): every projection of a plain copy of
+    the model (nn.Linear, weights shared) against model.Linear's few-row form, interleaved round by round as in
+    measure_cost_curve. What model.Linear gains, measured on this machine."""
+    sizes, prefix = checked_sizes(model, sizes, prefix)
+    plain = as_plain_linears(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}))
+    calls = {("plain", *key): call for key, call in prefilled_calls(plain, sizes, [False], prefix).items()}
+    calls |= {("model", *key): call for key, call in prefilled_calls(model, sizes, [False], prefix).items()}
+    times = time_rounds(calls, model.lm_head.weight.device, repeats)
+    return curve_from(times, sizes, False, ("plain",)), curve_from(times, sizes, False, ("model",))
 
 
 @torch.inference_mode()
@@ -394,6 +421,14 @@ def cost_table(curve: CostCurve) -> str:
         tree_ms = f"{curve.tree_ms[i]:.1f}" if tree else "-"
         ratio = f"{curve.ratio(T):.2f}" + (f" (tree {curve.ratio(T, tree=True):.2f})" if tree else "")
         lines.append(f"| {T} | {curve.chain_ms[i]:.1f} | {tree_ms} | {ratio} |")
+    return "\n".join(lines)
+
+
+def forms_table(plain: CostCurve, model: CostCurve) -> str:
+    """measure_forms' two curves as a Markdown table: ms of each form of a chain call and the second over the first."""
+    lines = ["| tokens per call | x @ W^T ms | model.Linear ms | model.Linear over x @ W^T |", "|---:|---:|---:|---:|"]
+    for T, before, after in zip(plain.sizes, plain.chain_ms, model.chain_ms):
+        lines.append(f"| {T} | {before:.1f} | {after:.1f} | {after / before:.2f} |")
     return "\n".join(lines)
 
 

@@ -245,6 +245,16 @@ class LMHead(nn.Linear):
         return by_columns(self.weight, rows).reshape(*h.shape[:-1], self.out_features)
 
 
+def as_plain_linears(module: nn.Module) -> nn.Module:
+    """Every Linear and LMHead under `module` made a plain nn.Linear, in place: x @ W^T for any number of rows.
+    For what swaps modules by their exact type (torch.ao's quantization), and for measuring the two forms of a
+    call side by side (cost.measure_forms)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.__class__ = nn.Linear
+    return module
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from drafters import KeepDrafting, Warp, always
-from model import KVCache, Transformer
+from model import KVCache, Transformer, as_plain_linears
 from verify import sample_token
 
 # ---- Draft & Verify: which sublayers to skip ------------------------------------------------------------------
@@ -282,10 +282,8 @@ def quantized(target: Transformer, bits: int = 8) -> Transformer:
             warnings.simplefilter("ignore")
             import torch.ao.quantization as tq
 
-            for module in draft.layers.modules():  # torch.ao swaps a module by its exact type: nn.Linear
-                if isinstance(module, nn.Linear):
-                    module.__class__ = nn.Linear
-            draft.layers = tq.quantize_dynamic(draft.layers, {nn.Linear: tq.per_channel_dynamic_qconfig})
+            layers = as_plain_linears(draft.layers)  # torch.ao swaps a module by its exact type: nn.Linear
+            draft.layers = tq.quantize_dynamic(layers, {nn.Linear: tq.per_channel_dynamic_qconfig})
         return draft
     for module in draft.layers.modules():
         if isinstance(module, nn.Linear):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import ModelConfig, Transformer
+from model import FEW_ROWS, Linear, ModelConfig, Transformer, as_plain_linears
 from tests.reference import reference_greedy, reference_logits
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -118,6 +118,25 @@ def test_greedy_decoding_through_the_cache_equals_the_naive_generator():
         ids = model(ids, cache)[:, -1:].argmax(-1)
         out.append(int(ids))
     assert out == reference_greedy(model, prompt, 12)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, FEW_ROWS, FEW_ROWS + 1, 40])
+@torch.no_grad()
+def test_a_projection_of_any_number_of_rows_equals_x_times_w_transposed_in_a_contiguous_layout(rows):
+    torch.manual_seed(0)
+    linear, x = Linear(16, 24), torch.randn(2, rows, 16)[:1]  # a view, as the blocks hand on
+    y = linear(x)
+    assert y.shape == (1, rows, 24) and close(y, x @ linear.weight.T)
+    assert y.is_contiguous()  # a transposed output would reach attention with T innermost (a slower kernel)
+
+
+@torch.no_grad()
+def test_the_plain_form_of_the_model_gives_the_same_logits_from_shared_weights():
+    model = toy_model()
+    plain = as_plain_linears(toy_model())
+    assert {type(m) for m in plain.modules() if isinstance(m, torch.nn.Linear)} == {torch.nn.Linear}
+    tokens = random_tokens(1, 3)
+    assert close(plain(tokens), model(tokens))
 
 
 # ------------------------------------------------------------------------------------------------ KV cache
