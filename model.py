@@ -213,7 +213,7 @@ def by_columns(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     rows @ weight^T took about one pass per row. One row goes in as two columns: a product with one column is the
     library's matrix-vector routine, which ran on one thread (SmolLM2's 49152 x 576 LM head: 9.8 ms, against
     3.0 ms for two columns on two threads)."""
-    columns = rows.repeat(2, 1) if rows.shape[0] == 1 else rows  # [max(N, 2), C]
+    columns = torch.cat([rows, rows]) if rows.shape[0] == 1 else rows  # [max(N, 2), C]; cat: 1 us, repeat: 7
     return (weight @ columns.T).T[: rows.shape[0]]
 
 
