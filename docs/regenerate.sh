@@ -48,7 +48,7 @@ if [ "$quick" = 1 ]; then
     prompts=1; n=16; per_category=1; batches=1,4; suite_prompts=1
     drafters=(--drafters draft,pld,eagle)
 else
-    prompts=4; n=48; per_category=3; batches=1,2,4,8,16; suite_prompts=2
+    prompts=4; n=48; per_category=5; batches=1,2,4,8,16; suite_prompts=2
     drafters=()
 fi
 
