@@ -299,8 +299,9 @@ class CostAware(FixedLength):
     call) where no length pays. alpha is a running estimate of the per-draft acceptance rate: a Beta(a, b)
     prior plus exponentially forgotten counts of accepted drafts and rejections (each verify call compares
     accepted + 1 drafts, or all of them when all pass, so its rejections are 0 or 1: Stats.acceptance_rate,
-    forgotten at `decay` per step). Steps that draft nothing forget too, so the estimate drifts back to the
-    prior's mean and the policy tries drafting again.
+    forgotten at `decay` per step). Steps where the policy chose to draft nothing forget too, so the estimate drifts
+    back to the prior's mean and the policy tries drafting again; steps where the drafter had nothing to offer are
+    not counted at all.
 
     The prior is optimistic and light, Beta(0.9, 0.1): mean 0.9, worth one observation. A policy that drafts
     nothing learns nothing, so a pessimistic prior can trap it at gamma 0 for a drafter that would pay (with
@@ -349,7 +350,12 @@ class CostAware(FixedLength):
         return max(range(self.most + 1), key=self.speedup)  # ties: the shorter
 
     def update(self, drafted: int, accepted: int) -> None:
-        self.estimate.observe(drafted, accepted)
+        # A step that drafted nothing though gamma > 0 was asked for (prompt lookup found no match) tells nothing
+        # about acceptance, and is no step back from drafting either: the estimate is left as it was. Were it
+        # forgotten, a chat answer's long stretches without a match would carry alpha back to the prior's 0.9, and
+        # each rare match would be drafted long and rejected (seen on Spec-Bench's MT-bench questions).
+        if drafted or not self.gamma:
+            self.estimate.observe(drafted, accepted)
         self.gamma = self.best()
 
     def keep_growing(self, frontier_logprobs: list[float], depth: int) -> bool:
