@@ -228,10 +228,10 @@ def test_it_follows_the_acceptance_estimate():
     for _ in range(60):  # every first draft rejected (the counts forget per step: 15 accepted a step weigh long)
         policy.update(max(1, policy.gamma), 0)
     assert policy.alpha < 0.25 and policy.gamma == 0
-    for steps in range(90):
-        if policy.gamma:
-            break
+    steps = 0
+    while policy.gamma == 0 and steps < 90:
         policy.update(0, 0)  # steps where it chose to draft nothing forget the counts: alpha drifts back up ...
+        steps += 1
     assert 0 < steps < 90 and policy.gamma > 0 and policy.alpha > 0.25  # ... until drafting pays again: a probe
     policy.update(high, high)
     policy.reset()
