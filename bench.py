@@ -681,7 +681,7 @@ def table_pipelined(b: Bench) -> None:
     """PPD and SPEED (survey §5.2, Fig. 3): not runnable here (concurrent passes; a weight-shared model), so their
     latency models (selfdraft.ppd_speedup, speed_speedup) with this machine's measured call costs and the target's
     measured early-exit agreement on the held-out prompts."""
-    curve, L = cost.cached_cost_curve(b.target), b.target.config.num_hidden_layers
+    curve, L = cost.cached_cost_curve(b.target, tree=True), b.target.config.num_hidden_layers  # -l cost's curve
     prompts = prompts_for(b)
 
     def agreement(exit_layer: int, k: int) -> float:

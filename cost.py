@@ -11,10 +11,11 @@ the curve need not even be monotone: the matrix library picks its kernel by the 
 This module measures the curve once per machine (ms per call of T new tokens after a realistic prefix, for draft
 chains and for token trees, which add a tree mask and their own positions), caches it under the user's cache
 folder, and prints or plots it; draft_length.CostAware plans with it. A stored curve is trusted only after a quick
-re-measurement of a few sizes agrees with it (curve_holds), at most every CHECK_AFTER seconds, and the key holds a
-hash of model.py: a curve stored under a crowded machine or older code is measured again, not planned with.
+re-measurement of a few sizes agrees with it (curve_holds; draft costs alike, not the batched curve, whose least of
+the repeats load cannot lower), at most every CHECK_AFTER seconds, and the key holds a hash of model.py: a curve
+stored under a crowded machine or older code is measured again, not planned with.
 
-    curve = cached_cost_curve(target, tree=True)   # ~2 s the first time on the shipped target, then instant
+    curve = cached_cost_curve(target, tree=True)   # ~2 s the first time on the shipped target; then a quick check
     curve.ratio(5)                                 # a call of 5 tokens over a call of one
     print_cost_curve(curve)
     batched = cached_batch_cost_curve(target)      # batched chain calls: ms against rows x tokens per row, a few s
@@ -35,6 +36,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -55,7 +57,7 @@ BATCH_PREFIX = 128  # cached slots per row before each batched call (bench.py --
 KEEP_SPREAD = 1.0
 # A stored curve is measured afresh when a quick re-measurement (CHECK_SIZES, chain calls, 3 rounds) finds any of its
 # ratios off by this factor: a curve can be stored quiet and still wrong, e.g. measured while other work crowded
-# the cores (calls of 2-32 tokens at 13-17x a one-token call, steadily, seen after a test run on this machine).
+# the cores (calls of 2-32 tokens at 13-17x a one-token call, steadily, in one curve stored during a test run).
 RECHECK = 1.5
 CHECK_SIZES = (1, 2, 4, 8)
 CHECK_AFTER = 600.0  # seconds: a curve checked this recently is used unchecked (bench.py builds a policy per row)
@@ -161,7 +163,7 @@ def prefilled_calls(model: Transformer, sizes: list[int], kinds: list[bool], pre
     return {(k, T): (call_for(model, cache, tokens[T], k, prefix), reset) for k in kinds for T in sizes}
 
 
-def checked_sizes(model: Transformer, sizes: tuple[int, ...], prefix: int) -> tuple[list[int], int]:
+def sizes_and_prefix(model: Transformer, sizes: tuple[int, ...], prefix: int) -> tuple[list[int], int]:
     """(sizes with 1 added, sorted; the prefix, shortened where prefix + the largest size would not fit)."""
     sizes, max_len = sorted(set(sizes) | {1}), model.config.max_position_embeddings
     if sizes[0] < 1 or sizes[-1] > max_len:
@@ -169,7 +171,7 @@ def checked_sizes(model: Transformer, sizes: tuple[int, ...], prefix: int) -> tu
     return sizes, max(0, min(prefix, max_len - sizes[-1]))
 
 
-def curve_from(times: dict, sizes: list[int], tree: bool, form=()) -> CostCurve:
+def curve_from(times: dict, sizes: list[int], tree: bool, form: tuple = ()) -> CostCurve:
     """A CostCurve of the medians of time_rounds' times keyed (*form, tree, T)."""
     median = {key: statistics.median(ts) for key, ts in times.items() if key[: len(form)] == form}
     spread = max((max(times[key]) - min(times[key])) / median[key] for key in median)
@@ -188,7 +190,7 @@ def measure_cost_curve(
     """Median wall-clock ms of a call of T new tokens for each T in `sizes` (1 added if missing), after `prefix`
     cached tokens: chain calls and, with tree=True, tree calls too. All calls are interleaved round by round (a
     warm-up round first, then `repeats`), so that a change of load hits every size alike."""
-    sizes, prefix = checked_sizes(model, sizes, prefix)
+    sizes, prefix = sizes_and_prefix(model, sizes, prefix)
     calls = prefilled_calls(model, sizes, [False, True] if tree else [False], prefix)
     return curve_from(time_rounds(calls, model.lm_head.weight.device, repeats), sizes, tree)
 
@@ -200,7 +202,7 @@ def measure_forms(
     """(chain calls as x @ W^T, the same calls as the model computes them): every projection of a plain copy of
     the model (nn.Linear, weights shared) against model.Linear's few-row form, interleaved round by round as in
     measure_cost_curve. What model.Linear gains, measured on this machine."""
-    sizes, prefix = checked_sizes(model, sizes, prefix)
+    sizes, prefix = sizes_and_prefix(model, sizes, prefix)
     plain = as_plain_linears(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}))
     calls = {("plain", *key): call for key, call in prefilled_calls(plain, sizes, [False], prefix).items()}
     calls |= {("model", *key): call for key, call in prefilled_calls(model, sizes, [False], prefix).items()}
@@ -284,7 +286,8 @@ def curve_key(model: Transformer, sizes: tuple[int, ...], tree: bool, prefix: in
 
 def code_version() -> str:
     """A hash of model.py, which decides how a call is computed: a curve measured under older code is stale."""
-    return hashlib.sha256(Path(inspect.getsourcefile(Transformer)).read_bytes()).hexdigest()[:16]
+    source = inspect.getsourcefile(Transformer)  # None where only compiled files were installed
+    return hashlib.sha256(Path(source).read_bytes() if source else b"").hexdigest()[:16]
 
 
 def fingerprint(key: dict) -> str:
@@ -317,7 +320,10 @@ def curve_holds(model: Transformer, stored: CostCurve, prefix: int = PREFIX) -> 
     """Whether a quick chain re-measurement at CHECK_SIZES (a fraction of a second on the shipped target, about one
     on SmolLM2) gives every ratio within a factor RECHECK of the stored curve's. Ratios, not milliseconds: a
     machine that is busier now than then slows every size alike."""
-    fresh = measure_cost_curve(model, tuple(T for T in CHECK_SIZES if T in stored.sizes), prefix=prefix, repeats=3)
+    sizes = tuple(T for T in CHECK_SIZES if T in stored.sizes)
+    if len(sizes) < 2:  # no ratio to compare: a one-token call over itself is 1 in any curve
+        return True
+    fresh = measure_cost_curve(model, sizes, prefix=prefix, repeats=3)
     return all(abs(math.log(stored.ratio(T) / fresh.ratio(T))) < math.log(RECHECK) for T in fresh.sizes)
 
 
@@ -336,34 +342,36 @@ def cached_batch_cost_curve(
     return stored_or_measured(path, key, BatchCostCurve, measure, refresh)
 
 
-def stored_or_measured(path: Path, key: dict, kind: type, measure, refresh: bool, check=None):
+def stored_or_measured(
+    path: Path, key: dict, kind: type, measure: Callable[[], object], refresh: bool, check: Callable | None = None
+):
     """The curve of type `kind` stored at `path` under `key`, else measure() stored there if quiet enough. A stored
     curve not checked in the last CHECK_AFTER seconds must pass check(curve), if given, or is measured again; a
     passed check is recorded as the file's modification time."""
-    stored = None
+    stored, checked = None, 0.0
     if not refresh and path.is_file():
         try:
-            raw = json.loads(path.read_text())
+            raw, checked = json.loads(path.read_text()), path.stat().st_mtime
             stored = kind(**raw["curve"]) if raw["key"] == key else None
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable or from another format: measure again
+            pass  # unreadable, gone, or from another format: measure again
     if stored is not None:
-        if check is None or time.time() - path.stat().st_mtime < CHECK_AFTER:
+        if check is None or time.time() - checked < CHECK_AFTER:
             return stored
         if check(stored):
             try:
                 os.utime(path)
             except OSError:
-                pass
+                pass  # a read-only cache: checked again on each use
             return stored
     curve = measure()
     if curve.spread > KEEP_SPREAD:
         return curve
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps({"key": key, "curve": asdict(curve)}, indent=1) + "\n")
-        partial.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+        written = path.with_suffix(f".{os.getpid()}.tmp")
+        written.write_text(json.dumps({"key": key, "curve": asdict(curve)}, indent=1) + "\n")
+        written.replace(path)  # atomic: a concurrent reader sees the old file or the new one
     except OSError:
         pass
     return curve

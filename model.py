@@ -218,17 +218,18 @@ def by_columns(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear without a bias, computed by columns (by_columns) for a call of up to FEW_ROWS rows: the calls that
-    decoding and speculative verification make. SmolLM2's calls of 1-8 tokens cost 32-58 ms this way, 48-73 ms as
-    x @ W^T; the shipped target's 7-11 ms against 11-14 (medians of 18 interleaved calls after a 256-token prefix,
-    2-core CPU). From 12 rows on (prefill, large trees) x @ W^T was as fast or faster and is kept."""
+    """nn.Linear without a bias, computed by columns (by_columns) on a CPU for a call of up to FEW_ROWS rows: the
+    calls that decoding and speculative verification make. SmolLM2's calls of 1-8 tokens cost 32-58 ms this way,
+    48-73 ms as x @ W^T; the shipped target's 7-11 ms against 11-14 (medians of 18 interleaved calls after a
+    256-token prefix, 2-core CPU; bench.py --cost-curve measures both). From 12 rows on (prefill, large trees)
+    x @ W^T was as fast or faster and is kept."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)  # Llama's projections have none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [N, C]
-        if rows.shape[0] > FEW_ROWS:
+        if rows.shape[0] > FEW_ROWS or x.device.type != "cpu":  # measured on CPUs only; a GPU has its own kernels
             return super().forward(x)
         # contiguous: a transposed output carries its layout on, and q would then reach SDPA with T innermost,
         # which its fused CPU kernel refuses (every call of 2-8 tokens fell back to SDPA's slower math path)
@@ -236,11 +237,13 @@ class Linear(nn.Linear):
 
 
 class LMHead(nn.Linear):
-    """The output projection, always computed by columns (by_columns): SmolLM2's head took 2.3x a one-row call at
-    2 rows and 3.5x at 3 as h @ W^T, 1.0x / 1.4x this way. The logits keep the transposed layout (a prefill's
-    [T, V] would be a large copy for the one row that is read)."""
+    """The output projection, always computed by columns on a CPU (by_columns): SmolLM2's head took 2.3x a one-row
+    call at 2 rows and 3.5x at 3 as h @ W^T, 1.0x / 1.4x this way. The logits keep the transposed layout (a
+    prefill's [T, V] would be a large copy for the one row that is read)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.device.type != "cpu":
+            return super().forward(h)
         rows = h.reshape(-1, h.shape[-1])  # [N, C]
         return by_columns(self.weight, rows).reshape(*h.shape[:-1], self.out_features)
 
@@ -250,7 +253,7 @@ def as_plain_linears(module: nn.Module) -> nn.Module:
     For what swaps modules by their exact type (torch.ao's quantization), and for measuring the two forms of a
     call side by side (cost.measure_forms)."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (Linear, LMHead)):
             m.__class__ = nn.Linear
     return module
 

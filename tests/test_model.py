@@ -1,5 +1,6 @@
 """model.py against a naive cache-free reference (tests/reference.py), and the KV cache against full forwards."""
 
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,21 +121,24 @@ def test_greedy_decoding_through_the_cache_equals_the_naive_generator():
     assert out == reference_greedy(model, prompt, 12)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, FEW_ROWS, FEW_ROWS + 1, 40])
+@pytest.mark.parametrize("batch, rows", [(1, 1), (1, 2), (2, 3), (1, FEW_ROWS), (1, FEW_ROWS + 1), (2, 20)])
 @torch.no_grad()
-def test_a_projection_of_any_number_of_rows_equals_x_times_w_transposed_in_a_contiguous_layout(rows):
+def test_a_projection_of_any_number_of_rows_equals_x_times_w_transposed_in_a_contiguous_layout(batch, rows):
     torch.manual_seed(0)
-    linear, x = Linear(16, 24), torch.randn(2, rows, 16)[:1]  # a view, as the blocks hand on
+    linear, x = Linear(16, 24), torch.randn(batch, rows, 16)
     y = linear(x)
-    assert y.shape == (1, rows, 24) and close(y, x @ linear.weight.T)
+    assert y.shape == (batch, rows, 24) and close(y, x @ linear.weight.T)  # every row in its place
     assert y.is_contiguous()  # a transposed output would reach attention with T innermost (a slower kernel)
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @torch.no_grad()
-def test_the_plain_form_of_the_model_gives_the_same_logits_from_shared_weights():
-    model = toy_model()
-    plain = as_plain_linears(toy_model())
+def test_the_plain_form_of_the_model_gives_the_same_logits_from_the_same_weights(tie):
+    model = toy_model(tie)
+    plain = as_plain_linears(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}))
     assert {type(m) for m in plain.modules() if isinstance(m, torch.nn.Linear)} == {torch.nn.Linear}
+    assert plain.lm_head.weight is model.lm_head.weight  # shared, not copied
+    assert (plain.lm_head.weight is plain.embed_tokens.weight) == tie  # and still tied where it was
     tokens = random_tokens(1, 3)
     assert close(plain(tokens), model(tokens))
 
