@@ -324,7 +324,12 @@ def curve_holds(model: Transformer, stored: CostCurve, prefix: int = PREFIX) -> 
     if len(sizes) < 2:  # no ratio to compare: a one-token call over itself is 1 in any curve
         return True
     fresh = measure_cost_curve(model, sizes, prefix=prefix, repeats=3)
-    return all(abs(math.log(stored.ratio(T) / fresh.ratio(T))) < math.log(RECHECK) for T in fresh.sizes)
+    return all(agrees(stored.ratio(T), fresh.ratio(T)) for T in fresh.sizes)
+
+
+def agrees(stored: float, fresh: float) -> bool:
+    """Whether two positive measurements of one ratio are within a factor RECHECK of each other."""
+    return stored > 0 and fresh > 0 and abs(math.log(stored / fresh)) < math.log(RECHECK)
 
 
 def cached_batch_cost_curve(
@@ -390,14 +395,9 @@ def measure_draft_cost(draft: Transformer, target: Transformer, prefix: int = PR
     them (a c measured beside other work made -l cost draft nothing); within a round both see the same load."""
     calls = {}
     for name, model in (("draft", draft), ("target", target)):
-        cache, device = model.new_cache(), model.lm_head.weight.device
-        p = max(0, min(prefix, cache.max_len - 1))
-        text = torch.randint(model.config.vocab_size, (1, p + 1), generator=torch.Generator().manual_seed(0))
-        text = text.to(device)
-        if p:
-            model(text[:, :p], cache)
-        calls[name] = (call_for(model, cache, text[:, p:], False, p), partial(cache.truncate, p))
-    times = time_rounds(calls, device, repeats)
+        sizes, p = sizes_and_prefix(model, (1,), prefix)
+        calls[name] = prefilled_calls(model, sizes, [False], p)[(False, 1)]
+    times = time_rounds(calls, target.lm_head.weight.device, repeats)
     ratios = [d / t for d, t in zip(times["draft"], times["target"])]  # round by round
     c = statistics.median(ratios)
     return DraftCost(c, (max(ratios) - min(ratios)) / c)
@@ -414,8 +414,7 @@ def draft_cost(draft: Transformer, target: Transformer, directory: Path | None =
 
 def draft_cost_holds(draft: Transformer, target: Transformer, stored: DraftCost) -> bool:
     """Whether a quick re-measurement (3 rounds) gives a c within a factor RECHECK of the stored one."""
-    fresh = measure_draft_cost(draft, target, repeats=3).c
-    return stored.c > 0 and fresh > 0 and abs(math.log(stored.c / fresh)) < math.log(RECHECK)
+    return agrees(stored.c, measure_draft_cost(draft, target, repeats=3).c)
 
 
 # ---- showing --------------------------------------------------------------------------------------------------
