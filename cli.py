@@ -382,8 +382,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
         "-l",
         "--draft-length",
         default=None,
-        help="draft-length policy (default: cost at -t 0; fixed when sampling, so that --seed reproduces a sample "
-        "on any machine, and on trees that do not grow level by level; all lossless): " + choices_help(DRAFT_LENGTHS),
+        help="draft-length policy (default: cost; fixed when sampling a drafter's distribution, so that --seed "
+        "reproduces a sample on any machine, and on trees that do not grow level by level; all lossless): "
+        + choices_help(DRAFT_LENGTHS),
     )
     ap.add_argument(
         "--tree",
@@ -696,9 +697,9 @@ def compare(
         same = "identical to"
     elif choice.rule.lossy:
         same = "differs from (expected: the rule is lossy)"
-    elif args.temperature > 0:
-        same = "differs from (expected when sampling)"
-    else:
+    elif args.temperature > 0 and (choice.drafter.has_q or choice.rule.name != "exact"):
+        same = "differs from (expected when sampling: other random numbers than autoregressive decoding draws)"
+    else:  # greedy, or deterministic drafts under -v exact, which draw what generate draws (verify.SampleMatch)
         same = "differs from (in bf16, rounding can do this; in fp32 it is a bug)"
     speedup = (len(out) / seconds) / max(len(baseline) / base_seconds, 1e-9)
     print(

@@ -46,7 +46,7 @@ from retrieval import RestDrafter, SamdDrafter, SamDrafter, SuffixDrafter
 from selfdraft import DynamicExitDrafter, EarlyExitDrafter, load_skip_set, quantized, sublayer_costs
 from spectr import SpecTr
 from tokenizer import load_tokenizer
-from verify import exact
+from verify import SpeculativeSampling, exact
 
 
 class UsageError(Exception):
@@ -139,10 +139,12 @@ def missing_files(entry: Entry, setup: Setup) -> str | None:
 
 def default_length(drafter: Entry, use_tree: bool, greedy: bool = True) -> str:
     """The draft length a drafter runs with when -l is not given: its own, but on a tree that does not grow level by
-    level (a static or retrieved tree) nothing is sized, so fixed. When sampling, fixed too: -l cost chooses from
-    this machine's measured call costs, and a different gamma draws different uniforms, so the same --seed would
-    give another sample on another machine, or on a busy one (-l cost stays available)."""
-    if not greedy or (use_tree and not drafter.dynamic):
+    level (a static or retrieved tree) nothing is sized, so fixed. When sampling the drafts of a distribution,
+    fixed too: -l cost chooses from this machine's measured call costs, and a different gamma draws different
+    uniforms, so the same --seed would give another sample on another machine, or on a busy one (-l cost stays
+    available). A deterministic drafter keeps its own: -v exact then emits the seed's autoregressive sample
+    whatever was drafted (verify.SampleMatch)."""
+    if (not greedy and drafter.has_q) or (use_tree and not drafter.dynamic):
         return "fixed"
     return drafter.length
 
@@ -483,8 +485,13 @@ def rule_misfits(rule: Entry, drafter: Entry, use_tree: bool, greedy: bool, samp
 VERIFIERS = {
     e.name: e
     for e in [
-        Entry("exact", "lossless: greedy at -t 0, speculative sampling above (§6.1, §6.2; Leviathan et al. 2023)",
-              lambda s: exact(s.opts.temperature), "both"),
+        Entry("exact", "lossless: greedy at -t 0; above, a deterministic draft kept while it equals the target's "
+              "own sample, so the text is autoregressive sampling's for the seed (Daliri et al. 2024), a sampled one "
+              "by speculative sampling (§6.1, §6.2; Leviathan et al. 2023)", lambda s: exact(s.opts.temperature),
+              "both"),
+        Entry("rejection", "lossless: speculative sampling for every draft, a deterministic draft's one-hot q too: "
+              "the same acceptance as -v exact, other random numbers (§6.2, §6.3; Leviathan et al. 2023, SpecInfer)",
+              lambda s: SpeculativeSampling(), "both", temperature="sampling"),
         Entry("typical", "LOSSY: Medusa's typical acceptance (§6.1, §6.2; Cai et al. 2024)",
               lambda s: Typical(s.opts.typical_epsilon, s.opts.typical_delta), "both", lossy=True,
               options=("typical_epsilon", "typical_delta")),

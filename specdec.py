@@ -232,9 +232,10 @@ def cut_at_eot(tokens: list[int], eot: int | None) -> tuple[list[int], bool]:
 
 def theory_acceptance(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor) -> float:
     """Sum over draft positions of sum_x min(p(x), q(x)): the acceptance probability that theory predicts
-    (Leviathan et al. 2023, Thm 3.5); a deterministic draft has a one-hot q."""
-    q = q[: len(drafts)] if q is not None else torch.nn.functional.one_hot(drafts, p.shape[-1]).to(p.dtype)
-    return sum(expected_acceptance(p_i, q_i) for p_i, q_i in zip(p, q))
+    (Leviathan et al. 2023, Thm 3.5); a deterministic draft has a one-hot q, and the sum is then p(draft)."""
+    if q is None:  # read p where the drafts are, rather than build one-hot rows of the vocabulary (0.15 ms a step)
+        return float(p[torch.arange(len(drafts), device=p.device), drafts].sum())
+    return sum(expected_acceptance(p_i, q_i) for p_i, q_i in zip(p, q[: len(drafts)]))
 
 
 @torch.inference_mode()

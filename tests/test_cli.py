@@ -43,6 +43,7 @@ RUNS = {  # name: the arguments of `python specdec.py`
     "seed 1": SAMPLING + ["-s", "1"],
     "seed 1 again": SAMPLING + ["-s", "1"],
     "seed 2": SAMPLING + ["-s", "2"],
+    "sampled pld": ["-p", PROMPT, "-n", "24", "-d", "pld", "-t", "1", "-s", "3", "--compare"],
     "non-integer -n": ["-p", PROMPT, "-n", "abc"],  # rejected by argparse itself
 }
 BAD_INPUTS = {
@@ -237,6 +238,12 @@ def test_sampling_is_reproducible_with_a_seed(cli):
     texts = [generated_text(r.stdout) for r in runs]
     assert texts[0] == texts[1] != texts[2]
     assert all(t.startswith(PROMPT) and len(t) > len(PROMPT) for t in texts)
+
+
+def test_sampled_prompt_lookup_prints_the_autoregressive_sample_of_the_seed(cli):
+    r = cli["sampled pld"]
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"speedup \d+\.\d+x; output identical to the speculative one", r.stdout), r.stdout
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -89,18 +89,21 @@ def test_the_training_layout_equals_one_forward_per_cut():
 
 
 class CheckedNar(NarDrafter):
-    """After every proposal: the cache holds exactly the context, its K/V equal a fresh prefill of it."""
+    """After every proposal that drafted: the cache holds exactly the context, its K/V equal a fresh prefill of it.
+    A proposal of nothing (gamma 0, the budget's last token) calls nothing; the next one feeds what it missed."""
 
     checked = 0
 
     def propose(self, context, gamma, warp, generator, keep=lambda *_: True):
         out = super().propose(context, gamma, warp, generator, keep)
+        self.checked += 1
+        if not out[0]:
+            return out
         fresh = self.model.lm.new_cache()
         self.model.lm(torch.tensor([context]), fresh)
         assert self.cache.length == len(context)
         for mine, theirs in zip(self.cache.k + self.cache.v, fresh.k + fresh.v):
             assert torch.allclose(mine[:, :, : len(context)], theirs[:, :, : len(context)], atol=ATOL, rtol=0)
-        self.checked += 1
         return out
 
 

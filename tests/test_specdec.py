@@ -11,7 +11,7 @@ import torch
 from drafters import ModelDrafter, PromptLookupDrafter
 from methods import load_model
 from prompts import function_prompts
-from specdec import Stats, generate, speculative_generate, warp_for
+from specdec import Stats, generate, speculative_generate, theory_acceptance, tree_speculative_generate, warp_for
 from tests.toy import (
     BrokenRule,
     MisreportingDrafter,
@@ -26,7 +26,7 @@ from tests.toy import (
     toy_model,
 )
 from tokenizer import load_tokenizer
-from verify import acceptance_probability, greedy_verify, sample_token
+from verify import SpeculativeSampling, acceptance_probability, greedy_verify, sample_token
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ATOL = 1e-5
@@ -281,6 +281,43 @@ def test_sampling_is_deterministic_in_the_generator_seed():
     assert runs[0] == runs[1] != runs[2]
 
 
+@pytest.mark.parametrize("loop", ["chain", "tree"])
+def test_sampled_prompt_lookup_emits_what_autoregressive_sampling_emits_for_the_seed(loop):
+    # The deterministic drafts are matched against the target's own draws (verify.sample_match_verify), one draw
+    # per emitted token, as generate draws them: the same text for a seed, whatever was drafted and accepted.
+    target, accepted = toy_target(), 0
+    for seed in range(8):
+        reference = generate(target, PLD_PROMPT, 12, temperature=1.0, generator=seeded(seed))
+        out, s = sample_lookup(target, loop, seed)
+        assert out == reference
+        accepted += s.accepted
+    assert accepted > 0  # drafts were kept, not only corrected
+
+
+@pytest.mark.parametrize("loop", ["chain", "tree"])
+def test_rejection_sampling_of_the_same_drafts_gives_other_texts_for_the_same_seeds(loop):
+    # The test above can fail: rejection sampling draws the same distribution with other random numbers.
+    target = toy_target()
+    outputs = [sample_lookup(target, loop, seed, SpeculativeSampling())[0] for seed in range(8)]
+    assert outputs != [generate(target, PLD_PROMPT, 12, temperature=1.0, generator=seeded(s)) for s in range(8)]
+
+
+def sample_lookup(target, loop: str, seed: int, verifier=None):
+    """Prompt lookup on the toy target at temperature 1, up to 12 tokens, by the chain or the tree loop."""
+    decode = speculative_generate if loop == "chain" else tree_speculative_generate
+    more = {"gamma": 3} if loop == "chain" else {}
+    return decode(
+        target,
+        PromptLookupDrafter(),
+        PLD_PROMPT,
+        12,
+        temperature=1.0,
+        generator=seeded(seed),
+        verifier=verifier,
+        **more,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Statistics.
 
@@ -327,6 +364,14 @@ def test_predicted_acceptance_equals_measured_at_temperature_0():
     _, s = speculative_generate(target, ModelDrafter(toy_draft()), prompt, 13, gamma=3, temperature=0)
     assert 0 < s.acceptance_rate < 1  # both outcomes happened
     assert s.predicted_acceptance_rate == s.acceptance_rate  # p and q one-hot: sum min(p, q) is 1 or 0
+
+
+def test_predicted_acceptance_of_a_deterministic_draft_is_p_of_the_draft():
+    p = torch.softmax(torch.randn(4, 6, generator=seeded(0)), dim=-1)
+    drafts = torch.tensor([5, 0, 3])
+    one_hot = torch.nn.functional.one_hot(drafts, 6).float()
+    assert theory_acceptance(p, None, drafts) == pytest.approx(theory_acceptance(p, one_hot, drafts), abs=1e-6)
+    assert theory_acceptance(p, None, drafts) == pytest.approx(float(p[0, 5] + p[1, 0] + p[2, 3]), abs=1e-6)
 
 
 def test_on_tokens_streams_exactly_the_output():

@@ -16,9 +16,11 @@ from verify import (
     greedy_verify,
     probs_from_logits,
     residual_distribution,
+    sample_match_verify,
     sample_token,
     speculative_sample,
     tree_greedy_verify,
+    tree_sample_match_verify,
     tree_speculative_sample,
     warp_logits,
 )
@@ -82,6 +84,40 @@ def trees(draw, distinct_siblings: bool):
     logits = draw(st.lists(st.integers(-2, 2), min_size=len(tokens) * vocab, max_size=len(tokens) * vocab))
     logits = torch.tensor(logits, dtype=torch.float32).view(len(tokens), vocab)  # small ints: argmax ties too
     return logits, torch.tensor(tokens), torch.tensor(parents)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drawing one token: every sampled token of every loop goes through sample_token.
+
+P_DRAW = torch.tensor([0.0, 0.3, 0.0, 0.05, 0.4, 0.0, 0.25])  # zeros at the ends and between, unsorted
+
+
+def draws(sample, p: torch.Tensor, seed: int, trials: int = TRIALS) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    return np.array([sample(p, g) for _ in range(trials)])
+
+
+def sample_token_off_by_one(probs, generator):
+    """The inverse transform with an off-by-one search: the token before the drawn one, so mass moves onto the
+    zeros (a bug that a sum to the left of the token instead of through it gives)."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(1, generator=generator, dtype=torch.float64)
+    return int(torch.searchsorted(cdf, u * cdf[-1:], right=True).item() - 1) % probs.numel()
+
+
+def test_sample_token_follows_probs_and_never_draws_a_zero():
+    assert_matches(draws(sample_token, P_DRAW, seed=0), P_DRAW.numpy())
+
+
+def test_sample_token_chi_square_has_power_against_an_off_by_one_search():
+    assert_detects(draws(sample_token_off_by_one, P_DRAW, seed=0), P_DRAW.numpy())
+
+
+@no_deadline
+@given(distribution_pairs(), st.integers(0, 2**32))
+def test_sample_token_draws_only_tokens_of_positive_probability(pq, seed):
+    p, g = pq[0], torch.Generator().manual_seed(seed)
+    assert all(p[sample_token(p, g)] > 0 for _ in range(20))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +213,34 @@ def test_chain_chi_square_has_power_against(bug):
     assert_detects(first_chain_tokens(sampler, seed=1), P_CHAIN.numpy())
 
 
+def first_matched_tokens(sampler, seed: int) -> np.ndarray:
+    """The first emitted token when token 0 (p 0.35), then 1, are drafted deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    target, drafts = torch.stack([P_CHAIN, P_CHAIN.flip(0), P_CHAIN]), torch.tensor([0, 1])
+    out = np.empty(TRIALS, dtype=np.int64)
+    for t in range(TRIALS):
+        n, token = sampler(target, drafts, g)
+        out[t] = 0 if n else token  # a kept first draft is token 0
+    return out
+
+
+def resample_after_a_miss(target_probs, draft_tokens, generator):
+    """sample_match_verify that draws the correction afresh instead of emitting the draw that missed: the draft's
+    token then comes out with p(x) + (1 - p(x)) p(x)."""
+    n, token = sample_match_verify(target_probs, draft_tokens, generator)
+    return (n, token) if n == len(draft_tokens) else (n, sample_token(target_probs[n], generator))
+
+
+@pytest.mark.slow
+def test_sample_match_first_token_follows_target():
+    assert_matches(first_matched_tokens(sample_match_verify, seed=1), P_CHAIN.numpy())
+
+
+@pytest.mark.slow
+def test_sample_match_chi_square_has_power_against_resampling_after_a_miss():
+    assert_detects(first_matched_tokens(resample_after_a_miss, seed=1), P_CHAIN.numpy())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tree rule: Monte Carlo. Target rows: root -> P1, a depth-1 node with token t -> P2[t], deeper -> P3.
 # The first two emitted tokens must follow P1(x1) P2(x2 | x1).
@@ -253,6 +317,30 @@ def test_tree_deterministic_siblings_follow_target(children):
     assert_matches(joint, JOINT)
 
 
+def tree_sample_match(target_probs, draft_probs, tokens, parents, generator):
+    return tree_sample_match_verify(target_probs, tokens, parents, generator)
+
+
+def tree_resample_after_a_miss(target_probs, draft_probs, tokens, parents, generator):
+    """tree_sample_match_verify that draws the token after the walk afresh: the children's tokens come out too
+    often."""
+    path, _ = tree_sample_match_verify(target_probs, tokens, parents, generator)
+    return path, sample_token(target_probs[path[-1] if path else 0], generator)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("children", [[1, 3, 0], [1, 1, 3]], ids=["distinct", "duplicate_sibling"])
+def test_tree_sample_match_follows_target(children):
+    joint = first_tree_tokens(tree_sample_match, fixed_tree(children), seed=6)
+    assert_matches(joint // V, P1.numpy())
+    assert_matches(joint, JOINT)
+
+
+@pytest.mark.slow
+def test_tree_sample_match_chi_square_has_power_against_resampling_after_a_miss():
+    assert_detects(first_tree_tokens(tree_resample_after_a_miss, fixed_tree([1, 3, 0]), seed=6), JOINT)
+
+
 @pytest.mark.slow
 def test_tree_iid_siblings_follow_target_averaged_over_fresh_trees():
     joint = first_tree_tokens(tree_speculative_sample, iid_trees(seed=7), seed=8)
@@ -282,6 +370,17 @@ def chains(draw):
     logits = draw(st.lists(st.integers(-2, 2), min_size=(gamma + 1) * vocab, max_size=(gamma + 1) * vocab))
     drafts = draw(st.lists(st.integers(0, vocab - 1), min_size=gamma, max_size=gamma))
     return torch.tensor(logits, dtype=torch.float32).view(gamma + 1, vocab), torch.tensor(drafts, dtype=torch.long)
+
+
+@no_deadline
+@given(chains(), st.integers(0, 2**32))
+def test_sample_match_emits_the_targets_own_draws_whatever_was_drafted(chain, seed):
+    logits, drafts = chain
+    p = probs_from_logits(logits, 1.0)
+    n, token = sample_match_verify(p, drafts, torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    own = [sample_token(p[i], g) for i in range(n + 1)]  # what generate draws at these positions, in order
+    assert own == drafts[:n].tolist() + [token]
 
 
 def first_argmax(row: list[float]) -> int:
