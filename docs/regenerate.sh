@@ -50,7 +50,7 @@ if [ "$quick" = 1 ]; then
     prompts=1; n=16; n_shipped=16; per_category=1; batches=1,4; suite_prompts=1
     drafters=(--drafters draft,pld,eagle)
 else
-    prompts=4; n=48; n_shipped=128; per_category=5; batches=1,2,4,8,16; suite_prompts=2
+    prompts=4; n=48; n_shipped=128; per_category=10; batches=1,2,4,8,16; suite_prompts=2
     drafters=()
 fi
 
@@ -113,6 +113,10 @@ section "Verification rules, greedy" \
 section "Verification rules, sampling" \
     "The lossless rule against the LOSSY sampling rules (typical acceptance, lenient sampling), T 0.7." \
     --verify exact,typical,lenient -t 0.7 --prompts "$prompts" -n "$n"
+
+section "Deterministic drafts when sampling" \
+    "Prompt lookup at T 0.7: -v exact matches each draft against the target's own sample (Daliri et al. 2024), -v rejection applies rejection sampling to the one-hot q. The same acceptance in distribution; only the first gives autoregressive sampling's text for the seed." \
+    --verify exact,rejection -d pld -t 0.7 --prompts "$prompts" -n "$n"
 
 section "Draft-length policies" \
     "Every policy on the draft model's chains, and the tree policies on EAGLE-2's trees." \
