@@ -134,7 +134,7 @@ class CollectiveDrafter:
     Speculative Inference and Verification"; survey §5.1, §6.3): several drafters' proposals, one merged tree.
 
     Every candidate is deterministic (the draft model's top-k tree, prompt lookup's matches, REST's frequency
-    trie), so tree.q is None and verification uses the one-hot (deterministic-sibling) multi-draft rule, which is
+    trie), so tree.q is None and verification matches it against the target's own draws (verify.SampleMatch), which is
     lossless for every fixed tree at any temperature. SpecInfer boost-tunes its small models to differ; ours are
     different kinds of drafter instead, which disagree for free."""
 

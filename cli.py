@@ -458,7 +458,8 @@ def choose(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Choice:
     rule = entry(VERIFIERS, args.verify, "--verify")
     use_tree = args.tree or drafter.shape == "tree"
     greedy = args.temperature == 0
-    length = entry(DRAFT_LENGTHS, args.draft_length or default_length(drafter, use_tree, greedy), "--draft-length")
+    length = args.draft_length or default_length(drafter, use_tree, greedy, rule.name)
+    length = entry(DRAFT_LENGTHS, length, "--draft-length")
     refuse(
         [
             (args.tree and drafter.shape == "chain", f"-d {drafter.name} drafts chains: drop --tree"),
@@ -669,6 +670,12 @@ def print_trees(trees: list, enc) -> None:
             print(render_call(t, lambda i: enc.decode([i])))
 
 
+def deterministic_drafts(choice: Choice, args: argparse.Namespace) -> bool:
+    """Do the drafts come without a q (verify.SampleMatch then matches them against the target's own draws)? Trees
+    of the top-k children unless --sampled-siblings; chains unless the drafter samples from a distribution."""
+    return not args.sampled_siblings if choice.use_tree else not choice.drafter.has_q
+
+
 def compare(
     target,
     prompt_ids: list[int],
@@ -697,9 +704,11 @@ def compare(
         same = "identical to"
     elif choice.rule.lossy:
         same = "differs from (expected: the rule is lossy)"
-    elif args.temperature > 0 and (choice.drafter.has_q or choice.rule.name != "exact"):
+    elif args.temperature > 0 and not (choice.rule.name == "exact" and deterministic_drafts(choice, args)):
         same = "differs from (expected when sampling: other random numbers than autoregressive decoding draws)"
-    else:  # greedy, or deterministic drafts under -v exact, which draw what generate draws (verify.SampleMatch)
+    elif args.temperature > 0:  # deterministic drafts under -v exact draw what generate draws (verify.SampleMatch)
+        same = "differs from (rounding: a draw at the edge between two tokens can flip with the call's shape)"
+    else:
         same = "differs from (in bf16, rounding can do this; in fp32 it is a bug)"
     speedup = (len(out) / seconds) / max(len(baseline) / base_seconds, 1e-9)
     print(

@@ -6,8 +6,9 @@
 
 All three are tree drafters whose proposals carry a tree.ExtraTokens: the loop runs its extra tokens in the same target
 call as the candidates, verifies only the candidates, and hands the call's logits back through ExtraTokens.read.
-Their candidates are deterministic (argmax guesses, pool n-grams), so under sampling the one-hot multi-draft rule
-applies and decoding stays lossless (docs/pitfalls.md: Retrieval and mask-predict drafters are deterministic).
+Their candidates are deterministic (argmax guesses, pool n-grams), so under sampling they are matched against the
+target's own draws (verify.SampleMatch) and decoding stays lossless (docs/pitfalls.md: Retrieval and mask-predict
+drafters are deterministic).
 """
 
 from pathlib import Path

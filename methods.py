@@ -137,14 +137,14 @@ def missing_files(entry: Entry, setup: Setup) -> str | None:
     return None
 
 
-def default_length(drafter: Entry, use_tree: bool, greedy: bool = True) -> str:
+def default_length(drafter: Entry, use_tree: bool, greedy: bool = True, rule: str = "exact") -> str:
     """The draft length a drafter runs with when -l is not given: its own, but on a tree that does not grow level by
-    level (a static or retrieved tree) nothing is sized, so fixed. When sampling the drafts of a distribution,
-    fixed too: -l cost chooses from this machine's measured call costs, and a different gamma draws different
-    uniforms, so the same --seed would give another sample on another machine, or on a busy one (-l cost stays
-    available). A deterministic drafter keeps its own: -v exact then emits the seed's autoregressive sample
-    whatever was drafted (verify.SampleMatch)."""
-    if (not greedy and drafter.has_q) or (use_tree and not drafter.dynamic):
+    level (a static or retrieved tree) nothing is sized, so fixed. When sampling the drafts of a distribution, or
+    under any rule but -v exact, fixed too: -l cost chooses from this machine's measured call costs, and a different
+    gamma draws different uniforms, so the same --seed would give another sample on another machine, or on a busy
+    one (-l cost stays available). A deterministic drafter under -v exact keeps its own: it then emits the seed's
+    autoregressive sample whatever was drafted, up to rounding (verify.SampleMatch)."""
+    if (not greedy and (drafter.has_q or rule != "exact")) or (use_tree and not drafter.dynamic):
         return "fixed"
     return drafter.length
 

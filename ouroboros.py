@@ -30,7 +30,8 @@ on what the loop did with the last tree (a rejected trunk, an accepted suffix, a
 
 Sampling. The paper decodes greedily. Here every draft token is an argmax (of the draft model, or a pool phrase
 that its argmax confirmed, or a pool phrase as such), a deterministic function of the text so far: q is one-hot,
-tree.q is None, and at -t > 0 the one-hot multi-draft rule verifies the tree, lossless for every fixed tree
+tree.q is None, and at -t > 0 -v exact matches the tree against the target's own draws (verify.SampleMatch),
+lossless for every fixed tree
 (docs/pitfalls.md: Retrieval and mask-predict drafters are deterministic). So -t > 0 is accepted and keeps the
 target's distribution; what it costs is acceptance, since the target samples where the draft takes the argmax.
 Drafting from the draft's warped q instead would need a q for every node: the draft model's rows for the tokens

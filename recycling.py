@@ -12,8 +12,8 @@ search from the last token: a node of rank r under a parent with token t gets M[
 The matrix lives on the target's device and is kept across generations (the paper's matrix carries over from
 earlier queries, and the SAM-Decoding authors' reimplementation never resets it either), so the drafter learns
 what a model says after each token from everything it has decoded. A row never written is unknown: the subtree
-under such a token is left out. The drafts are deterministic (tree.q is None): at temperature > 0 the one-hot
-multi-draft rule verifies them, lossless for every fixed tree
+under such a token is left out. The drafts are deterministic (tree.q is None): at temperature > 0 they are
+matched against the target's own draws (verify.SampleMatch), lossless for every fixed tree
 (docs/pitfalls.md: Retrieval and mask-predict drafters are deterministic).
 
 The call's logits reach the drafter as Jacobi decoding's do (maskpredict.py): the tree carries a tree.ExtraTokens

@@ -6,10 +6,10 @@ tuning-free drafting; §6.3 token trees). The structures are in suffix.py.
     SamDrafter       SAM Decoding (Hu et al. 2024): static automaton over the datastore, dynamic over the request
     SamdDrafter      SAM Decoding with an auxiliary drafter (EAGLE-2) where the automata's match is short
 
-The first three are deterministic (tree.q is None): at temperature > 0 they are verified with the one-hot
-multi-draft rule, which is lossless for every fixed tree; SamdDrafter's retrieved chains are too. REST's own
-sampled mode, exact match of independently sampled paths, is not distribution preserving and is not implemented
-(docs/pitfalls.md: Retrieval and mask-predict drafters are deterministic).
+The first three are deterministic (tree.q is None): at temperature > 0 they are matched against the
+target's own draws (verify.SampleMatch), lossless for every fixed tree; SamdDrafter's retrieved chains are too.
+REST's own sampled mode, exact match of independently sampled paths, is not distribution preserving and is not
+implemented (docs/pitfalls.md: Retrieval and mask-predict drafters are deterministic).
 
 Datastore files, built by `python train.py datastore` from data/train.bin (uint16 token ids):
     data/datastore.npy   int32 suffix array of train.bin, sorted by the first SA_WIDTH tokens

@@ -74,7 +74,10 @@ def sample_token(probs: Tensor, generator: torch.Generator | None) -> int:
         return int(probs.argmax().item())
     cdf = probs.double().cumsum(-1)  # [V]
     u = torch.rand(1, generator=generator, device=generator.device, dtype=torch.float64).to(cdf.device)
-    return int(torch.searchsorted(cdf, u * cdf[-1:], right=True).item())
+    token, total = torch.cat([torch.searchsorted(cdf, u * cdf[-1:], right=True).double(), cdf[-1:]]).tolist()
+    if not total > 0:  # all zeros or NaN: no token can be drawn (torch.multinomial raised here too)
+        raise ValueError(f"cannot sample from a distribution of total mass {total}")
+    return int(token)
 
 
 def _uniform(generator: torch.Generator) -> float:
@@ -163,17 +166,19 @@ def speculative_sample(
     return len(tokens), sample_token(target_probs[len(tokens)], generator)
 
 
-def sample_match_verify(target_probs: Tensor, draft_tokens: Tensor, generator: torch.Generator) -> tuple[int, int]:
-    """Deterministic drafts checked against the target's own sample (Daliri, Musco, Suresh 2024, drafter-invariant
+def sample_match_verify(
+    target_probs: Tensor, draft_tokens: Tensor, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """Deterministic drafts checked against the target's own sample (§6.2; Daliri, Musco, Suresh 2024, drafter-invariant
     speculative decoding, for a one-hot q): at each position the target samples its token with sample_token, as
-    autoregressive decoding would; the draft is kept while it equals that token, and the first token that differs
-    is emitted as the correction. target_probs [γ+1, V], draft_tokens [γ] -> (n_accepted, next_token).
+    autoregressive decoding would; the draft is kept while it equals that token, and the first token that differs is
+    emitted as the correction. target_probs [γ+1, V], draft_tokens [γ] -> (n_accepted, next_token).
 
-    Every emitted token is the target's own draw, one draw per emitted token in order, so the output is exactly
-    what `specdec.generate` samples with the same generator, whatever was drafted. A draft x is kept with
-    probability p(x), as min(1, p(x) / q(x)) keeps a one-hot q's, and after a miss the token is distributed as
-    p without x, renormalised: the residual norm(max(0, p - q)). Rejection sampling (speculative_sample) draws
-    the same distribution with other random numbers, so its output for a seed depends on the drafter."""
+    Every emitted token is the target's own draw, one draw per emitted token in order, so the output is exactly what
+    `specdec.generate` samples with the same generator, whatever was drafted. A draft x is kept with probability p(x),
+    as min(1, p(x) / q(x)) keeps a one-hot q's, and after a miss the token is distributed as p without x, renormalised:
+    the residual norm(max(0, p - q)). Rejection sampling (speculative_sample) draws the same distribution with other
+    random numbers, so its output for a seed depends on the drafter."""
     for i, x in enumerate(draft_tokens.tolist()):
         token = sample_token(target_probs[i], generator)
         if token != x:
@@ -188,9 +193,9 @@ def sample_match_verify(target_probs: Tensor, draft_tokens: Tensor, generator: t
 
 
 def follow_matches(tokens: Tensor, parents: Tensor, choose: Callable[[int], int]) -> tuple[list[int], int]:
-    """Walk from the root, each time into the first child (index order) whose token is choose(node), the target's
-    token after that node; stop where no child has it. Returns (path, the target's token where the walk stopped).
-    choose is called once per node walked through, in order."""
+    """Token tree verification by matching (§6.3): walk from the root, each time into the first child (index order)
+    whose token is choose(node), the target's token after that node; stop where no child has it. Returns (path, the
+    target's token where the walk stopped). choose is called once per node walked through, in order."""
     token_list, kids = tokens.tolist(), children(parents.tolist())
     node, path = 0, []
     while True:
@@ -213,12 +218,12 @@ def tree_greedy_verify(target_logits: Tensor, tokens: Tensor, parents: Tensor) -
 
 
 def tree_sample_match_verify(
-    target_probs: Tensor, tokens: Tensor, parents: Tensor, generator: torch.Generator
+    target_probs: Tensor, tokens: Tensor, parents: Tensor, generator: torch.Generator | None
 ) -> tuple[list[int], int]:
-    """sample_match_verify on a tree of deterministic siblings: follow_matches with the target's own sample at each
-    node walked through. The walk leaves a node by one of its children with probability sum of p(child tokens),
-    the same as recursive rejection sampling of one-hot siblings, and emits what generate samples with the same
-    generator."""
+    """sample_match_verify on a tree of deterministic siblings (§6.3; Daliri et al. 2024): follow_matches with the
+    target's own sample at each node walked through. The walk leaves a node by one of its children with probability sum
+    of p(child tokens), the same as recursive rejection sampling of one-hot siblings, and emits what generate samples
+    with the same generator."""
     return follow_matches(tokens, parents, lambda node: sample_token(target_probs[node], generator))
 
 
@@ -320,13 +325,13 @@ class SpeculativeSampling:
 
 
 class SampleMatch(SpeculativeSampling):
-    """Speculative sampling where a deterministic draft (q None: prompt lookup, tries, n-gram pools) is checked
-    against the target's own sample (sample_match_verify, tree_sample_match_verify; Daliri et al. 2024), drafts
-    with a q by rejection sampling as SpeculativeSampling. Lossless at every temperature; for deterministic drafts
-    the output is what autoregressive sampling gives with the same seed, token for token, at the same acceptance
-    rate as rejection sampling. Up to rounding: a verify call computes a row in another shape than generate's
-    one-token call, its logits can differ in the last bits, and a draw that lands that close to the edge between two
-    tokens can pick the other (on SmolLM2 at T 1, one of 20 answers of 32 tokens differed in one run)."""
+    """Speculative sampling (§6.2, §6.3) where a deterministic draft (q None: prompt lookup, tries, n-gram pools, top-k
+    trees) is checked against the target's own sample (sample_match_verify, tree_sample_match_verify; Daliri et al.
+    2024), drafts with a q by rejection sampling as SpeculativeSampling. Lossless at every temperature; for
+    deterministic drafts the output is what autoregressive sampling gives with the same seed, token for token, at the
+    same acceptance rate as rejection sampling. Up to rounding: a verify call computes a row in another shape than
+    generate's one-token call, its logits can differ in the last bits, and a draw that lands that close to the edge
+    between two tokens can pick the other (on SmolLM2 at T 1, one of 20 answers of 32 tokens differed in one run)."""
 
     def chain(
         self, logits: Tensor, p: Tensor, q: Tensor | None, drafts: Tensor, generator: torch.Generator | None

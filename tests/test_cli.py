@@ -43,7 +43,7 @@ RUNS = {  # name: the arguments of `python specdec.py`
     "seed 1": SAMPLING + ["-s", "1"],
     "seed 1 again": SAMPLING + ["-s", "1"],
     "seed 2": SAMPLING + ["-s", "2"],
-    "sampled pld": ["-p", PROMPT, "-n", "24", "-d", "pld", "-t", "1", "-s", "3", "--compare"],
+    "sampled pld": ["-p", PROMPT, "-n", "24", "-d", "pld", "-t", "1", "-s", "3", "-l", "fixed", "--compare"],
     "non-integer -n": ["-p", PROMPT, "-n", "abc"],  # rejected by argparse itself
 }
 BAD_INPUTS = {

@@ -6,7 +6,7 @@ import re
 import pytest
 
 import cli
-from methods import DRAFT_LENGTHS, DRAFTERS, RENAMED, VERIFIERS, UsageError
+from methods import DRAFT_LENGTHS, DRAFTERS, RENAMED, VERIFIERS, UsageError, default_length, rule_misfits
 
 TABLES = {"-d": DRAFTERS, "-v": VERIFIERS, "-l": DRAFT_LENGTHS}
 ENTRIES = [(flag, e) for flag, table in TABLES.items() for e in table.values()]
@@ -71,3 +71,17 @@ def test_help_lists_every_method_with_its_summary(capsys):
 def test_an_old_drafter_name_points_to_the_new_one():
     with pytest.raises(UsageError, match="-d specdec is now called -d nar"):
         cli.choose(*cli.parse_args(["-p", "x", "-d", "specdec"]))
+
+
+def test_sampling_keeps_cost_sizing_only_where_the_text_cannot_depend_on_it():
+    # -v exact emits a deterministic draft's seed sample whatever gamma is (verify.SampleMatch); drafts of a
+    # distribution, or other rules, draw other uniforms at another gamma, so they default to a fixed one
+    assert default_length(DRAFTERS["pld"], use_tree=False, greedy=False) == "cost"
+    assert default_length(DRAFTERS["pld"], use_tree=False, greedy=False, rule="rejection") == "fixed"
+    assert default_length(DRAFTERS["draft"], use_tree=False, greedy=False) == "fixed"
+    assert default_length(DRAFTERS["draft"], use_tree=False, greedy=True) == "cost"
+
+
+def test_rejection_sampling_is_refused_when_greedy():
+    refusals = rule_misfits(VERIFIERS["rejection"], DRAFTERS["pld"], use_tree=False, greedy=True, sampled=False)
+    assert any(refused for refused, _ in refusals)

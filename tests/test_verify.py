@@ -89,7 +89,7 @@ def trees(draw, distinct_siblings: bool):
 # ---------------------------------------------------------------------------------------------------------------
 # Drawing one token: every sampled token of every loop goes through sample_token.
 
-P_DRAW = torch.tensor([0.0, 0.3, 0.0, 0.05, 0.4, 0.0, 0.25])  # zeros at the ends and between, unsorted
+P_DRAW = torch.tensor([0.0, 0.3, 0.0, 0.05, 0.4, 0.0, 0.25, 0.0])  # zeros at both ends and between, unsorted
 
 
 def draws(sample, p: torch.Tensor, seed: int, trials: int = TRIALS) -> np.ndarray:
@@ -111,6 +111,12 @@ def test_sample_token_follows_probs_and_never_draws_a_zero():
 
 def test_sample_token_chi_square_has_power_against_an_off_by_one_search():
     assert_detects(draws(sample_token_off_by_one, P_DRAW, seed=0), P_DRAW.numpy())
+
+
+def test_sample_token_refuses_a_row_without_mass():
+    for row in (torch.zeros(4), torch.full((4,), float("nan"))):
+        with pytest.raises(ValueError, match="total mass"):
+            sample_token(row, torch.Generator().manual_seed(0))
 
 
 @no_deadline
