@@ -315,14 +315,6 @@ def iid_trees(seed: int, k: int = 3, k2: int = 2):
     return lambda t: (p_table[p_rows[t]], q_table[q_rows[t]], tokens[t], parents)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("children", [[1, 3, 0], [1, 1, 3]], ids=["distinct", "duplicate_sibling"])
-def test_tree_deterministic_siblings_follow_target(children):
-    joint = first_tree_tokens(tree_speculative_sample, fixed_tree(children), seed=6)
-    assert_matches(joint // V, P1.numpy())
-    assert_matches(joint, JOINT)
-
-
 def tree_sample_match(target_probs, draft_probs, tokens, parents, generator):
     return tree_sample_match_verify(target_probs, tokens, parents, generator)
 
@@ -336,8 +328,9 @@ def tree_resample_after_a_miss(target_probs, draft_probs, tokens, parents, gener
 
 @pytest.mark.slow
 @pytest.mark.parametrize("children", [[1, 3, 0], [1, 1, 3]], ids=["distinct", "duplicate_sibling"])
-def test_tree_sample_match_follows_target(children):
-    joint = first_tree_tokens(tree_sample_match, fixed_tree(children), seed=6)
+@pytest.mark.parametrize("rule", [tree_speculative_sample, tree_sample_match], ids=["rejection", "sample_match"])
+def test_tree_deterministic_siblings_follow_target(rule, children):
+    joint = first_tree_tokens(rule, fixed_tree(children), seed=6)
     assert_matches(joint // V, P1.numpy())
     assert_matches(joint, JOINT)
 
