@@ -258,11 +258,13 @@ def cost_columns(m: Method, base: Method) -> str:
         return f"- | {1000 * m.seconds / max(1, m.tokens):.1f} | - | -"
     one_call = base.seconds / max(1, base.tokens)
     overhead = m.seconds - s.draft_seconds - s.verify_seconds - s.prefill_seconds
-    split = " | ".join(f"{1000 * t / calls:.1f}" for t in (s.draft_seconds, s.verify_seconds, overhead))
+    split = " | ".join(
+        f"{1000 * t:.1f}" for t in (s.draft_seconds / calls, s.verify_seconds_per_call, overhead / calls)
+    )
     if m.use_tree:
         return f"{split} | -"
     gamma, c = max(1, round(s.drafted / calls)), s.draft_seconds / max(1, s.drafted) / one_call
-    return f"{split} | {predicted_speedup(s.acceptance_rate, gamma, c, s.verify_seconds / calls / one_call):.2f}x"
+    return f"{split} | {predicted_speedup(s.acceptance_rate, gamma, c, s.verify_seconds_per_call / one_call):.2f}x"
 
 
 def print_histograms(methods: list[Method]) -> None:

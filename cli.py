@@ -651,9 +651,12 @@ def print_stats(stats: Stats, seconds: float, rule: Entry, length: str, color: b
     )
     positions = [f"{i + 1}: {stats.acceptance_at(i):.2f}" for i in range(len(stats.compare_counts) - 1)]
     print(f"[acceptance by draft position (of the drafts compared there): {', '.join(positions) or 'none'}]")
-    overhead = seconds - stats.draft_seconds - stats.verify_seconds
-    draft_ms, verify_ms = 1000 * stats.draft_seconds / calls, 1000 * stats.verify_seconds / calls
-    print(f"[per call: draft {draft_ms:.1f} ms, verify {verify_ms:.1f} ms, overhead {1000 * overhead / calls:.1f} ms]")
+    overhead = seconds - stats.draft_seconds - stats.verify_seconds - stats.prefill_seconds
+    draft_ms, verify_ms = 1000 * stats.draft_seconds / calls, 1000 * stats.verify_seconds_per_call
+    print(
+        f"[prefill {1000 * stats.prefill_seconds:.0f} ms; per call: draft {draft_ms:.1f} ms, verify {verify_ms:.1f} "
+        f"ms, overhead {1000 * overhead / calls:.1f} ms]"
+    )
     print(
         f"[accepted drafts per call: {dict(enumerate(stats.accept_counts))}"
         + ("; green = accepted draft tokens]" if color else "]")
@@ -724,7 +727,7 @@ def cost_model_line(stats: Stats, one_call: float, measured: float) -> str:
     alpha, calls = stats.acceptance_rate, stats.target_calls
     gamma = max(1, round(stats.drafted / calls))
     c = stats.draft_seconds / max(1, stats.drafted) / one_call  # a draft token over a one-token target call
-    v = stats.verify_seconds / calls / one_call  # this run's verify call over a one-token call
+    v = stats.verify_seconds_per_call / one_call  # this run's verify call over a one-token call
     return (
         f"[cost model (Leviathan et al. 2023): alpha {alpha:.2f}, draft cost c {c:.2f}, verify cost v {v:.2f} "
         f"of a one-token call at gamma {gamma}: predicts {predicted_speedup(alpha, gamma, c, v):.2f}x "

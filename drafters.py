@@ -17,7 +17,9 @@ trees: reset and propose_tree; the heads of heads.py draft trees only):
                                            each new level (Dynamic Depth Decoding)
 A chain drafter may also have attach(target, cache) -> forward: it is then handed the target's own cache when a
 generation starts, and runs the verify call itself (self-drafting by early exit, selfdraft.py, drafts into the
-target's lower layers and finishes the call from there); the loop calls target(tokens, cache) otherwise.
+target's lower layers and finishes the call from there); the loop calls target(tokens, cache) otherwise. The chain
+loop's first call carries the prompt, so the cache is empty at the first proposal: a drafter that reads it fills
+it first. The tree loop prefills the prompt before the first proposal (tree drafters read its hidden states).
 `warp` maps logits to the (temperature / top-k / top-p warped) probabilities that the target is verified with, so
 q is warped exactly like p (docs/pitfalls.md: q is the distribution the draft was drawn from).
 Tree children are a node's top-k draft tokens (deterministic siblings: verify.tree_speculative_sample with a

@@ -105,7 +105,7 @@ class OnlineDrafter:
 
         def verify_forward(tokens: Tensor, cache: KVCache) -> Tensor:
             logits = target(tokens, cache)
-            self.logits = logits[0]
+            self.logits = logits[0, -len(self.drafts) - 1 :]  # the verify rows (a first call also carries the prompt)
             return logits
 
         return verify_forward

@@ -142,7 +142,10 @@ class EarlyExitDrafter:
     def propose(
         self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
     ) -> tuple[list[int], Tensor | None]:
-        # Loop invariant: the cache holds every context token but the last, in every layer.
+        # Loop invariant: the cache holds the context but its last token, in every layer; before the loop's first call
+        # it is empty (that call would carry the prompt), so fill it with the prompt here: our drafts read it.
+        if self.cache.length < len(context) - 1:
+            self.target(torch.tensor([context[self.cache.length : -1]], device=self.target.device), self.cache)
         self.start, self.streams, tokens, qs = self.cache.length, [], [], []
         token = context[-1]
         for i in range(gamma):
@@ -157,7 +160,8 @@ class EarlyExitDrafter:
         return tokens, torch.stack(qs) if qs else None
 
     def verify_forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
-        """tokens [1, 1 + n drafts] -> the target's logits [1, 1 + n, V], computing only what drafting did not."""
+        """tokens [1, T] (what the target has not seen, then n drafts; all but the last are already in the cache or
+        the saved streams) -> the target's logits [1, 1 + n, V], computing only what drafting did not."""
         self.streams.append(self.lower(int(tokens[0, -1])))  # the last draft (or, with none, context[-1])
         self.cache.length = self.start  # blocks [E, L) write the same slots that blocks [0, E) wrote
         x = torch.cat([s[-1] for s in self.streams], dim=1)  # [1, 1 + n, C]: the residual stream after block E-1

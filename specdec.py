@@ -25,13 +25,14 @@ OnTokens = Callable[[list[int], int], None]  # (new tokens, how many of them are
 
 @dataclass
 class Stats:
-    target_calls: int = 0  # verification forwards of the target (the prompt's prefill not counted)
+    target_calls: int = 0  # verification forwards of the target (the tree loop's prefill of the prompt not counted)
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
     produced: int = 0  # tokens emitted (accepted drafts + one target token per call)
     draft_seconds: float = 0.0  # wall time spent drafting
-    verify_seconds: float = 0.0  # wall time spent in target forwards and verification
-    prefill_seconds: float = 0.0  # wall time of the target's prefill of the prompt (not a target call)
+    verify_seconds: float = 0.0  # wall time spent in target forwards and verification, prefill_calls' not counted
+    prefill_seconds: float = 0.0  # wall time of the target's prefill of the prompt
+    prefill_calls: int = 0  # verify calls that carried the prompt (the chain loop's first): timed as its prefill
     accept_counts: list[int] = field(default_factory=list)  # accept_counts[n]: steps that accepted n drafts
     expected_accepted: float = 0.0  # sum over compared positions of sum_x min(p(x), q(x))
     compared: int = 0  # draft positions compared with the target
@@ -78,6 +79,7 @@ class Stats:
             "draft_seconds",
             "verify_seconds",
             "prefill_seconds",
+            "prefill_calls",
             "expected_accepted",
             "extra",
         ):
@@ -92,6 +94,11 @@ class Stats:
         """Tokens emitted per target call: accepted drafts + 1 per verification
         (docs/pitfalls.md: tau counts the bonus token; show the histogram)."""
         return self.produced / max(1, self.target_calls)
+
+    @property
+    def verify_seconds_per_call(self) -> float:
+        """Wall time of a verify call, over the calls that did not carry the prompt."""
+        return self.verify_seconds / max(1, self.target_calls - self.prefill_calls)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -176,7 +183,9 @@ def speculative_generate(
     """Draft-then-verify decoding (Algorithm 2). With the default verifier (verify.exact) it is lossless: the output
     is distributed exactly as `generate`'s. `draft_length` (default: a fixed gamma) says how many tokens to draft.
 
-    Invariant: the target's cache holds every context token but the last, which opens the next verify call.
+    Invariant: the target's cache holds the context but its last token, which opens the next verify call; before
+    the first call it holds nothing, and that call carries the prompt (no separate prefill: a generation makes as
+    many target calls as `generate`, where the prompt's own call yields the first token).
     """
     check_generator(temperature, generator)
     device = target.device
@@ -185,22 +194,20 @@ def speculative_generate(
     context = list(prompt_ids)
     drafter.reset()
     length.reset()
-    # An optional hook: self-drafting by early exit (§5.2, LayerSkip) drafts into the target's own cache and finishes
-    # the verify call from the layer it exited at; online speculative decoding (online.py) only reads the call's
-    # logits. Every other drafter leaves the target's call alone.
+    # An optional hook: self-drafting by early exit (§5.2, LayerSkip) drafts into the target's own cache (which it
+    # first fills with the prompt) and finishes the verify call from the layer it exited at; online speculative
+    # decoding (online.py) only reads the call's logits. Every other drafter leaves the target's call alone.
     forward = drafter.attach(target, cache) if hasattr(drafter, "attach") else target
-    t0 = time.perf_counter()
-    if len(context) > 1:
-        target(torch.tensor([context[:-1]], device=device), cache)  # prefill
-    stats.prefill_seconds = time.perf_counter() - t0
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
+        fed = context[cache.length :]  # what the target has not seen: the last token; in the first call, the prompt
         drafts, q = drafter.propose(
             context, min(length.gamma, budget - 1), warp, generator, length.keep_drafting
         )  # 1. draft
         t1 = time.perf_counter()
-        logits = forward(torch.tensor([context[-1:] + drafts], device=device), cache)[0]  # 2. one call: [γ+1, V]
+        logits = forward(torch.tensor([fed + drafts], device=device), cache)[0, -len(drafts) - 1 :]  # 2. one call
+        # logits [γ+1, V]: the rows of the context's last token and the drafts
         p, draft_tokens = warp(logits), torch.tensor(drafts, dtype=torch.long, device=device)
         n, token = verifier.chain(logits, p, q, draft_tokens, generator)  # 3. verify (§6)
         cache.truncate(len(context) + n)  # 4. roll back past the rejected drafts
@@ -208,13 +215,19 @@ def speculative_generate(
         length.update(len(drafts), n)
         new, finished = cut_at_eot(drafts[:n] + [token], eot)
         compared = min(n + 1, len(drafts))  # draft positions actually compared with the target
+        seconds = time.perf_counter() - t1
+        prefill = seconds if len(fed) > 1 else 0.0  # a call that carries the prompt is timed as its prefill
+        stats.prefill_seconds, stats.prefill_calls = (
+            stats.prefill_seconds + prefill,
+            stats.prefill_calls + (prefill > 0),
+        )
         stats.record(
             drafted=len(drafts),
             accepted=n,
             compared=compared,
             produced=len(new),
             draft_seconds=t1 - t0,
-            verify_seconds=time.perf_counter() - t1,
+            verify_seconds=seconds - prefill,
             expected_accepted=theory_acceptance(p[:compared], q, draft_tokens[:compared]),
         )
         context, budget = context + new, budget - len(new)

@@ -120,9 +120,9 @@ def test_target_cache_after_a_rejection_holds_exactly_the_accepted_text():
 
 
 class CheckedTarget:
-    """Wraps a target model; on every verification call (those after the drafter's first proposal) checks that the
-    cache holds exactly the accepted context but its last token, and that the logits equal a cache-free forward
-    over that context and the drafts."""
+    """Wraps a target model; on every call checks that the cache holds exactly the accepted context but its last
+    token (the first call: nothing, and it carries the prompt), that the call feeds the rest of the context and the
+    drafts, and that the logits equal a cache-free forward over them."""
 
     def __init__(self, model, drafter: ScriptedDrafter):
         self.model, self.drafter, self.checked = model, drafter, 0
@@ -131,12 +131,11 @@ class CheckedTarget:
         return getattr(self.model, name)
 
     def __call__(self, tokens, cache):
-        if not self.drafter.contexts:  # the prefill
-            return self.model(tokens, cache)
-        context = self.drafter.contexts[-1]
-        assert cache.length == len(context) - 1 and tokens[0, 0].item() == context[-1]
+        context, drafts = self.drafter.contexts[-1], self.drafter.proposals[-1]
+        assert cache.length == (len(context) - 1 if self.checked else 0)
+        assert tokens[0].tolist() == context[cache.length :] + drafts
         logits = self.model(tokens, cache)
-        fresh = self.model(torch.tensor([context[:-1] + tokens[0].tolist()]))[:, -tokens.shape[1] :]
+        fresh = self.model(torch.tensor([context + drafts]))[:, -tokens.shape[1] :]
         assert torch.allclose(logits, fresh, atol=ATOL, rtol=0)
         self.checked += 1
         return logits
@@ -159,6 +158,31 @@ def test_every_verification_runs_on_a_cache_of_exactly_the_accepted_text(gamma):
     assert out == right
     assert checked.checked == stats.target_calls > 1
     assert len(stats.accept_counts) == gamma + 1 and all(stats.accept_counts)  # every rollback, and full accepts
+
+
+class CountingTarget:
+    """Wraps a target model and counts its forwards."""
+
+    def __init__(self, model):
+        self.model, self.forwards = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kw):
+        self.forwards += 1
+        return self.model(*args, **kw)
+
+
+@pytest.mark.parametrize("prompt", [[1], [1, 2, 3]])
+def test_without_drafts_the_chain_loop_makes_as_many_target_forwards_as_generate(prompt):
+    """The first verify call carries the prompt: no prefill call on top of generate's one forward per token."""
+    target, n_new = toy_target(), 9
+    plain, spec = CountingTarget(target), CountingTarget(target)
+    right = generate(plain, prompt, n_new, temperature=0)
+    out, stats = speculative_generate(spec, ScriptedDrafter(lambda step, context: []), prompt, n_new, temperature=0)
+    assert out == right and spec.forwards == plain.forwards == stats.target_calls == n_new
+    assert stats.prefill_calls == (len(prompt) > 1)
 
 
 def assert_cache_holds(cache, model, tokens: list[int]) -> None:

@@ -65,17 +65,18 @@ def exact_joint(target: Transformer, prompt: list[int], n: int, **warping) -> np
 
 
 class ScriptedDrafter:
-    """Proposes script(step, context)[:gamma] with a one-hot q (None); records the context of every step."""
+    """Proposes script(step, context)[:gamma] with a one-hot q (None); records every step's context and drafts."""
 
     def __init__(self, script):
-        self.script, self.contexts = script, []
+        self.script, self.contexts, self.proposals = script, [], []
 
     def reset(self):
-        self.contexts = []
+        self.contexts, self.proposals = [], []
 
     def propose(self, context, gamma, warp, generator, keep=None):
         drafts = list(self.script(len(self.contexts), list(context)))[:gamma]
         self.contexts.append(list(context))
+        self.proposals.append(drafts)
         return drafts, None
 
     def accept(self, n_accepted):
