@@ -185,7 +185,8 @@ def speculative_generate(
 
     Invariant: the target's cache holds the context but its last token, which opens the next verify call; before
     the first call it holds nothing, and that call carries the prompt (no separate prefill: a generation makes as
-    many target calls as `generate`, where the prompt's own call yields the first token).
+    many target calls as `generate`, where the prompt's own call yields the first token; docs/pitfalls.md: No target
+    call on top of the prefill).
     """
     check_generator(temperature, generator)
     device = target.device
@@ -273,35 +274,33 @@ def tree_speculative_generate(
     The verifier and draft length work as in speculative_generate (draft_length.DynamicDepth cuts trees short;
     draft_length.AdaEagle plans each tree's depth before it is drafted).
 
-    Invariant as in speculative_generate; `features` holds the target's last hidden state of every cached token.
+    Invariant: the target's cache holds the context but its last token (the next tree's root), and `features` the
+    target's last hidden state of each of those tokens. Tree drafters read the features, so the prompt is prefilled
+    before the first draft. The prefill runs the prompt's last token too: its row is the first tree's root row, and
+    the first call feeds the rest of that tree (a generation makes as many target calls as `generate`).
     """
     check_generator(temperature, generator)
     device = target.device
     warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
     verifier, length = verifier or exact(temperature), draft_length or FixedLength(0)
-    context, features = list(prompt_ids), torch.zeros(0, target.config.hidden_size, device=device)
+    context = list(prompt_ids)
     drafter.reset()
     length.reset()
     t0 = time.perf_counter()
-    if len(context) > 1:
-        features = target(torch.tensor([context[:-1]], device=device), cache, return_hidden=True)[1][0]
+    logits, hidden = target(torch.tensor([context], device=device), cache, return_hidden=True)  # prefill
+    features, root_row = hidden[0, :-1], (logits[:, -1:], hidden[:, -1:])
     stats.prefill_seconds = time.perf_counter() - t0
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
         length.plan(context, features)  # a policy may size the tree from the target's last hidden state (AdaEAGLE)
         tree = drafter.propose_tree(context, features, warp, generator, length.keep_growing)  # 1. draft
-        tree = trim_tree(tree, budget - 1, cache.max_len - cache.length)
+        prefix = len(context) - 1  # cache slots before the root's
+        tree = trim_tree(tree, budget - 1, cache.max_len - prefix)
+        n = len(tree)
         t1 = time.perf_counter()
-        prefix, n = cache.length, len(tree)
-        logits, hidden = target(
-            None,
-            cache,
-            tree_positions(tree, prefix, device),
-            tree_attention_mask(tree, prefix, device),
-            return_hidden=True,
-            inputs_embeds=call_embeds(target, tree),
-        )  # 2. one call
+        logits, hidden = tree_call(target, cache, tree, prefix, root_row)  # 2. one call
+        root_row = None  # from now on every call runs its root
         path, token = verifier.tree(logits[0, :n], warp(logits[0, :n]), tree, generator)  # 3. verify (§6.3)
         cache.keep(keep_indices(path, prefix, device))  # 4. keep the accepted path's K/V: no extra token's
         length.update(n - 1, len(path))
@@ -336,6 +335,25 @@ def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
     keep = [i for i, d in enumerate(depths(tree)) if d <= max_depth][:max_nodes]
     extra = len(tree.extra_tokens) if tree.extra_tokens is not None else 0
     return tree if len(keep) == len(tree) and len(tree) + extra <= max_nodes else subtree(tree, keep)
+
+
+def tree_call(
+    target: Transformer, cache, tree: Tree, prefix: int, root_row: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tree's verify call (§6.3): logits [1, N + M, V] and last hidden states [1, N + M, C] of its nodes and
+    extra tokens, written to the cache after the `prefix` tokens before the root (tree mask, positions prefix +
+    depth). root_row: the root's (logits, hidden) [1, 1, *] when the prompt's prefill already ran and cached the
+    root; the call then feeds the rest of the tree (the mask's rows without the root's; its column is the cached
+    root's slot), or nothing for a tree of the root alone."""
+    device, skip = target.device, 0 if root_row is None else 1
+    embeds = call_embeds(target, tree)[:, skip:]
+    if embeds.shape[1] == 0:
+        return root_row
+    positions, mask = tree_positions(tree, prefix, device)[skip:], tree_attention_mask(tree, prefix, device)[skip:]
+    logits, hidden = target(None, cache, positions, mask, return_hidden=True, inputs_embeds=embeds)
+    if root_row is None:
+        return logits, hidden
+    return torch.cat([root_row[0], logits], dim=1), torch.cat([root_row[1], hidden], dim=1)
 
 
 def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:
