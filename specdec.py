@@ -184,9 +184,9 @@ def speculative_generate(
     is distributed exactly as `generate`'s. `draft_length` (default: a fixed gamma) says how many tokens to draft.
 
     Invariant: the target's cache holds the context but its last token, which opens the next verify call; before
-    the first call it holds nothing, and that call carries the prompt (no separate prefill: a generation makes as
-    many target calls as `generate`, where the prompt's own call yields the first token; docs/pitfalls.md: No target
-    call on top of the prefill).
+    the first call it holds nothing, and that call carries the prompt, so a generation makes as many target calls
+    as `generate`, whose prompt call yields the first token
+    (docs/pitfalls.md: No target call on top of the prefill).
     """
     check_generator(temperature, generator)
     device = target.device
