@@ -177,7 +177,7 @@ class ModelDrafter:
         # or bonus token, and after a full accept also our own last draft, which was never fed
         # (docs/pitfalls.md: After a full accept the draft has not seen its last draft).
         new = torch.tensor([context[self.cache.length :]], device=device)
-        logits = self.model(new, self.cache, skip=self.skip)[0, -1]
+        logits = self.model(new, self.cache, skip=self.skip, logits_to_keep=1)[0, -1]
         self.start = len(context)
         tokens, qs = [], []
         for i in range(gamma):

@@ -299,6 +299,7 @@ class Transformer(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         layers: range | None = None,
         skip: frozenset[str] = frozenset(),
+        logits_to_keep: int = 0,
     ):
         """tokens [B, T] -> logits [B, T, V] (and the final normed hidden states [B, T, C] if return_hidden).
 
@@ -308,12 +309,14 @@ class Transformer(nn.Module):
         attn_mask [B, T, cache.length + T]. `inputs_embeds` [B, T, C] replace the tokens' embeddings
         (tokens=None): some inputs are not tokens, e.g. PaSS's learned lookahead embeddings. `layers` and `skip`
         run part of the model (see blocks): range(E) reads the residual stream after block E-1 out through the
-        final norm and LM head, an early exit (LayerSkip).
+        final norm and LM head, an early exit (LayerSkip). `logits_to_keep` n > 0 runs the LM head on the last n
+        positions only (logits [B, n, V]; as transformers' argument of that name): a prefill reads one row, and the
+        head's T x V products over a whole prompt are about a tenth of SmolLM2's prefill.
         """
         x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
         x = self.blocks(x, cache, positions, attn_mask, layers, skip)
         h = self.norm(x)
-        logits = self.lm_head(h)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 
     def blocks(

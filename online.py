@@ -103,8 +103,8 @@ class OnlineDrafter:
     def attach(self, target: Transformer, cache: KVCache):
         """The loop's optional hook: we only watch the verify call, we never change it."""
 
-        def verify_forward(tokens: Tensor, cache: KVCache) -> Tensor:
-            logits = target(tokens, cache)
+        def verify_forward(tokens: Tensor, cache: KVCache, logits_to_keep: int = 0) -> Tensor:
+            logits = target(tokens, cache, logits_to_keep=logits_to_keep)
             self.logits = logits[0, -len(self.drafts) - 1 :]  # the verify rows (a first call also carries the prompt)
             return logits
 

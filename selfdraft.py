@@ -159,9 +159,10 @@ class EarlyExitDrafter:
                 break
         return tokens, torch.stack(qs) if qs else None
 
-    def verify_forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
+    def verify_forward(self, tokens: Tensor, cache: KVCache, logits_to_keep: int = 0) -> Tensor:
         """tokens [1, T] (what the target has not seen, then n drafts; all but the last are already in the cache or
-        the saved streams) -> the target's logits [1, 1 + n, V], computing only what drafting did not."""
+        the saved streams) -> the target's logits [1, 1 + n, V], computing only what drafting did not (so the loop's
+        logits_to_keep, 1 + n, is what it computes anyway)."""
         self.streams.append(self.lower(int(tokens[0, -1])))  # the last draft (or, with none, context[-1])
         self.cache.length = self.start  # blocks [E, L) write the same slots that blocks [0, E) wrote
         x = torch.cat([s[-1] for s in self.streams], dim=1)  # [1, 1 + n, C]: the residual stream after block E-1
@@ -200,7 +201,7 @@ class DynamicExitDrafter(EarlyExitDrafter):
     ) -> tuple[list[int], Tensor | None]:
         return super().propose(context, min(gamma, self.gamma), warp, generator, keep)
 
-    def verify_forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
+    def verify_forward(self, tokens: Tensor, cache: KVCache, logits_to_keep: int = 0) -> Tensor:
         logits = super().verify_forward(tokens, cache)
         self.target_tokens = logits[0].argmax(-1)  # [1 + n]
         return logits

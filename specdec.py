@@ -150,7 +150,7 @@ def generate(
     check_generator(temperature, generator)
     device = model.device
     warp, cache, out = warp_for(temperature, top_k, top_p), model.new_cache(), []
-    logits = model(torch.tensor([prompt_ids], device=device), cache)[0, -1]
+    logits = model(torch.tensor([prompt_ids], device=device), cache, logits_to_keep=1)[0, -1]
     for _ in range(min(max_new_tokens, cache.max_len - len(prompt_ids))):
         token = int(logits.argmax()) if temperature == 0 else sample_token(warp(logits), generator)
         if token == eot:
@@ -207,8 +207,8 @@ def speculative_generate(
             context, min(length.gamma, budget - 1), warp, generator, length.keep_drafting
         )  # 1. draft
         t1 = time.perf_counter()
-        logits = forward(torch.tensor([fed + drafts], device=device), cache)[0, -len(drafts) - 1 :]  # 2. one call
-        # logits [γ+1, V]: the rows of the context's last token and the drafts
+        logits = forward(torch.tensor([fed + drafts], device=device), cache, logits_to_keep=len(drafts) + 1)[0]
+        # 2. one call, logits [γ+1, V]: the rows of the context's last token and the drafts
         p, draft_tokens = warp(logits), torch.tensor(drafts, dtype=torch.long, device=device)
         n, token = verifier.chain(logits, p, q, draft_tokens, generator)  # 3. verify (§6)
         cache.truncate(len(context) + n)  # 4. roll back past the rejected drafts
@@ -287,7 +287,7 @@ def tree_speculative_generate(
     drafter.reset()
     length.reset()
     t0 = time.perf_counter()
-    logits, hidden = target(torch.tensor([context], device=device), cache, return_hidden=True)  # prefill
+    logits, hidden = target(torch.tensor([context], device=device), cache, return_hidden=True, logits_to_keep=1)
     features, root_row = hidden[0, :-1], (logits[:, -1:], hidden[:, -1:])
     stats.prefill_seconds = time.perf_counter() - t0
     budget = min(max_new_tokens, cache.max_len - len(context))

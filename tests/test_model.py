@@ -90,6 +90,15 @@ def test_full_forward_equals_the_naive_reference(tie):
     assert close(model(tokens), reference_logits(model, tokens))
 
 
+@pytest.mark.parametrize("keep", [1, 3, 20])
+@torch.no_grad()
+def test_logits_to_keep_gives_the_last_rows_of_the_full_forward_and_all_hidden_states(keep):
+    model, tokens = toy_model(False), random_tokens(2, 20)
+    logits, hidden = model(tokens, return_hidden=True)
+    kept, kept_hidden = model(tokens, return_hidden=True, logits_to_keep=keep)
+    assert kept.shape[1] == keep and close(kept, logits[:, -keep:]) and torch.equal(kept_hidden, hidden)
+
+
 @torch.no_grad()
 def test_tied_model_shares_one_matrix_between_embedding_and_lm_head():
     model = toy_model(tie=True)

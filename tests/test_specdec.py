@@ -131,12 +131,12 @@ class CheckedTarget:
     def __getattr__(self, name):  # device, new_cache, config: the model's
         return getattr(self.model, name)
 
-    def __call__(self, tokens, cache):
+    def __call__(self, tokens, cache, logits_to_keep=0):
         context, drafts = self.drafter.contexts[-1], self.drafter.proposals[-1]
         assert cache.length == (len(context) - 1 if self.checked else 0)
-        assert tokens[0].tolist() == context[cache.length :] + drafts
-        logits = self.model(tokens, cache)
-        fresh = self.model(torch.tensor([context + drafts]))[:, -tokens.shape[1] :]
+        assert tokens[0].tolist() == context[cache.length :] + drafts and logits_to_keep == len(drafts) + 1
+        logits = self.model(tokens, cache, logits_to_keep=logits_to_keep)
+        fresh = self.model(torch.tensor([context + drafts]))[:, -logits_to_keep:]
         assert torch.allclose(logits, fresh, atol=ATOL, rtol=0)
         self.checked += 1
         return logits
