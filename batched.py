@@ -270,7 +270,8 @@ def batch_speculative_generate(
     T = max(len(p) - 1 for p in prompts)
     if T > 0:  # prefill, right-padded: a shorter prompt leaves holes at the end
         positions, mask = cache.call_inputs([len(p) - 1 for p in prompts], [0] * len(prompts), T)
-        target(pad([p[:-1] for p in prompts], T, device), cache.kv, positions=positions, attn_mask=mask)
+        prompt = pad([p[:-1] for p in prompts], T, device)
+        target(prompt, cache.kv, positions=positions, attn_mask=mask, logits_to_keep=1)  # K/V only
     while rows:
         t0 = time.perf_counter()
         # 1. How far to draft. Near a row's end, every row drafts less: no row may write past its context (its
@@ -356,9 +357,8 @@ def batch_tree_speculative_generate(
     T = max(len(p) - 1 for p in prompts)
     if T > 0:  # prefill, right-padded, keeping each row's hidden states for its drafter
         positions, mask = cache.call_inputs([len(p) - 1 for p in prompts], [0] * len(prompts), T)
-        _, hidden = target(
-            pad([p[:-1] for p in prompts], T, device), cache.kv, positions=positions, attn_mask=mask, return_hidden=True
-        )
+        prompt = pad([p[:-1] for p in prompts], T, device)
+        _, hidden = target(prompt, cache.kv, positions=positions, attn_mask=mask, return_hidden=True, logits_to_keep=1)
         features = [hidden[b, : len(p) - 1] for b, p in enumerate(prompts)]
     while rows:
         t0 = time.perf_counter()

@@ -57,7 +57,8 @@ class CascadeDrafter:
             # model scores [its last unfed token] + ys in ONE call. Never more than the model's positions left.
             ys, _ = self.lookup.propose(seq, n_model - len(tokens) - 1, warp, generator)
             fed = self.cache.length
-            logits = self.model(torch.tensor([seq[fed:] + ys], device=device), self.cache)[0, -1 - len(ys) :]
+            call = torch.tensor([seq[fed:] + ys], device=device)
+            logits = self.model(call, self.cache, logits_to_keep=len(ys) + 1)[0]
             q = warp(logits)  # [len(ys) + 1, V]: the draft's distribution before each y, and after the last
             n, token = inner.chain(logits, q, None, torch.tensor(ys, dtype=torch.long, device=device), generator)
             self.cache.truncate(len(seq) + n)  # keep the accepted ys; the new token is not fed yet (as in SpS)

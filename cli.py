@@ -718,7 +718,7 @@ def compare(
         f"[autoregressive: {len(baseline)} tokens in {base_seconds:.2f} s, {len(baseline) / base_seconds:.1f} "
         f"tokens/s; speedup {speedup:.2f}x; output {same} the speculative one]"
     )
-    if stats and stats.target_calls and not choice.use_tree:
+    if stats and stats.target_calls > stats.prefill_calls and not choice.use_tree:  # a verify call to model
         print(cost_model_line(stats, base_seconds / max(1, len(baseline)), speedup))
 
 

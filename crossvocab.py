@@ -257,7 +257,7 @@ class CrossVocabDrafter:
         reuse = min(common_prefix(self.fed, ids), len(ids) - 1)  # refeed at least the last token for its logits
         self.cache.truncate(reuse)
         device = self.model.device
-        logits = self.model(torch.tensor([ids[reuse:]], device=device), self.cache)[0, -1]
+        logits = self.model(torch.tensor([ids[reuse:]], device=device), self.cache, logits_to_keep=1)[0, -1]
         self.fed, self.start = list(ids), len(ids)
         return logits
 

@@ -15,11 +15,12 @@ trees: reset and propose_tree; the heads of heads.py draft trees only):
                                            [len(context)-1, C] are the target's last hidden states of context[:-1]
                                            (Medusa, EAGLE); dynamic trees ask keep(frontier_logprobs, depth) before
                                            each new level (Dynamic Depth Decoding)
-A chain drafter may also have attach(target, cache) -> forward: it is then handed the target's own cache when a
-generation starts, and runs the verify call itself (self-drafting by early exit, selfdraft.py, drafts into the
-target's lower layers and finishes the call from there); the loop calls target(tokens, cache) otherwise. The chain
-loop's first call carries the prompt, so the cache is empty at the first proposal: a drafter that reads it fills
-it first. The tree loop prefills the prompt before the first proposal (tree drafters read its hidden states).
+A chain drafter may also have attach(target, cache, prompt) -> forward: it is then handed the target's own cache
+and the prompt when a generation starts, and runs the verify call itself (self-drafting by early exit, selfdraft.py,
+prefills the cache with the prompt but its last token, drafts into the target's lower layers and finishes the call
+from there); the loop calls target(tokens, cache, logits_to_keep=...) otherwise, and its first call carries the
+prompt. The tree loop prefills the prompt but its last token before the first proposal (tree drafters read the
+target's hidden states of it).
 `warp` maps logits to the (temperature / top-k / top-p warped) probabilities that the target is verified with, so
 q is warped exactly like p (docs/pitfalls.md: q is the distribution the draft was drawn from).
 Tree children are a node's top-k draft tokens (deterministic siblings: verify.tree_speculative_sample with a
@@ -204,7 +205,7 @@ class ModelDrafter:
         device = self.model.device
         self.cache.truncate(min(self.cache.length, self.start, len(context) - 1))  # drop the last tree; refeed the root
         root_logits = self.model(
-            torch.tensor([context[self.cache.length :]], device=device), self.cache, skip=self.skip
+            torch.tensor([context[self.cache.length :]], device=device), self.cache, skip=self.skip, logits_to_keep=1
         )[0, -1]
         self.start, slot = len(context), {0: len(context) - 1}
         depth = min(self.depth, (self.cache.max_len - self.start) // self.beam)  # room in our own cache

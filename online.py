@@ -5,10 +5,10 @@ distributions that verification computes anyway.
     python specdec.py -p "def parse(s):" -d draft --online --compare
 
 OnlineDrafter wraps a ModelDrafter behind the same chain interface (reset / propose / accept). Through the loop's
-optional attach(target, cache) hook it wraps the verify call, so it sees the target's logits of every call without a
-branch in speculative_generate. After each call it buffers (accepted text, position, p) for the position where the
-draft was rejected (the paper emphasises those: where the draft is wrong, the target's p is the most informative
-label), or with rows="all" for every position the call verified on the accepted path. When the buffer holds
+optional attach(target, cache, prompt) hook it wraps the verify call, so it sees the target's logits of every call
+without a branch in speculative_generate. After each call it buffers (accepted text, position, p) for the position
+where the draft was rejected (the paper emphasises those: where the draft is wrong, the target's p is the most
+informative label), or with rows="all" for every position the call verified on the accepted path. When the buffer holds
 `every` positions it takes `steps` Adam steps of forward KL(p || q) on the draft, teacher-forced on the buffered
 text, and clears the buffer. The paper compares several divergences (forward and reverse KL, JSD, ...); forward KL
 is the one train.py --distill (DistillSpec) already uses, and with p given it is the soft-label cross-entropy minus
@@ -100,7 +100,7 @@ class OnlineDrafter:
         self.inner.reset()
         self.new_request = True  # the buffer keeps earlier requests' positions: they are still good data
 
-    def attach(self, target: Transformer, cache: KVCache):
+    def attach(self, target: Transformer, cache: KVCache, prompt: list[int]):
         """The loop's optional hook: we only watch the verify call, we never change it."""
 
         def verify_forward(tokens: Tensor, cache: KVCache, logits_to_keep: int = 0) -> Tensor:

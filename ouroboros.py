@@ -151,7 +151,7 @@ class OuroborosDrafter:
         self.fed = self.fed[:keep]
         new = context[keep:-1]
         if new:
-            self.model(torch.tensor([new], device=self.model.device), self.cache)
+            self.model(torch.tensor([new], device=self.model.device), self.cache, logits_to_keep=1)  # K/V only
             self.fed += new
             self.draft_calls += 1
 

@@ -121,9 +121,12 @@ class EarlyExitDrafter:
     def reset(self) -> None:
         self.cache, self.start, self.streams = None, 0, []
 
-    def attach(self, target: Transformer, cache: KVCache):
-        """The loop's target cache is ours to draft into; its verify call is ours to finish."""
+    def attach(self, target: Transformer, cache: KVCache, prompt: list[int]):
+        """The loop's target cache is ours to draft into, so we prefill it with the prompt but its last token (our
+        first draft reads it); the loop's verify call is ours to finish."""
         self.cache = cache
+        if len(prompt) > 1:
+            target(torch.tensor([prompt[:-1]], device=target.device), cache, logits_to_keep=1)
         return self.verify_forward
 
     def lower(self, token: int) -> list[Tensor]:
@@ -142,10 +145,7 @@ class EarlyExitDrafter:
     def propose(
         self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always
     ) -> tuple[list[int], Tensor | None]:
-        # Loop invariant: the cache holds the context but its last token, in every layer; before the loop's first call
-        # it is empty (that call would carry the prompt), so fill it with the prompt here: our drafts read it.
-        if self.cache.length < len(context) - 1:
-            self.target(torch.tensor([context[self.cache.length : -1]], device=self.target.device), self.cache)
+        # Loop invariant: the cache holds every context token but the last, in every layer (attach prefilled it).
         self.start, self.streams, tokens, qs = self.cache.length, [], [], []
         token = context[-1]
         for i in range(gamma):

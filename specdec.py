@@ -7,6 +7,7 @@ tree_speculative_generate   token-tree drafting and verification (§6.3; SpecInf
 python specdec.py --prompt "def fibonacci(n):" --compare
 """
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ OnTokens = Callable[[list[int], int], None]  # (new tokens, how many of them are
 
 @dataclass
 class Stats:
-    target_calls: int = 0  # verification forwards of the target (the tree loop's prefill of the prompt not counted)
+    target_calls: int = 0  # verify calls of the target (the tree loop's prefill of the prompt is not one)
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
     produced: int = 0  # tokens emitted (accepted drafts + one target token per call)
@@ -97,8 +98,9 @@ class Stats:
 
     @property
     def verify_seconds_per_call(self) -> float:
-        """Wall time of a verify call, over the calls that did not carry the prompt."""
-        return self.verify_seconds / max(1, self.target_calls - self.prefill_calls)
+        """Wall time of a verify call, over the calls that did not carry the prompt (nan if there were none)."""
+        calls = self.target_calls - self.prefill_calls
+        return self.verify_seconds / calls if calls else math.nan
 
     @property
     def mean_accepted_length(self) -> float:
@@ -195,10 +197,13 @@ def speculative_generate(
     context = list(prompt_ids)
     drafter.reset()
     length.reset()
-    # An optional hook: self-drafting by early exit (§5.2, LayerSkip) drafts into the target's own cache (which it
-    # first fills with the prompt) and finishes the verify call from the layer it exited at; online speculative
-    # decoding (online.py) only reads the call's logits. Every other drafter leaves the target's call alone.
-    forward = drafter.attach(target, cache) if hasattr(drafter, "attach") else target
+    # An optional hook: self-drafting by early exit (§5.2, LayerSkip) drafts into the target's own cache, so it
+    # prefills it with the prompt but its last token (timed as the prefill), and finishes the verify call from the
+    # layer it exited at; online speculative decoding (online.py) only reads the call's logits. Every other drafter
+    # leaves the target's call alone, and the first verify call carries the prompt.
+    t0 = time.perf_counter()
+    forward = drafter.attach(target, cache, context) if hasattr(drafter, "attach") else target
+    stats.prefill_seconds = time.perf_counter() - t0
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
@@ -216,19 +221,17 @@ def speculative_generate(
         length.update(len(drafts), n)
         new, finished = cut_at_eot(drafts[:n] + [token], eot)
         compared = min(n + 1, len(drafts))  # draft positions actually compared with the target
-        seconds = time.perf_counter() - t1
-        prefill = seconds if len(fed) > 1 else 0.0  # a call that carries the prompt is timed as its prefill
-        stats.prefill_seconds, stats.prefill_calls = (
-            stats.prefill_seconds + prefill,
-            stats.prefill_calls + (prefill > 0),
-        )
+        # A call that carries the prompt is timed as its prefill (with its verification and rollback)
+        seconds, carried = time.perf_counter() - t1, len(fed) > 1
+        stats.prefill_seconds += seconds if carried else 0.0
+        stats.prefill_calls += carried
         stats.record(
             drafted=len(drafts),
             accepted=n,
             compared=compared,
             produced=len(new),
             draft_seconds=t1 - t0,
-            verify_seconds=seconds - prefill,
+            verify_seconds=0.0 if carried else seconds,
             expected_accepted=theory_acceptance(p[:compared], q, draft_tokens[:compared]),
         )
         context, budget = context + new, budget - len(new)
@@ -274,33 +277,39 @@ def tree_speculative_generate(
     The verifier and draft length work as in speculative_generate (draft_length.DynamicDepth cuts trees short;
     draft_length.AdaEagle plans each tree's depth before it is drafted).
 
-    Invariant: the target's cache holds the context but its last token (the next tree's root), and `features` the
-    target's last hidden state of each of those tokens. Tree drafters read the features, so the prompt is prefilled
-    before the first draft. The prefill runs the prompt's last token too: its row is the first tree's root row, and
-    the first call feeds the rest of that tree (a generation makes as many target calls as `generate`).
+    Invariant as in speculative_generate, but the prompt is prefilled before the first tree (the tree drafters read
+    the target's hidden states of the context), all but its last token, which opens the first tree call: one target
+    forward more than `generate` per generation. `features` holds the target's last hidden state of every cached
+    token.
     """
     check_generator(temperature, generator)
     device = target.device
     warp, cache, stats = warp_for(temperature, top_k, top_p), target.new_cache(), Stats()
     verifier, length = verifier or exact(temperature), draft_length or FixedLength(0)
-    context = list(prompt_ids)
+    context, features = list(prompt_ids), torch.zeros(0, target.config.hidden_size, device=device)
     drafter.reset()
     length.reset()
     t0 = time.perf_counter()
-    logits, hidden = target(torch.tensor([context], device=device), cache, return_hidden=True, logits_to_keep=1)
-    features, root_row = hidden[0, :-1], (logits[:, -1:], hidden[:, -1:])
+    if len(context) > 1:  # prefill; its logits are not read
+        prompt = torch.tensor([context[:-1]], device=device)
+        features = target(prompt, cache, return_hidden=True, logits_to_keep=1)[1][0]
     stats.prefill_seconds = time.perf_counter() - t0
     budget = min(max_new_tokens, cache.max_len - len(context))
     while budget > 0:
         t0 = time.perf_counter()
         length.plan(context, features)  # a policy may size the tree from the target's last hidden state (AdaEAGLE)
         tree = drafter.propose_tree(context, features, warp, generator, length.keep_growing)  # 1. draft
-        prefix = len(context) - 1  # cache slots before the root's
-        tree = trim_tree(tree, budget - 1, cache.max_len - prefix)
-        n = len(tree)
+        tree = trim_tree(tree, budget - 1, cache.max_len - cache.length)
         t1 = time.perf_counter()
-        logits, hidden = tree_call(target, cache, tree, prefix, root_row)  # 2. one call
-        root_row = None  # from now on every call runs its root
+        prefix, n = cache.length, len(tree)
+        logits, hidden = target(
+            None,
+            cache,
+            tree_positions(tree, prefix, device),
+            tree_attention_mask(tree, prefix, device),
+            return_hidden=True,
+            inputs_embeds=call_embeds(target, tree),
+        )  # 2. one call
         path, token = verifier.tree(logits[0, :n], warp(logits[0, :n]), tree, generator)  # 3. verify (§6.3)
         cache.keep(keep_indices(path, prefix, device))  # 4. keep the accepted path's K/V: no extra token's
         length.update(n - 1, len(path))
@@ -335,25 +344,6 @@ def trim_tree(tree: Tree, max_depth: int, max_nodes: int) -> Tree:
     keep = [i for i, d in enumerate(depths(tree)) if d <= max_depth][:max_nodes]
     extra = len(tree.extra_tokens) if tree.extra_tokens is not None else 0
     return tree if len(keep) == len(tree) and len(tree) + extra <= max_nodes else subtree(tree, keep)
-
-
-def tree_call(
-    target: Transformer, cache, tree: Tree, prefix: int, root_row: tuple[torch.Tensor, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tree's verify call (§6.3): logits [1, N + M, V] and last hidden states [1, N + M, C] of its nodes and
-    extra tokens, written to the cache after the `prefix` tokens before the root (tree mask, positions prefix +
-    depth). root_row: the root's (logits, hidden) [1, 1, *] when the prompt's prefill already ran and cached the
-    root; the call then feeds the rest of the tree (the mask's rows without the root's; its column is the cached
-    root's slot), or nothing for a tree of the root alone."""
-    device, skip = target.device, 0 if root_row is None else 1
-    embeds = call_embeds(target, tree)[:, skip:]
-    if embeds.shape[1] == 0:
-        return root_row
-    positions, mask = tree_positions(tree, prefix, device)[skip:], tree_attention_mask(tree, prefix, device)[skip:]
-    logits, hidden = target(None, cache, positions, mask, return_hidden=True, inputs_embeds=embeds)
-    if root_row is None:
-        return logits, hidden
-    return torch.cat([root_row[0], logits], dim=1), torch.cat([root_row[1], hidden], dim=1)
 
 
 def call_embeds(target: Transformer, tree: Tree) -> torch.Tensor:

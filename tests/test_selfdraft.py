@@ -92,13 +92,12 @@ class StaleLowerLayers(EarlyExitDrafter):
 
 @torch.inference_mode()
 def verify_once(drafter_cls, exit_layer: int, context: list[int], gamma: int):
-    """Prefill context[:-1], draft gamma tokens greedily, run the drafter's verify call: (logits of the call,
-    drafts, target, cache)."""
+    """Attach (which prefills context[:-1]), draft gamma tokens greedily, run the drafter's verify call: (logits of
+    the call, drafts, target, cache)."""
     target = toy_target()
     cache, drafter = target.new_cache(), drafter_cls(target, exit_layer)
     drafter.reset()
-    forward = drafter.attach(target, cache)
-    target(torch.tensor([context[:-1]]), cache)
+    forward = drafter.attach(target, cache, context)  # prefills context[:-1]
     drafts, _ = drafter.propose(context, gamma, warp_for(0, 0, 1), None)
     logits = forward(torch.tensor([context[-1:] + drafts]), cache)
     return logits, drafts, target, cache
@@ -134,10 +133,9 @@ def test_verification_reuses_the_drafts_lower_layers_instead_of_recomputing_them
     target = toy_target()
     cache, drafter = target.new_cache(), EarlyExitDrafter(target, 2)
     drafter.reset()
-    forward = drafter.attach(target, cache)
     context = [1, 4, 0, 3, 5, 2]
     with torch.inference_mode():
-        target(torch.tensor([context[:-1]]), cache)
+        forward = drafter.attach(target, cache, context)
         drafts, _ = drafter.propose(context, 3, warp_for(0, 0, 1), None)
         calls, blocks = [], target.blocks
         monkeypatch.setattr(

@@ -26,7 +26,6 @@ from tests.toy import (
     toy_model,
 )
 from tokenizer import load_tokenizer
-from tree import Tree
 from verify import SpeculativeSampling, acceptance_probability, greedy_verify, sample_token
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -175,29 +174,15 @@ class CountingTarget:
         return self.model(*args, **kw)
 
 
-class RootOnly:
-    """A tree drafter with nothing to offer: every tree is its root alone."""
-
-    def reset(self):
-        pass
-
-    def propose_tree(self, context, features, warp, generator, keep):
-        return Tree.from_root(context[-1])
-
-
 @pytest.mark.parametrize("prompt", [[1], [1, 2, 3]])
-@pytest.mark.parametrize("loop", ["chain", "tree"])
-def test_without_drafts_the_loops_make_as_many_target_forwards_as_generate(loop, prompt):
-    """No prefill call on top of generate's one forward per token: the chain loop's first call carries the prompt,
-    the tree loop's prefill gives the first tree's root row."""
+def test_without_drafts_the_chain_loop_makes_as_many_target_forwards_as_generate(prompt):
+    """No prefill call on top of generate's one forward per token: the first verify call carries the prompt."""
     target, n_new = toy_target(), 9
     plain, spec = CountingTarget(target), CountingTarget(target)
     right = generate(plain, prompt, n_new, temperature=0)
-    if loop == "chain":
-        out, stats = speculative_generate(spec, ScriptedDrafter(lambda step, context: []), prompt, n_new, temperature=0)
-    else:
-        out, stats = tree_speculative_generate(spec, RootOnly(), prompt, n_new, temperature=0)
+    out, stats = speculative_generate(spec, ScriptedDrafter(lambda step, context: []), prompt, n_new, temperature=0)
     assert out == right and spec.forwards == plain.forwards == n_new == stats.target_calls
+    assert stats.prefill_calls == (len(prompt) > 1)
 
 
 def assert_cache_holds(cache, model, tokens: list[int]) -> None:

@@ -365,9 +365,8 @@ class DecoyDrafter:
 
 class CheckedTarget:
     """Wraps the target. On every verification call: the cache holds exactly the accepted context but its last
-    token (at the first call, the whole prompt: the prefill ran the root, and the call feeds the rest of the tree),
-    and the logits of EVERY tree node equal a cache-free forward over the context and that node's root path; the
-    features handed to the drafter equal a cache-free forward's hidden states of the context but its last."""
+    token, and the logits of EVERY tree node equal a cache-free forward over the context and that node's root path;
+    the features handed to the drafter equal a cache-free forward's hidden states of the context but its last."""
 
     def __init__(self, model, drafter: DecoyDrafter, n_new: int):
         self.model, self.drafter, self.config, self.device = model, drafter, model.config, model.device
@@ -383,17 +382,16 @@ class CheckedTarget:
             return self.model(tokens, cache, *args, **kw)
         context = self.drafter.contexts[-1]
         budget = self.n_new - (len(context) - len(self.drafter.prompt))
-        tree = trim_tree(self.drafter.trees[-1], budget - 1, cache.max_len - len(context) + 1)  # what the loop verifies
-        skip = 0 if self.checked else 1  # the first call: the root is cached
-        assert torch.equal(kw["inputs_embeds"], self.model.embed_tokens(torch.tensor([tree.tokens[skip:]])))
-        assert cache.length == len(context) - 1 + skip and tree.tokens[0] == context[-1]
+        tree = trim_tree(self.drafter.trees[-1], budget - 1, cache.max_len - cache.length)  # what the loop verifies
+        assert torch.equal(kw["inputs_embeds"], self.model.embed_tokens(torch.tensor([tree.tokens])))
+        assert cache.length == len(context) - 1 and tree.tokens[0] == context[-1]
         fresh_hidden = self.model(torch.tensor([context[:-1]]), return_hidden=True)[1][0]
         assert torch.allclose(self.drafter.features[-1], fresh_hidden, atol=ATOL, rtol=0)
         logits, hidden = self.model(tokens, cache, *args, **kw)
-        for node in range(skip, len(tree)):
+        for node in range(len(tree)):
             path = [tree.tokens[i] for i in path_to(tree, node)[1:]]
             fresh = self.model(torch.tensor([context + path]))[0, -1]
-            assert torch.allclose(logits[0, node - skip], fresh, atol=ATOL, rtol=0), f"node {node}"
+            assert torch.allclose(logits[0, node], fresh, atol=ATOL, rtol=0), f"node {node}"
         self.checked += 1
         return logits, hidden
 
