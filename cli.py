@@ -653,9 +653,12 @@ def print_stats(stats: Stats, seconds: float, rule: Entry, length: str, color: b
     print(f"[acceptance by draft position (of the drafts compared there): {', '.join(positions) or 'none'}]")
     overhead = seconds - stats.draft_seconds - stats.verify_seconds - stats.prefill_seconds
     draft_ms, verify_ms = 1000 * stats.draft_seconds / calls, 1000 * stats.verify_seconds_per_call
+    verify = (
+        f"{verify_ms:.1f} ms" if stats.target_calls > stats.prefill_calls else "- (the only call carried the prompt)"
+    )
     print(
-        f"[prefill {1000 * stats.prefill_seconds:.0f} ms; per call: draft {draft_ms:.1f} ms, verify {verify_ms:.1f} "
-        f"ms, overhead {1000 * overhead / calls:.1f} ms]"
+        f"[prefill {1000 * stats.prefill_seconds:.0f} ms; per call: draft {draft_ms:.1f} ms, verify {verify}, "
+        f"overhead {1000 * overhead / calls:.1f} ms]"
     )
     print(
         f"[accepted drafts per call: {dict(enumerate(stats.accept_counts))}"
