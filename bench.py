@@ -261,7 +261,7 @@ def cost_columns(m: Method, base: Method) -> str:
     split = " | ".join(
         f"{1000 * t:.1f}" for t in (s.draft_seconds / calls, s.verify_seconds_per_call, overhead / calls)
     )
-    if m.use_tree or s.target_calls == s.prefill_calls:  # no verify call apart from the prompt's to model
+    if m.use_tree or not s.verify_calls:  # no verify call apart from the prompt's to model
         return f"{split} | -"
     gamma, c = max(1, round(s.drafted / calls)), s.draft_seconds / max(1, s.drafted) / one_call
     return f"{split} | {predicted_speedup(s.acceptance_rate, gamma, c, s.verify_seconds_per_call / one_call):.2f}x"

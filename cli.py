@@ -653,9 +653,7 @@ def print_stats(stats: Stats, seconds: float, rule: Entry, length: str, color: b
     print(f"[acceptance by draft position (of the drafts compared there): {', '.join(positions) or 'none'}]")
     overhead = seconds - stats.draft_seconds - stats.verify_seconds - stats.prefill_seconds
     draft_ms, verify_ms = 1000 * stats.draft_seconds / calls, 1000 * stats.verify_seconds_per_call
-    verify = (
-        f"{verify_ms:.1f} ms" if stats.target_calls > stats.prefill_calls else "- (the only call carried the prompt)"
-    )
+    verify = f"{verify_ms:.1f} ms" if stats.verify_calls else "- (the only call carried the prompt)"
     print(
         f"[prefill {1000 * stats.prefill_seconds:.0f} ms; per call: draft {draft_ms:.1f} ms, verify {verify}, "
         f"overhead {1000 * overhead / calls:.1f} ms]"
@@ -721,7 +719,7 @@ def compare(
         f"[autoregressive: {len(baseline)} tokens in {base_seconds:.2f} s, {len(baseline) / base_seconds:.1f} "
         f"tokens/s; speedup {speedup:.2f}x; output {same} the speculative one]"
     )
-    if stats and stats.target_calls > stats.prefill_calls and not choice.use_tree:  # a verify call to model
+    if stats and stats.verify_calls and not choice.use_tree:  # a verify call to model
         print(cost_model_line(stats, base_seconds / max(1, len(baseline)), speedup))
 
 

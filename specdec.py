@@ -97,10 +97,14 @@ class Stats:
         return self.produced / max(1, self.target_calls)
 
     @property
+    def verify_calls(self) -> int:
+        """The target calls whose time is in verify_seconds: those that did not carry the prompt."""
+        return self.target_calls - self.prefill_calls
+
+    @property
     def verify_seconds_per_call(self) -> float:
-        """Wall time of a verify call, over the calls that did not carry the prompt (nan if there were none)."""
-        calls = self.target_calls - self.prefill_calls
-        return self.verify_seconds / calls if calls else math.nan
+        """Wall time of a verify call, over verify_calls (nan if there were none)."""
+        return self.verify_seconds / self.verify_calls if self.verify_calls else math.nan
 
     @property
     def mean_accepted_length(self) -> float:
