@@ -75,6 +75,8 @@ class OnlineDrafter:
     """A ModelDrafter whose private copy of the draft model is distilled on the target's verify logits as it
     serves (OSD, Liu et al. 2023). Carry one across requests (bench.py --online) and it learns across them."""
 
+    learns_across_generations = True  # its draft model's weights
+
     def __init__(
         self,
         draft: Transformer,

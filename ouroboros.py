@@ -128,6 +128,7 @@ class OuroborosDrafter:
         if gamma < 1 or suffixes < 0:
             raise ValueError("need gamma >= 1 and suffixes >= 0")
         self.target, self.model, self.gamma, self.k, self.warm = target, model, gamma, suffixes, warm
+        self.learns_across_generations = warm  # the warm pool keeps the phrases of earlier generations
         self.lookahead = LookaheadDrafter(model, window, ngram, candidates)  # the draft model's Lookahead decoding
         self.cache, self.fed = None, []  # the draft model's cache and the tokens it holds, slot by slot
         self.draft_calls = self.recycled = 0  # over the drafter's life: draft-model calls, phrases from the target

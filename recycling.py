@@ -72,6 +72,8 @@ class RecyclingDrafter:
     of every verify call, and a static tree (the paper's, cut to `size` nodes and `depth` levels) filled from it by
     breadth-first search from the last token."""
 
+    learns_across_generations = True  # the matrix: a second run of a prompt drafts from the first's calls
+
     def __init__(self, target: Transformer, size: int = 80, depth: int = 6, choices: list | None = None):
         self.target, V = target, target.config.vocab_size
         self.choices = cut_tree(PAPER_TREE if choices is None else choices, size, depth, V)

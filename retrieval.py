@@ -115,6 +115,8 @@ class SuffixDrafter:
     far) and over every earlier output of this drafter; the match's most frequent continuations form a tree of at
     most alpha x match length nodes (the paper's MAX_SPEC), and the better-scoring of the two trees is drafted."""
 
+    learns_across_generations = True  # the history: a second run of a prompt finds the first's output
+
     def __init__(self, depth: int = 6, size: int = 12, alpha: float = 2.0, max_match: int = 16):
         self.depth, self.size, self.alpha, self.max_match = depth, size, alpha, max_match
         self.history = SuffixTrie(max_match + depth)  # earlier outputs: kept across reset(), so it learns

@@ -45,12 +45,13 @@ specbench="${SPECBENCH:-../shared/specbench/question.jsonl}"
 
 # Sizes: (full, quick). Prompts per table, new tokens per prompt (the shipped weights' drafter table: n_shipped,
 # so that the prompts' prefill, the same for every row, is not a third of each row's time), questions per Spec-Bench
-# subtask, batch sizes.
+# subtask, batch sizes, and Spec-Bench's runs of each question per row, the fastest kept (bench.py --repeats: a
+# subtask's rows differ by a few percent, about what one run's noise moves a question's speed).
 if [ "$quick" = 1 ]; then
-    prompts=1; n=16; n_shipped=16; per_category=1; batches=1,4; suite_prompts=1
+    prompts=1; n=16; n_shipped=16; per_category=1; batches=1,4; suite_prompts=1; repeats=1
     drafters=(--drafters draft,pld,eagle)
 else
-    prompts=4; n=48; n_shipped=128; per_category=10; batches=1,2,4,8,16; suite_prompts=2
+    prompts=4; n=48; n_shipped=128; per_category=10; batches=1,2,4,8,16; suite_prompts=2; repeats=3
     drafters=()
 fi
 
@@ -156,7 +157,7 @@ if [ -f "$specbench" ]; then
         "Spec-Bench's own questions (first turns, chat template): prompt lookup per subtask, T 0 and 1.
 
 ![speedup per Spec-Bench subtask, SmolLM2](specbench-pretrained.png)" \
-        --model smollm2 --specbench "$specbench" --per-category "$per_category" -n 32 --drafters pld \
+        --model smollm2 --specbench "$specbench" --per-category "$per_category" -n 32 --drafters pld -r "$repeats" \
         --plot "$out/specbench-pretrained.png"
 else
     echo "regenerate.sh: no Spec-Bench questions at $specbench: that section is left out (set SPECBENCH)" >&2

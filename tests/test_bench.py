@@ -77,3 +77,47 @@ def test_the_pictures_are_written(tmp_path):
     bench.plot_categories(speedups, tmp_path / "categories.png", "toy")
     for name in ("tau.png", "categories.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_repeats_keep_each_methods_fastest_run_and_run_a_learning_drafter_once(monkeypatch):
+    class Learns:
+        learns_across_generations = True
+
+    timings = {"Autoregressive": [3.0, 1.0, 2.0], "Learns": [2.0, 0.5, 0.5]}  # per prompt-run, in call order
+    calls = []
+
+    def fake_run(target, method, prompt, args, n_new, eot=None):
+        if n_new == 8:  # the untimed warm-up
+            return [0] * 8, None, 9.0
+        calls.append(method.name)
+        return [1, 2, 3, 4], None, timings[method.name].pop(0)
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "continuation_quality", lambda target, prompt, out: (0, 0.0))
+    args = argparse.Namespace(repeats=3, max_new_tokens=4, quiet=True)
+    base, learner = Method("Autoregressive", None), Method("Learns", Learns())
+    bench.measure(None, [base, learner], [[5, 6, 7]], args)
+    assert calls == ["Autoregressive", "Learns", "Autoregressive", "Autoregressive"]
+    assert base.seconds == 1.0 and base.rates == [4.0]  # the fastest of three runs
+    assert learner.seconds == 2.0 and learner.rates == [2.0]  # its only run, not a faster second one
+
+
+def test_every_repeat_starts_from_the_draft_length_policy_the_prompt_found(monkeypatch):
+    class Learning:  # a policy that learns across generations, like -l cost
+        generations = 0
+
+    seen = []
+
+    def fake_run(target, method, prompt, args, n_new, eot=None):
+        if n_new == args.max_new_tokens:  # not the warm-up
+            seen.append(method.length.generations)
+        method.length.generations += 1
+        return [1], None, 1.0
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "continuation_quality", lambda target, prompt, out: (0, 0.0))
+    args = argparse.Namespace(repeats=3, max_new_tokens=4, quiet=True)
+    method = Method("Learns its length", None, length=Learning())
+    bench.measure(None, [method], [[5], [6]], args)
+    assert seen == [1, 1, 1, 2, 2, 2]  # the warm-up is its first generation; each prompt's runs start alike
+    assert method.length.generations == 3  # one generation per prompt learned from, as without repeats
