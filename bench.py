@@ -23,6 +23,8 @@ chosen by its flag (TABLES); the rows of the methods table come from the table o
     python bench.py --pipelined --prompts 8                    # PPD and SPEED's latency models, measured costs
     python bench.py --model smollm2 --specbench question.jsonl --per-category 10 -n 32   # Spec-Bench's questions
                                        # (its data/spec_bench/question.jsonl, github.com/hemingkx/Spec-Bench)
+    python bench.py --model smollm2 --specbench question.jsonl --per-category 10 -n 32 -r 3   # ... each row's
+                                       # fastest of 3 runs of each question: the machine's noise only adds time
 """
 
 import argparse
