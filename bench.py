@@ -116,10 +116,13 @@ class Method:
     family: str = ""  # the drafter's taxonomy family (methods.Entry.family): the pictures' colours
 
     def again(self, **changes) -> "Method":
-        """A fresh row with the same method (no measurements), some fields changed."""
+        """A fresh row with the same method (no measurements), some fields changed. A draft-length policy that
+        learns across generations (-l cost) is copied: the new row starts where this row's policy is now."""
         how = ("name", "drafter", "use_tree", "verifier", "length", "temperature", "budget", "peer", "length_name")
-        how = (*how, "family")
-        return Method(**{**{k: getattr(self, k) for k in how}, **changes})
+        fields = {**{k: getattr(self, k) for k in (*how, "family")}, **changes}
+        if learns(fields["length"]):
+            fields["length"] = copy.deepcopy(fields["length"])
+        return Method(**fields)
 
     @property
     def tokens_per_second(self) -> float:
@@ -205,36 +208,46 @@ def record(method: Method, out: list[int], stats: Stats | None, seconds: float) 
 
 def measure(target, methods: list[Method], prompts: list[list[int]], args, eot: int | None = None) -> None:
     """Every method on every prompt, interleaved (drifts of a noisy machine hit every method alike), after an
-    untimed warm-up; methods[0] is the autoregressive reference that `identical` compares with. Outputs stop at
-    `eot` (chat prompts: the end of the turn) or after --max-new-tokens.
-
-    With --repeats R each prompt is decoded R times by every method in turn, and each method keeps its fastest
-    run (with that run's Stats, so the cost split is the timed run's). The runs decode the same tokens (the same
-    seed) from the same state (a draft-length policy that learns across generations, -l cost, is restored before
-    each run), so they differ only by what the machine did meanwhile, which can only add time. A drafter that learns
-    across generations (Token Recycling, SuffixDecoding, OSD, warm Ouroboros) runs once: its second run of a
-    prompt would draft from its first."""
+    untimed warm-up (a policy that learns across generations learns from it too); methods[0] is the autoregressive
+    reference that `identical` compares with. Outputs stop at `eot` (chat prompts: the end of the turn) or after
+    --max-new-tokens. Each method is measured once: its totals start from zero."""
     for method in methods:
         run(target, method, prompts[0][:64], args, 8)
     for i, prompt in enumerate(prompts):
-        best: list[tuple | None] = [None] * len(methods)  # each method's fastest (output, stats, seconds)
-        lengths = [copy.deepcopy(m.length) for m in methods]  # each policy as this prompt found it
-        for r in range(args.repeats):
-            for k, method in enumerate(methods):
-                if r and getattr(method.drafter, "learns_across_generations", False):
-                    continue
-                progress(args, f"prompt {i + 1} of {len(prompts)}, run {r + 1} of {args.repeats}: {method.name}")
-                again = method.again(length=copy.deepcopy(lengths[k])) if r else method  # the same starting state
-                timed = run(target, again, prompt, args, args.max_new_tokens, eot)
-                best[k] = timed if best[k] is None or timed[2] < best[k][2] else best[k]
-        reference = best[0][0]
+        best = fastest_runs(target, methods, prompt, args, eot, f"prompt {i + 1} of {len(prompts)}")
         for method, (out, stats, seconds) in zip(methods, best):
             record(method, out, stats, seconds)
             agree, nll = continuation_quality(target, prompt, out)
             method.agree += agree
             method.nll += nll
-            method.identical += out == reference
+            method.identical += out == best[0][0]
     progress(args, f"{len(prompts)} prompts done\n")
+
+
+def learns(x) -> bool:
+    """Whether a drafter or draft-length policy keeps what it learned from one generation to the next."""
+    return getattr(x, "learns_across_generations", False)
+
+
+def fastest_runs(target, methods: list[Method], prompt: list[int], args, eot: int | None, where: str) -> list:
+    """Each method's fastest of --repeats runs of `prompt`, the methods in turn: (output, Stats, seconds), so the
+    cost split is the kept run's. The runs do the same work: the same seed, and the same starting state (a policy
+    that learns across generations starts each later run from a copy of itself as the prompt found it; a drafter
+    that learns across generations runs once, its second run would draft from its first), so they differ only by
+    what the machine did meanwhile, which only adds time. A run whose output differs from the first's is not kept."""
+    states = [copy.deepcopy(m.length) if learns(m.length) and args.repeats > 1 else m.length for m in methods]
+    best: list = [None] * len(methods)
+    for r in range(args.repeats):
+        for k, method in enumerate(methods):
+            if r and learns(method.drafter):
+                continue
+            progress(args, f"{where}: {method.name}" + (f", run {r + 1} of {args.repeats}" if r else ""))
+            out, stats, seconds = run(
+                target, method.again(length=states[k]) if r else method, prompt, args, args.max_new_tokens, eot
+            )
+            if best[k] is None or (out == best[k][0] and seconds < best[k][2]):
+                best[k] = (out, stats, seconds)
+    return best
 
 
 def progress(args, line: str) -> None:
@@ -1137,6 +1150,11 @@ def check(a: argparse.Namespace) -> list:
             (a.prompts < 1, f"--prompts must be at least 1, got {a.prompts}"),
             (a.per_category < 0, f"--per-category must be at least 0, got {a.per_category}"),
             (a.repeats < 1, f"--repeats must be at least 1, got {a.repeats}"),
+            (
+                a.repeats > 1 and (a.batch or a.samples or a.cost_curve or a.pipelined),
+                "--repeats repeats the decoding tables: --batch, --samples, --cost-curve and --pipelined time "
+                "their own way",
+            ),
             (a.per_category and a.specbench is None, "--per-category subsamples --specbench: add --specbench PATH"),
             (
                 len(tables) > 1,

@@ -309,7 +309,8 @@ class CostAware(FixedLength):
     first step drafts, the measured rate takes over within a few steps (ten forgotten observations outweigh it
     ten to one), and after a run of zero-draft steps the estimate climbs back and the policy probes again.
     A new generation (reset) keeps the estimate: the rate is the drafter's on this target and this kind of text,
-    as a server's estimate outlives a request, so only a new policy pays the prior's first long draft. That
+    not the prompt's, so only a new policy pays the prior's first long draft (SpecServe's per-row estimates, by
+    contrast, start afresh with each batch: specserve.py). That
     first draft was about one wasted target call in each of Spec-Bench's 32-token QA answers at T 1 (prompt
     lookup, acceptance about 0.05): 0.986x autoregressive with an estimate per answer, 1.000x carried (one paired
     run of 10 questions, bench.py --repeats 3).
@@ -321,13 +322,17 @@ class CostAware(FixedLength):
     no timing, and timing inside the policy (wall time from reading gamma to update, less the curve's verify
     cost) would make each step's gamma depend on the machine's load at that moment: runs would no longer
     reproduce, and at temperature > 0 a different gamma draws different uniforms, hence a different sample for
-    the same seed. With c and the curve fixed, the choices depend on the acceptance history alone.
+    the same seed. With c and the curve fixed, the choices depend on the acceptance history alone, which spans
+    the policy's earlier generations: where a sample depends on gamma (a draft model's drafts at T > 0, whose
+    default is therefore fixed), a second prompt's sample depends on the first's.
 
     Trees (keep_growing): after level d, growing level d + 1 pays when its expected tokens per added cost beat
     the tree's so far. The expected tokens of a level are its frontier's path probability mass, as in Dynamic
     Depth Decoding (Brown et al. 2024), the next level's extrapolated by the last level's ratio; a level costs
     one more draft call (c) and len(frontier) more nodes in the tree call (the tree curve's ratio), counting a
     beam of nodes per level, about what EAGLE-2's final rerank keeps."""
+
+    learns_across_generations = True  # its acceptance estimate (bench.py's --repeats restores it between runs)
 
     def __init__(
         self, curve: CostCurve, c: float, most: int = 16, prior: tuple[float, float] = (0.9, 0.1), decay: float = 0.9

@@ -1,13 +1,17 @@
 """bench.py's arithmetic, on hand-made counts: the suite's speedups are Spec-Bench's (evaluation/speed.py), the
-mean of a method's per-prompt tokens/s over the mean of the baseline's, "overall" pooling every category."""
+mean of a method's per-prompt tokens/s over the mean of the baseline's, "overall" pooling every category; --repeats
+keeps each row's fastest run of the same work, which holds for every drafter of the table."""
 
 import argparse
 from pathlib import Path
 
 import pytest
+import table
 
 import bench
 from bench import Method, print_suite
+from methods import DRAFTERS, make, missing_files
+from specdec import decode
 from suite import CATEGORIES
 
 
@@ -104,6 +108,7 @@ def test_repeats_keep_each_methods_fastest_run_and_run_a_learning_drafter_once(m
 
 def test_every_repeat_starts_from_the_draft_length_policy_the_prompt_found(monkeypatch):
     class Learning:  # a policy that learns across generations, like -l cost
+        learns_across_generations = True
         generations = 0
 
     seen = []
@@ -121,3 +126,38 @@ def test_every_repeat_starts_from_the_draft_length_policy_the_prompt_found(monke
     bench.measure(None, [method], [[5], [6]], args)
     assert seen == [1, 1, 1, 2, 2, 2]  # the warm-up is its first generation; each prompt's runs start alike
     assert method.length.generations == 3  # one generation per prompt learned from, as without repeats
+
+
+def test_a_repeat_that_wrote_other_tokens_is_not_kept(monkeypatch):
+    runs = iter([([1, 2, 3], 3.0), ([1, 2], 1.0), ([1, 2, 3], 2.0)])  # the second stopped early: other work
+
+    def fake_run(target, method, prompt, args, n_new, eot=None):
+        out, seconds = next(runs) if n_new == args.max_new_tokens else ([0], 1.0)
+        return out, None, seconds
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "continuation_quality", lambda target, prompt, out: (0, 0.0))
+    method = Method("Autoregressive", None)
+    bench.measure(None, [method], [[5]], argparse.Namespace(repeats=3, max_new_tokens=3, quiet=True))
+    assert method.tokens == 3 and method.seconds == 2.0
+
+
+ROWS = [(n, flags) for n, e in DRAFTERS.items() if n != "none" for flags in [{}, *(f for _, f in e.variants)]]
+ROWS.append(("ouroboros", {"ouroboros_warm": True}))
+
+
+@pytest.mark.parametrize("name, flags", ROWS, ids=[f"{n} {f}" if f else n for n, f in ROWS])
+def test_a_drafter_whose_second_run_of_a_prompt_drafts_otherwise_says_it_learns_across_generations(
+    short_references, name, flags
+):
+    """--repeats times the same work only where a drafter's reset() forgets everything, or where the drafter says
+    it does not (it then runs once): a drafter that learns and does not say so would be timed on easier runs."""
+    enc, target, refs = short_references
+    entry, setup = DRAFTERS[name], table.setup(target).with_opts(drafter=name, **flags)
+    if missing_files(entry, setup):
+        pytest.skip(missing_files(entry, setup))
+    drafter, prompt = make(DRAFTERS, name, setup), refs[0][0]
+    use_tree = entry.shape == "tree" or setup.opts.tree
+    runs = [decode(target, drafter, use_tree, prompt, 16, 4, eot=enc.eot_token)[1] for _ in range(2)]
+    first, second = [(s.drafted, s.accepted, s.accept_counts) for s in runs]
+    assert first == second or getattr(drafter, "learns_across_generations", False)
