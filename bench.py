@@ -170,7 +170,9 @@ def clock(device: str) -> float:
     return time.perf_counter()
 
 
-def run(target, method: Method, prompt: list[int], args, n_new: int, eot: int | None = None):
+def run(
+    target, method: Method, prompt: list[int], args, n_new: int, eot: int | None = None
+) -> tuple[list[int], Stats | None, float]:
     """Decode one prompt with `method` (up to n_new tokens or `eot`): (output, the loop's Stats or None for a
     transformers row, wall seconds)."""
     temperature = args.temperature if method.temperature is None else method.temperature

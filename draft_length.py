@@ -310,10 +310,9 @@ class CostAware(FixedLength):
     ten to one), and after a run of zero-draft steps the estimate climbs back and the policy probes again.
     A new generation (reset) keeps the estimate: the rate is the drafter's on this target and this kind of text,
     not the prompt's, so only a new policy pays the prior's first long draft (SpecServe's per-row estimates, by
-    contrast, start afresh with each batch: specserve.py). That
-    first draft was about one wasted target call in each of Spec-Bench's 32-token QA answers at T 1 (prompt
-    lookup, acceptance about 0.05): 0.986x autoregressive with an estimate per answer, 1.000x carried (one paired
-    run of 10 questions, bench.py --repeats 3).
+    contrast, start afresh with each batch: specserve.py). That first draft was about one wasted target call in
+    each of Spec-Bench's 32-token QA answers at T 1 (prompt lookup, acceptance about 0.05): 0.986x autoregressive
+    with an estimate per answer, 1.000x carried (one paired run of 10 questions, bench.py --repeats 3).
     Simulated over acceptance rates 0.2-0.95 and draft costs 0-0.8 on a CPU-shaped curve it keeps at least 0.85 of
     the best fixed gamma's expected speed (tests/test_cost.py), where Beta(3, 2) fell to 0.49.
 
