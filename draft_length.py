@@ -339,6 +339,7 @@ class CostAware(FixedLength):
         if c < 0 or most < 0 or not 0 <= decay < 1 or min(prior) <= 0:
             raise ValueError("need c >= 0, most >= 0, 0 <= decay < 1 and a prior with positive counts")
         self.curve, self.c, self.most, self.prior, self.decay = curve, c, most, prior, decay
+        self.ratios = [curve.ratio(gamma + 1) for gamma in range(most + 1)]  # read every step: interpolated once
         self.estimate = AcceptanceEstimate(prior, decay)
         self.reset()
 
@@ -355,10 +356,11 @@ class CostAware(FixedLength):
 
     def speedup(self, gamma: int) -> float:
         """Expected tokens per unit of time (one-token target calls) at this gamma, with the current alpha."""
-        return predicted_speedup(self.alpha, gamma, self.c, self.curve.ratio(gamma + 1))
+        return predicted_speedup(self.alpha, gamma, self.c, self.ratios[gamma])
 
     def best(self) -> int:
-        return max(range(self.most + 1), key=self.speedup)  # ties: the shorter
+        alpha = self.alpha  # ties: the shorter gamma
+        return max(range(self.most + 1), key=lambda g: predicted_speedup(alpha, g, self.c, self.ratios[g]))
 
     def update(self, drafted: int, accepted: int) -> None:
         # A step that drafted nothing though gamma > 0 was asked for (prompt lookup found no match) tells nothing

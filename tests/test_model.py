@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import FEW_ROWS, Linear, ModelConfig, Transformer, as_plain_linears
+from model import FEW_ROWS, Linear, LMHead, ModelConfig, Transformer, as_plain_linears
 from tests.reference import reference_greedy, reference_logits
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -138,6 +138,17 @@ def test_a_projection_of_any_number_of_rows_equals_x_times_w_transposed_in_a_con
     y = linear(x)
     assert y.shape == (batch, rows, 24) and close(y, x @ linear.weight.T)  # every row in its place
     assert y.is_contiguous()  # a transposed output would reach attention with T innermost (a slower kernel)
+
+
+@pytest.mark.parametrize("batch, rows", [(1, 1), (1, 2), (2, 3), (1, FEW_ROWS), (1, FEW_ROWS + 1), (2, 20)])
+@torch.no_grad()
+def test_the_lm_head_gives_every_row_in_its_place_and_a_decoding_call_contiguous_logits(batch, rows):
+    torch.manual_seed(0)
+    head, h = LMHead(16, 40, bias=False), torch.randn(batch, rows, 16)
+    logits = head(h)
+    assert logits.shape == (batch, rows, 40) and close(logits, h @ head.weight.T)
+    # the loops softmax and sample along the vocabulary: at stride N that was 9x slower (LMHead's docstring)
+    assert logits.is_contiguous() == (batch * rows <= FEW_ROWS)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])

@@ -1,9 +1,10 @@
-"""Retrieval drafters (retrieval.py) and their structures (suffix.py): each structure agrees with brute-force
-substring search on random small token strings (hypothesis), the draft trees are well-formed tries, and greedy
-decoding with each drafter on the shipped weights equals plain decoding. The datastores are built here from a
-synthetic token stream or the prompts' own tokens: nothing needs `train.py data` to have run. SAM-Decoding with
-EAGLE-2 (SamdDrafter): its choice between the automata and the auxiliary drafter, greedy identity with the shipped
-EAGLE head, and the sampled law with a power check."""
+"""Retrieval drafters (retrieval.py; prompt lookup, drafters.py) and their structures (suffix.py): each structure,
+and prompt lookup's n-gram match, agrees with brute-force substring search on random small token strings
+(hypothesis), the draft trees are well-formed tries, and greedy decoding with each drafter on the shipped weights
+equals plain decoding. The datastores are built here from a synthetic token stream or the prompts' own tokens:
+nothing needs `train.py data` to have run. SAM-Decoding with EAGLE-2 (SamdDrafter): its choice between the
+automata and the auxiliary drafter, greedy identity with the shipped EAGLE head, and the sampled law with a power
+check."""
 
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drafters import PromptLookupDrafter
 from methods import UsageError
 from retrieval import RestDrafter, SamdDrafter, SamDrafter, SuffixDrafter, build_datastore, frequency_tree
 from specdec import tree_speculative_generate
@@ -118,6 +120,22 @@ def test_dynamic_automaton_match_always_has_a_continuation(text):
         end = drafter.dynamic.end[drafter.d_state]
         if drafter.d_len:
             assert end < i and text[end - drafter.d_len + 1 : end + 1] == text[i + 1 - drafter.d_len : i + 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, st.integers(1, 4), st.integers(1, 4), st.integers(0, 5), st.integers(1, 3))
+def test_prompt_lookup_copies_what_followed_the_latest_matches_of_the_longest_ngram(
+    context, ngram_max, ngram_min, length, count
+):
+    ngram_min = min(ngram_min, ngram_max)
+    expected = []
+    for n in range(min(ngram_max, len(context) - 1), ngram_min - 1, -1):  # earlier matches: followed by a token
+        starts = [s for s in occurrences(context[:-1], context[-n:])][::-1][:count]
+        if starts and length:
+            expected = [context[s + n : s + n + length] for s in starts]
+            break
+    found = PromptLookupDrafter(ngram_max, ngram_min).continuations(context, length, count)
+    assert found == expected
 
 
 # ---- draft trees -----------------------------------------------------------------------------------------------
