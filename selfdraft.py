@@ -129,15 +129,15 @@ class EarlyExitDrafter:
             target(torch.tensor([prompt[:-1]], device=target.device), cache, logits_to_keep=1)
         return self.verify_forward
 
+    def run(self, x: Tensor, layers: range) -> list[Tensor]:
+        """x [1, T, C] through blocks `layers` at the cache's next T slots -> [the residual stream after the last
+        block], in one call. DEL keeps every block's stream instead, at a call per block (SmolLM2's 30 blocks one
+        at a time made LayerSkip's verify calls 4% slower: 29.1 against 27.9 ms, interleaved on a 2-core CPU)."""
+        return [self.target.blocks(x, self.cache, layers=layers)]
+
     def lower(self, token: int) -> list[Tensor]:
-        """Blocks [0, E) on one token at the cache's next slot: the residual stream after each block, [1, 1, C]."""
-        x = self.target.embed_tokens(torch.tensor([[token]], device=self.target.device))
-        start, streams = self.cache.length, []
-        for i in range(self.exit):  # one block at a time, so DEL can read every layer; each writes the same slot
-            self.cache.length = start
-            x = self.target.blocks(x, self.cache, layers=range(i, i + 1))
-            streams.append(x)
-        return streams
+        """Blocks [0, E) on one token at the cache's next slot: run's streams, each [1, 1, C]."""
+        return self.run(self.target.embed_tokens(torch.tensor([[token]], device=self.target.device)), range(self.exit))
 
     def exit_logits(self, x: Tensor) -> Tensor:
         return self.target.lm_head(self.target.norm(x))
@@ -166,12 +166,8 @@ class EarlyExitDrafter:
         self.streams.append(self.lower(int(tokens[0, -1])))  # the last draft (or, with none, context[-1])
         self.cache.length = self.start  # blocks [E, L) write the same slots that blocks [0, E) wrote
         x = torch.cat([s[-1] for s in self.streams], dim=1)  # [1, 1 + n, C]: the residual stream after block E-1
-        self.upper = []
-        for i in range(self.exit, len(self.target.layers)):
-            self.cache.length = self.start
-            x = self.target.blocks(x, self.cache, layers=range(i, i + 1))
-            self.upper.append(x)
-        return self.target.lm_head(self.target.norm(x))
+        self.upper = self.run(x, range(self.exit, len(self.target.layers)))
+        return self.target.lm_head(self.target.norm(self.upper[-1]))
 
     def accept(self, n_accepted: int) -> None:
         pass  # the loop's truncate rolls back every layer of the shared cache
@@ -195,6 +191,14 @@ class DynamicExitDrafter(EarlyExitDrafter):
         L = len(self.target.layers)
         self.exit, self.gamma = self.first_exit, self.max_gamma
         self.matched, self.compared = torch.zeros(L - 1), torch.zeros(L - 1)  # exits l = 1 .. L-1
+
+    def run(self, x: Tensor, layers: range) -> list[Tensor]:
+        start, streams = self.cache.length, []
+        for i in layers:  # one block at a time, each writing the same slots: the shadow tokens read every layer
+            self.cache.length = start
+            x = self.target.blocks(x, self.cache, layers=range(i, i + 1))
+            streams.append(x)
+        return streams
 
     def propose(
         self, context: list[int], gamma: int, warp: Warp, generator: torch.Generator | None, keep: KeepDrafting = always

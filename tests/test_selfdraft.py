@@ -128,10 +128,16 @@ def test_after_rollback_the_shared_cache_equals_a_prefill_of_the_accepted_text(n
         assert torch.allclose(cache.v[layer][:, :, :kept], fresh.v[layer][:, :, :kept], atol=1e-5), layer
 
 
-def test_verification_reuses_the_drafts_lower_layers_instead_of_recomputing_them(monkeypatch):
-    """Only the last draft goes through blocks [0, E) in the verify call; blocks [E, L) take every position."""
+@pytest.mark.parametrize(
+    "cls, expected",
+    [(EarlyExitDrafter, [((0, 1), 1), ((2,), 4)]), (DynamicExitDrafter, [((0,), 1), ((1,), 1), ((2,), 4)])],
+    ids=["layerskip: a call per range", "del: a call per block"],
+)
+def test_verification_reuses_the_drafts_lower_layers_instead_of_recomputing_them(monkeypatch, cls, expected):
+    """Only the last draft goes through blocks [0, E) in the verify call; blocks [E, L) take every position. DEL
+    runs them one block at a time (its shadow tokens read every block's stream), LayerSkip each range in one call."""
     target = toy_target()
-    cache, drafter = target.new_cache(), EarlyExitDrafter(target, 2)
+    cache, drafter = target.new_cache(), cls(target, 2)
     drafter.reset()
     context = [1, 4, 0, 3, 5, 2]
     with torch.inference_mode():
@@ -146,7 +152,7 @@ def test_verification_reuses_the_drafts_lower_layers_instead_of_recomputing_them
             ),
         )
         forward(torch.tensor([context[-1:] + drafts]), cache)
-    assert calls == [((0,), 1), ((1,), 1), ((2,), 4)]
+    assert calls == expected
 
 
 def test_dynamic_exit_picks_the_exit_and_length_that_maximise_tokens_per_layer():
