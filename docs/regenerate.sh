@@ -2,7 +2,7 @@
 # Rebuild docs/results.md and its pictures in one go: every table on that page is one bench.py run below, in this
 # order, on this machine, and the page is exactly what those runs print (bench.py --markdown).
 #
-#   docs/regenerate.sh            # the full run into docs/ (about 51 minutes on a 2-core CPU)
+#   docs/regenerate.sh            # the full run into docs/ (about 46 minutes on a 2-core CPU)
 #   docs/regenerate.sh --quick    # a smoke test: every command, tiny sizes, into a new temporary folder (6 minutes)
 #   docs/regenerate.sh --out DIR  # the full run into DIR
 #
