@@ -359,8 +359,7 @@ class CostAware(FixedLength):
         return predicted_speedup(self.alpha, gamma, self.c, self.ratios[gamma])
 
     def best(self) -> int:
-        alpha = self.alpha  # ties: the shorter gamma
-        return max(range(self.most + 1), key=lambda g: predicted_speedup(alpha, g, self.c, self.ratios[g]))
+        return max(range(self.most + 1), key=self.speedup)  # ties: the shorter
 
     def update(self, drafted: int, accepted: int) -> None:
         # A step that drafted nothing though gamma > 0 was asked for (prompt lookup found no match) tells nothing

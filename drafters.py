@@ -233,6 +233,8 @@ class PromptLookupDrafter:
     prompt lookup decoding, Saxena 2023; survey Appendix A and §8, PLD in Spec-Bench). No model: q is one-hot."""
 
     def __init__(self, ngram_max: int = 3, ngram_min: int = 1, depth: int = 5, matches: int = 4):
+        if not 1 <= ngram_min <= ngram_max:
+            raise ValueError("need 1 <= ngram_min <= ngram_max")
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
         self.depth, self.matches = depth, matches
 

@@ -204,7 +204,8 @@ class Block(nn.Module):
         return x
 
 
-FEW_ROWS = 8  # the longest call that Linear computes by columns: faster up to here, slower from 12 rows
+FEW_ROWS = 8  # the longest call that Linear computes by columns (faster up to here, slower from 12 rows), and
+# whose logits LMHead copies out of the transposed layout
 
 
 def by_columns(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -239,10 +240,11 @@ class Linear(nn.Linear):
 class LMHead(nn.Linear):
     """The output projection, always computed by columns on a CPU (by_columns): SmolLM2's head took 2.3x a one-row
     call at 2 rows and 3.5x at 3 as h @ W^T, 1.0x / 1.4x this way. The logits of a call of up to FEW_ROWS rows are
-    copied out of the transposed layout, row by row: a softmax along the vocabulary at stride N took 0.37 ms for
-    two rows of SmolLM2's against 0.04 contiguous, at every sampled verify call, and .contiguous() itself 0.25 ms
-    (a parallel transposing copy) against 0.06 for torch.stack of the rows (2-core CPU). A longer call's logits (a
-    prefill's [T, V], of which one row is read) keep the transposed layout."""
+    copied out of the transposed layout, row by row: at a sampled verify call of SmolLM2 a softmax along the
+    vocabulary at stride N took 0.32 ms for two rows against 0.06 contiguous, 1.2 ms for five against 0.17, and
+    .contiguous() itself 0.25 ms for two rows (a parallel transposing copy) against 0.03 for torch.stack of the rows
+    (2-core CPU). A longer call's logits keep the transposed layout: a prefill's [T, V], of which one row is read,
+    and also a tree call of more than FEW_ROWS nodes, which reads them all."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.device.type != "cpu":

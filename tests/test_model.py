@@ -147,7 +147,7 @@ def test_the_lm_head_gives_every_row_in_its_place_and_a_decoding_call_contiguous
     head, h = LMHead(16, 40, bias=False), torch.randn(batch, rows, 16)
     logits = head(h)
     assert logits.shape == (batch, rows, 40) and close(logits, h @ head.weight.T)
-    # the loops softmax and sample along the vocabulary: at stride N that was 9x slower (LMHead's docstring)
+    # the loops softmax and sample along the vocabulary: at stride N that was 5-7x slower (LMHead's docstring)
     assert logits.is_contiguous() == (batch * rows <= FEW_ROWS)
 
 

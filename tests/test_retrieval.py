@@ -123,14 +123,14 @@ def test_dynamic_automaton_match_always_has_a_continuation(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(texts, st.integers(1, 4), st.integers(1, 4), st.integers(0, 5), st.integers(1, 3))
+@given(texts, st.integers(1, 4), st.integers(1, 4), st.integers(0, 5), st.integers(0, 3))
 def test_prompt_lookup_copies_what_followed_the_latest_matches_of_the_longest_ngram(
     context, ngram_max, ngram_min, length, count
 ):
     ngram_min = min(ngram_min, ngram_max)
     expected = []
-    for n in range(min(ngram_max, len(context) - 1), ngram_min - 1, -1):  # earlier matches: followed by a token
-        starts = [s for s in occurrences(context[:-1], context[-n:])][::-1][:count]
+    for n in range(ngram_max, ngram_min - 1, -1):  # earlier matches: each followed by a token
+        starts = occurrences(context[:-1], context[-n:])[::-1][:count]
         if starts and length:
             expected = [context[s + n : s + n + length] for s in starts]
             break

@@ -131,7 +131,7 @@ def test_after_rollback_the_shared_cache_equals_a_prefill_of_the_accepted_text(n
 @pytest.mark.parametrize(
     "cls, expected",
     [(EarlyExitDrafter, [((0, 1), 1), ((2,), 4)]), (DynamicExitDrafter, [((0,), 1), ((1,), 1), ((2,), 4)])],
-    ids=["layerskip: a call per range", "del: a call per block"],
+    ids=["layerskip", "del"],
 )
 def test_verification_reuses_the_drafts_lower_layers_instead_of_recomputing_them(monkeypatch, cls, expected):
     """Only the last draft goes through blocks [0, E) in the verify call; blocks [E, L) take every position. DEL
